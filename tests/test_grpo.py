@@ -1,0 +1,313 @@
+"""Tests of utils/grpo.py against small examples worked out by hand in each test."""
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty,
+                        group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards,
+                        task_reward, whiten)
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                               atol=tol, rtol=tol)
+
+
+def make_cfg(**kw):
+    base = dict(
+        budget_tok_list=None, budget_tok_min=None, budget_tok_max=None,
+        budget_prune_list=None, budget_prune_min=None, budget_prune_max=None,
+        budget_q_ratio_list=None, budget_q_ratio_min=None, budget_q_ratio_max=None,
+        C_target=0.5, C_target_prune=0.7, C_target_quant_bits=8.0,
+        task_w_kl=0.0, reward_agg="sum", reward_gamma=0.85, grpo_level="process", grpo_norm="center",
+        adv_whiten_global=True, budget_tolerance=0.02, ppo_clip=0.2, ppo_epochs=1, ppo_minibatch_size=16,
+        ppo_target_batch_size=48, grad_accum_steps=1, max_grad_norm=1.0, entropy_coef=0.01,
+        kl_pi_ref_coef=0.0, pi_temperature=1.3, rollout_len=4, seed=1234,
+    )
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+# ------------------------------------------------------------------ budgets and rewards
+
+def test_sample_budgets_list_range_default_and_reproducible():
+    cfg = make_cfg(budget_tok_min=0.1, budget_tok_max=0.9, budget_prune_list=[0.4, 0.8, 1.0])
+    g = torch.Generator().manual_seed(7)
+    b = sample_budgets(cfg, 500, g)
+    assert b.shape == (500, 3)
+    assert (b[:, 0] >= 0.1).all() and (b[:, 0] <= 0.9).all() and b[:, 0].std() > 0.1
+    assert set(b[:, 1].tolist()) == set(torch.tensor([0.4, 0.8, 1.0]).tolist())  # all drawn, nothing else
+    close(b[:, 2], torch.full((500,), 8.0 / 16))     # default: C_target_quant_bits / 16
+    b2 = sample_budgets(cfg, 500, torch.Generator().manual_seed(7))
+    assert torch.equal(b, b2)
+    b3 = sample_budgets(cfg, 500, torch.Generator().manual_seed(8))
+    assert not torch.equal(b, b3)
+    # list beats range; defaults for tok and prune
+    cfg2 = make_cfg(budget_q_ratio_list=[0.3125], budget_q_ratio_min=0.0, budget_q_ratio_max=1.0)
+    b4 = sample_budgets(cfg2, 3, torch.Generator().manual_seed(0))
+    close(b4, [[0.5, 0.7, 0.3125]] * 3)
+    with pytest.raises(ValueError, match="C_target"):
+        sample_budgets(make_cfg(C_target=None), 2, torch.Generator())
+
+
+def test_task_reward():
+    logp = torch.tensor([[-1.0, -2.0]])
+    kl = torch.tensor([[0.5, 1.0]])
+    close(task_reward(logp, None, 0.0), logp)
+    close(task_reward(logp, kl, 0.25), [[0.75 * -1 - 0.25 * 0.5, 0.75 * -2 - 0.25 * 1.0]])
+    with pytest.raises(ValueError):
+        task_reward(logp, None, 0.5)
+
+
+def test_aggregate_returns_sum_max_none_and_gamma_one():
+    r = torch.tensor([[-1.0], [-2.0], [-3.0]])
+    # sum, gamma 0.5: G2 = -3, G1 = -2 + 0.5*-3 = -3.5, G0 = -1 + 0.5*-3.5 = -2.75
+    close(aggregate_returns(r, "sum", 0.5), [[-2.75], [-3.5], [-3.0]])
+    # max: M2 = -3, M1 = max(-2, -1.5) = -1.5, M0 = max(-1, -0.75) = -0.75
+    close(aggregate_returns(r, "max", 0.5), [[-0.75], [-1.5], [-3.0]])
+    rp = torch.tensor([[1.0], [4.0], [2.0]])  # M2 = 2, M1 = max(4, 1) = 4, M0 = max(1, 2) = 2
+    close(aggregate_returns(rp, "max", 0.5), [[2.0], [4.0], [2.0]])
+    close(aggregate_returns(r, None, 0.5), r)
+    close(aggregate_returns(r, "sum", 1.0), r)      # gamma = 1 disables aggregation (reference)
+    close(aggregate_returns(r, "sum", 0.0), r)      # gamma = 0: immediate reward
+    # several columns processed together
+    r2 = torch.cat([r, rp], dim=1)
+    close(aggregate_returns(r2, "sum", 0.5)[:, 1], [1 + 0.5 * (4 + 0.5 * 2), 4 + 0.5 * 2, 2])
+
+
+# ------------------------------------------------------------------ penalty
+
+def test_budget_penalty_dead_zone_two_sided_alpha_zero():
+    usage = torch.tensor([[0.55, 0.90, 0.50],
+                          [0.49, 0.71, 1.00],
+                          [0.45, 1.00, 0.50]])
+    tgt = torch.tensor([[0.50, 1.00, 0.50],
+                        [0.50, 0.70, 0.3125],
+                        [0.50, 1.00, 0.50]])
+    alphas = (100.0, 10.0, 0.0)
+    # row 0: tok +0.05 -> (0.05-0.02)^2*100 = 0.09; prune -0.10 -> (0.08)^2*10 = 0.064; quant exact -> 0
+    # row 1: tok -0.01 and prune +0.01 inside the dead zone; quant +0.6875 but alpha 0 -> 0
+    # row 2: tok -0.05 (under budget) -> same 0.09 as +0.05
+    close(budget_penalty(usage, tgt, alphas, 0.02), [0.154, 0.0, 0.09])
+    close(budget_gaps(usage, tgt)[0], [0.05, -0.10, 0.0])
+    # tolerance 0: plain squared gap
+    close(budget_penalty(usage[:1], tgt[:1], (1.0, 1.0, 1.0), 0.0), [0.05 ** 2 + 0.1 ** 2])
+
+
+# ------------------------------------------------------------------ shaping and advantages
+
+def test_shaped_rewards_process_and_outcome():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 0.0, -1.0, 2.0]])
+    pen = torch.tensor([0.0, 0.5, 0.0, 1.0])
+    close(shaped_rewards(x, pen, "process"), [[1.0, 1.5, 3.0, 3.0], [1.0, -0.5, -1.0, 1.0]])
+    # outcome: X = sum_t (x_t - pen) = [2, 2-1, 2, 6-2], broadcast over t
+    close(shaped_rewards(x, pen, "outcome"), [[2.0, 1.0, 2.0, 4.0]] * 2)
+
+
+def test_group_advantages_center_and_zscore():
+    # T=2, B=2, K=3; row b*K+k
+    R = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.0, 6.0],
+                      [-1.0, -1.0, -1.0, 2.0, 4.0, 6.0]])
+    # means: t0 b0 2, t0 b1 2, t1 b0 -1, t1 b1 4
+    close(group_advantages(R, 3, "process", "center"),
+          [[-1.0, 0.0, 1.0, -2.0, -2.0, 4.0], [0.0, 0.0, 0.0, -2.0, 0.0, 2.0]])
+    s00 = math.sqrt(2 / 3)            # pop std of [1,2,3]
+    s01 = math.sqrt((4 + 4 + 16) / 3)  # of [0,0,6]
+    s11 = math.sqrt(8 / 3)             # of [2,4,6]; t1 b0 has std 0 -> floor 1e-6, numerator 0
+    close(group_advantages(R, 3, "process", "zscore"),
+          [[-1 / s00, 0.0, 1 / s00, -2 / s01, -2 / s01, 4 / s01], [0.0, 0.0, 0.0, -2 / s11, 0.0, 2 / s11]])
+
+
+def test_group_advantages_outcome_broadcast():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 0.0, -1.0, 2.0]])
+    pen = torch.tensor([0.0, 0.5, 0.0, 1.0])
+    R = shaped_rewards(x, pen, "outcome")       # X = [2, 1, 2, 4]
+    A = group_advantages(R, 2, "outcome", "center")
+    close(A, [[0.5, -0.5, -1.0, 1.0]] * 2)      # b0: [2,1]-1.5, b1: [2,4]-3
+    Az = group_advantages(R, 2, "outcome", "zscore")
+    close(Az, [[1.0, -1.0, -1.0, 1.0]] * 2)     # two-element groups z-score to +-1
+    with pytest.raises(ValueError):
+        group_advantages(R, 3, "outcome", "center")
+
+
+def test_whiten():
+    A = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    s = math.sqrt((4 + 1 + 0 + 9) / 4)          # mean 3, population std
+    close(whiten(A), [[-2 / s, -1 / s], [0.0, 3 / s]])
+    close(whiten(torch.full((2, 3), 5.0)), torch.zeros(2, 3))
+
+
+def test_grpo_advantages_pipeline_matches_parts():
+    g = torch.Generator().manual_seed(0)
+    r = -torch.rand(4, 6, generator=g)
+    pen = torch.rand(6, generator=g)
+    cfg = make_cfg(reward_agg="sum", reward_gamma=0.5, grpo_level="outcome", adv_whiten_global=False)
+    G = aggregate_returns(r, "sum", 0.5)
+    X = 4 * (G[0] - pen)                          # reference outcome score T*(G0 - penalty)
+    exp = (X.view(2, 3) - X.view(2, 3).mean(1, keepdim=True)).view(1, 6).expand(4, 6)
+    close(grpo_advantages(r, pen, cfg, 3), exp)
+    cfg_p = make_cfg(reward_agg="sum", reward_gamma=0.5, grpo_level="process")
+    close(grpo_advantages(r, pen, cfg_p, 3), whiten(group_advantages(G - pen, 3, "process", "center")))
+
+
+# ------------------------------------------------------------------ loss
+
+def _loss_example():
+    # 4 entries laid out [T=2, M=2]; 2 actions; logits = log(probs) so log_softmax gives log(probs) exactly
+    probs = torch.tensor([[[0.6, 0.4], [0.5, 0.5]], [[0.6, 0.4], [0.7, 0.3]]])
+    actions = torch.tensor([[0, 0], [1, 1]])    # chosen p_new: 0.6, 0.5, 0.4, 0.3
+    ratios = [1.5, 0.5, 1.1, 0.6]
+    p_new = [0.6, 0.5, 0.4, 0.3]
+    logp_old = torch.tensor([math.log(p / q) for p, q in zip(p_new, ratios)]).view(2, 2)
+    adv = torch.tensor([[1.0, -2.0], [0.5, 1.0]])
+    return probs.log(), actions, logp_old, adv, ratios
+
+
+def test_ppo_loss_clipped_by_hand():
+    logits, actions, logp_old, adv, ratios = _loss_example()
+    loss, st = ppo_loss(logits, actions, logp_old, adv, clip=0.2, entropy_coef=0.0)
+    # entry 1: min(1.5*1, 1.2*1) = 1.2 (clip binds); entry 2: min(0.5*-2, 0.8*-2) = -1.6 (clip binds)
+    # entry 3: min(1.1*0.5, 1.1*0.5) = 0.55;         entry 4: min(0.6*1, 0.8*1) = 0.6 (unclipped is lower)
+    expected = -(1.2 - 1.6 + 0.55 + 0.6) / 4
+    close(loss, expected)
+    close(st["policy_loss"], expected)
+    assert st["clip_frac"] == pytest.approx(0.75)   # |ratio-1| > 0.2 for entries 1, 2, 4
+    assert st["approx_kl"] == pytest.approx(sum(-math.log(r) for r in ratios) / 4, abs=1e-5)
+    assert st["kl_ref"] == 0.0
+
+
+def test_ppo_loss_entropy_sign_and_gradient():
+    logits, actions, logp_old, adv, _ = _loss_example()
+    h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    H = (h(0.6) + h(0.5) + h(0.6) + h(0.7)) / 4
+    loss0, _ = ppo_loss(logits, actions, logp_old, adv, 0.2, 0.0)
+    loss1, st = ppo_loss(logits, actions, logp_old, adv, 0.2, 0.1)
+    assert st["entropy"] == pytest.approx(H, abs=1e-6)
+    close(loss1, loss0 - 0.1 * H)                   # bonus: higher entropy, lower loss
+    # with zero advantages a gradient step on the loss raises entropy
+    lg = torch.tensor([[[2.0, -1.0]]], requires_grad=True)
+    loss, st0 = ppo_loss(lg, torch.tensor([[0]]), torch.tensor([[0.0]]), torch.zeros(1, 1), 0.2, 1.0)
+    loss.backward()
+    with torch.no_grad():
+        _, st1 = ppo_loss(lg - 0.5 * lg.grad, torch.tensor([[0]]), torch.tensor([[0.0]]), torch.zeros(1, 1), 0.2, 1.0)
+    assert st1["entropy"] > st0["entropy"]
+
+
+def test_ppo_loss_kl_ref():
+    logits, actions, logp_old, adv, _ = _loss_example()
+    base, _ = ppo_loss(logits, actions, logp_old, adv, 0.2, 0.0)
+    same, st = ppo_loss(logits, actions, logp_old, adv, 0.2, 0.0, ref_logits=logits.clone(), kl_ref_coef=1.0)
+    close(same, base)
+    assert st["kl_ref"] == pytest.approx(0.0, abs=1e-7)
+    ref = torch.full_like(logits, math.log(0.5))    # uniform reference
+    kl = lambda p: p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    exp_kl = (kl(0.6) + kl(0.5) + kl(0.6) + kl(0.7)) / 4
+    loss, st = ppo_loss(logits, actions, logp_old, adv, 0.2, 0.0, ref_logits=ref, kl_ref_coef=2.0)
+    assert st["kl_ref"] == pytest.approx(exp_kl, abs=1e-6)
+    close(loss, base + 2.0 * exp_kl)
+
+
+# ------------------------------------------------------------------ updater
+
+H_DIM, E_DIM, N_ACT = 3, 2, 4
+
+
+class LinearPolicy(nn.Module):
+    """Stand-in policy with the real signature: logits from a linear map of the per-step inputs."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(H_DIM + E_DIM + 8 + N_ACT + 1, N_ACT)
+
+    def forward(self, h, e, scalars, prev_actions, temperature=1.0):
+        prev = nn.functional.one_hot(prev_actions, N_ACT + 1).float()
+        return self.lin(torch.cat([h, e, scalars, prev], dim=-1)) / temperature
+
+
+def make_batch(policy, T=4, N=6, seed=0, temperature=1.3):
+    g = torch.Generator().manual_seed(seed)
+    h, e, sc = torch.randn(T, N, H_DIM, generator=g), torch.randn(T, N, E_DIM, generator=g), torch.rand(T, N, 8, generator=g)
+    prev = torch.randint(N_ACT + 1, (T, N), generator=g)
+    with torch.no_grad():
+        logp_all = torch.log_softmax(policy(h, e, sc, prev, temperature=temperature), -1)
+    acts = torch.randint(N_ACT, (T, N), generator=g)
+    logp_old = logp_all.gather(-1, acts.unsqueeze(-1)).squeeze(-1)
+    adv = torch.randn(T, N, generator=g)
+    return RolloutBatch(h, e, sc, prev, acts, logp_old, adv)
+
+
+def make_updater(cfg, seed=0):
+    pol = LinearPolicy(seed)
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-2)
+    return pol, opt, GRPOUpdater(pol, opt, cfg)
+
+
+def test_pooling_threshold_and_step_counts():
+    # T=4, N=6 per batch -> 24 entries; target 48 -> a cycle every 2 batches over 12 rollouts.
+    # minibatch 16 entries -> 4 rollouts -> ceil(12/4) = 3 minibatches per pass, 2 passes -> 6 backward calls;
+    # GA 4: cycle 1 -> 1 step (counter 6), cycle 2 -> counter 12 -> steps at 8 and 12 -> 2 steps.
+    cfg = make_cfg(ppo_epochs=2, grad_accum_steps=4)
+    pol, _, up = make_updater(cfg)
+    assert up.add(make_batch(pol, seed=1)) == [] and up.pool_size == 24 and up.num_updates == 0
+    st = up.add(make_batch(pol, seed=2))
+    assert len(st) == 1 and up.pool_size == 0 and up.num_updates == 1 and up.accum_i == 6
+    assert st[0]["minibatches"] == 4 and st[0]["update"] == 1
+    assert {"loss", "policy_loss", "entropy", "approx_kl", "clip_frac", "grad_norm"} <= set(st[0])
+    up.add(make_batch(pol, seed=3))
+    st = up.add(make_batch(pol, seed=4))
+    assert len(st) == 2 and up.num_updates == 3 and up.accum_i == 12
+    assert up.flush() == []                          # 12 % 4 == 0: nothing pending
+
+
+def test_partial_minibatch_and_flush():
+    # 12 rollouts, mb = 20 // 4 = 5 rollouts -> ceil(12/5) = 3 minibatches; GA 2 -> 1 step, 1 pending
+    cfg = make_cfg(ppo_minibatch_size=20, grad_accum_steps=2)
+    pol, _, up = make_updater(cfg)
+    up.add(make_batch(pol, seed=1))
+    assert len(up.add(make_batch(pol, seed=2))) == 1 and up.accum_i == 3
+    up.add(make_batch(pol, seed=3))                  # partial pool: dropped by flush
+    before = [p.detach().clone() for p in pol.parameters()]
+    st = up.flush()
+    assert len(st) == 1 and st[0]["minibatches"] == 1 and up.num_updates == 2 and up.pool_size == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, pol.parameters()))
+    assert up.flush() == []
+
+
+def test_first_minibatch_is_on_policy():
+    cfg = make_cfg(grad_accum_steps=1)
+    pol, _, up = make_updater(cfg)
+    up.add(make_batch(pol, seed=1))
+    st = up.add(make_batch(pol, seed=2))
+    assert len(st) == 3                              # 3 minibatches, one step each
+    assert abs(st[0]["approx_kl"]) < 1e-6 and st[0]["clip_frac"] == 0.0
+    assert abs(st[1]["approx_kl"]) > 1e-6            # later minibatches see updated parameters
+
+
+def test_state_dict_round_trip_is_exact():
+    cfg = make_cfg(ppo_epochs=2, grad_accum_steps=4, kl_pi_ref_coef=0.1)
+    pol, opt, up = make_updater(cfg)
+    data = [make_batch(LinearPolicy(9), seed=s) for s in range(1, 8)]
+    up.add(data[0]); up.add(data[1]); up.add(data[2])   # one cycle done, 6 % 4 pending, 1 batch pooled
+    assert up.accum_i % 4 != 0 and up.pool_size == 24
+    snap = copy.deepcopy({"pol": pol.state_dict(), "opt": opt.state_dict(), "up": up.state_dict()})
+    for b in data[3:]:
+        up.add(b)
+    up.flush()
+    final_a = [p.detach().clone() for p in pol.parameters()]
+
+    pol2, opt2, up2 = make_updater(cfg, seed=5)          # different init, all overwritten by the snapshot
+    pol2.load_state_dict(snap["pol"]); opt2.load_state_dict(snap["opt"]); up2.load_state_dict(snap["up"])
+    assert up2.pool_size == 24 and up2.num_updates == 1 and up.num_updates == 5
+    for b in data[3:]:
+        up2.add(b)
+    up2.flush()
+    assert up2.num_updates == up.num_updates
+    for a, b in zip(final_a, pol2.parameters()):
+        assert torch.equal(a, b)

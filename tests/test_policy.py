@@ -1,0 +1,217 @@
+"""Tests for utils/policy.py: step() == forward(), causality, heads, eval biases, parameter count."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from utils.config import Config
+from utils.policy import (
+    PolicyState, SOLPolicy, action_logit_bias, choose_actions, count_parameters,
+)
+
+H, E, A, T, B = 24, 16, 5, 7, 3
+
+
+def _policy(n_layers: int = 1, scalar_dim: int = 8, seed: int = 0, **kw) -> SOLPolicy:
+    torch.manual_seed(seed)
+    pol = SOLPolicy(H, E, A, d_model=32, n_heads=4, n_layers=n_layers, mlp_ratio=2, action_dim=8,
+                    max_len=16, scalar_dim=scalar_dim, **kw)
+    # make the zero-initialised pi bias non-trivial so the tests exercise it
+    with torch.no_grad():
+        pol.pi.bias.normal_()
+    return pol.eval()
+
+
+def _inputs(t: int = T, b: int = B, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(t, b, H, generator=g)
+    e = torch.randn(t, b, E, generator=g)
+    s = torch.rand(t, b, 8, generator=g)
+    acts = torch.randint(0, A, (t, b), generator=g)
+    prev = torch.cat([torch.full((1, b), A), acts[:-1]], dim=0)  # BOS at t = 0
+    return h, e, s, acts, prev
+
+
+def _run_steps(pol: SOLPolicy, h, e, s, acts, temperature: float, state: PolicyState | None = None):
+    state = pol.init_state(h.shape[1]) if state is None else state
+    out = []
+    for t in range(h.shape[0]):
+        logits, state = pol.step(h[t], e[t], s[t], state, temperature=temperature)
+        out.append(logits)
+        state = state.with_action(acts[t])
+    return torch.stack(out), state
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_step_matches_forward(n_layers: int) -> None:
+    pol = _policy(n_layers)
+    h, e, s, acts, prev = _inputs()
+    with torch.no_grad():
+        full = pol(h, e, s, prev, temperature=1.3)
+        inc, state = _run_steps(pol, h, e, s, acts, temperature=1.3)
+    assert full.shape == (T, B, A)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+    assert state.step_idx == T and state.past_k[0].shape == (B, 4, T, 8)
+
+
+def test_bos_at_step_zero() -> None:
+    pol = _policy()
+    h, e, s, acts, prev = _inputs()
+    st = pol.init_state(B)
+    assert st.step_idx == 0 and torch.equal(st.last_action, torch.full((B,), A))
+    with torch.no_grad():
+        l0, new = pol.step(h[0], e[0], s[0], st)
+        full = pol(h, e, s, prev)
+        prev_bad = prev.clone()
+        prev_bad[0] = 0
+        full_bad = pol(h, e, s, prev_bad)
+    torch.testing.assert_close(l0, full[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(full_bad[0], full[0], atol=1e-4)
+    # step() leaves last_action for the caller to set
+    assert torch.equal(new.last_action, st.last_action)
+    assert torch.equal(new.with_action(acts[0]).last_action, acts[0])
+
+
+def test_causality() -> None:
+    pol = _policy(n_layers=2)
+    h, e, s, acts, prev = _inputs()
+    h2, e2, s2, prev2 = h.clone(), e.clone(), s.clone(), prev.clone()
+    h2[5:] += 1.0
+    e2[5:] -= 1.0
+    s2[5:] = torch.rand_like(s2[5:])
+    prev2[5:] = (prev2[5:] + 1) % A
+    with torch.no_grad():
+        a, b = pol(h, e, s, prev), pol(h2, e2, s2, prev2)
+    torch.testing.assert_close(a[:5], b[:5], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[5:], b[5:], atol=1e-4)
+
+
+def test_temperature_divides_logits() -> None:
+    pol = _policy()
+    h, e, s, _, prev = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(pol(h, e, s, prev, temperature=0.5), pol(h, e, s, prev) / 0.5)
+
+
+def test_budget_head_acts_directly_on_logits() -> None:
+    # scalar_dim = 2 keeps C_tok out of the observation, so only the budget head can see it
+    pol = _policy(scalar_dim=2)
+    h, e, s, _, prev = _inputs()
+    s2 = s.clone()
+    s2[..., 2] += 0.5
+    with torch.no_grad():
+        a, b = pol(h, e, s, prev), pol(h, e, s2, prev)
+        expected = pol.budget_head(s2[..., 2:5]) - pol.budget_head(s[..., 2:5])
+    assert not torch.allclose(a, b, atol=1e-4)
+    torch.testing.assert_close(b - a, expected, atol=1e-5, rtol=0)
+
+
+def test_scalar_dim_ignores_trailing_scalars() -> None:
+    h, e, s, _, prev = _inputs()
+    s2 = s.clone()
+    s2[..., 5:] = torch.rand_like(s2[..., 5:]) + 3.0
+    with torch.no_grad():
+        pol5 = _policy(scalar_dim=5)
+        torch.testing.assert_close(pol5(h, e, s, prev), pol5(h, e, s2, prev), atol=0, rtol=0)
+        pol8 = _policy(scalar_dim=8)
+        assert not torch.allclose(pol8(h, e, s, prev), pol8(h, e, s2, prev), atol=1e-4)
+    assert pol5.scalar_proj[0].in_features == 5
+
+
+def test_action_logit_bias_hand_computed() -> None:
+    grid = list(itertools.product([0.3, 1.0], [0.5, 1.0], [4.0, 16.0]))  # (kappa, rho, bits) x 8
+    kappa, rho, bits = (torch.tensor(c) for c in zip(*grid))
+    s, p, q = 0.7, -0.2, 1.5
+    got = action_logit_bias(kappa, rho, bits, s, p, q)
+    want = torch.tensor([s * (k == 1.0) + p * (r == 1.0) + q * (b == 16.0) for k, r, b in grid])
+    torch.testing.assert_close(got, want)
+    # non-binary values are min-max normalised; a constant axis contributes nothing
+    got3 = action_logit_bias(torch.tensor([0.2, 0.4, 1.0]), torch.ones(3), torch.tensor([8.0, 8.0, 8.0]),
+                             2.0, 5.0, 5.0)
+    torch.testing.assert_close(got3, torch.tensor([0.0, 0.5, 2.0]))
+
+
+def test_choose_actions() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, -1.0, 0.0]])
+    assert choose_actions(logits, greedy=True).tolist() == [1, 0]
+    a1 = choose_actions(logits, greedy=False, generator=torch.Generator().manual_seed(3))
+    a2 = choose_actions(logits, greedy=False, generator=torch.Generator().manual_seed(3))
+    assert a1.dtype == torch.long and a1.shape == (2,) and torch.equal(a1, a2)
+    # a near-one-hot distribution is always sampled at its mode
+    sharp = torch.tensor([[-50.0, 50.0, -50.0]]).expand(4, 3)
+    assert choose_actions(sharp, greedy=False).tolist() == [1, 1, 1, 1]
+
+
+def test_parameter_count_matches_reference_formula() -> None:
+    h, e, a, d, heads, ratio, ad, max_len = 2048, 2048, 2, 512, 4, 4, 32, 1024
+    pol = SOLPolicy(h, e, a, d_model=d, n_heads=heads, n_layers=1, mlp_ratio=ratio, action_dim=ad,
+                    max_len=max_len, scalar_dim=8)
+    action_emb = (a + 1) * ad
+    scalar_proj = 8 * 64 + 64 + 2 * 64
+    obs_proj = (h + e + 64 + ad) * d + d
+    pos = max_len * d
+    block = 2 * (2 * d) + 4 * d * d + (d * ratio * d + ratio * d) + (ratio * d * d + d)
+    final_ln = 2 * d
+    pi = d * a + a
+    budget = 3 * 32 + 32 + 32 * a + a
+    value_head = d + 1
+    expected = action_emb + scalar_proj + obs_proj + pos + block + final_ln + pi + budget
+    assert count_parameters(pol) == expected == 5_824_484
+    assert abs((expected + value_head) / 1e6 - 5.82) < 0.01  # the reference's ~5.82 M with its value head
+
+
+def test_select_keeps_rows() -> None:
+    pol = _policy(n_layers=2)
+    h, e, s, acts, _ = _inputs(t=6, b=4)
+    idx = torch.tensor([3, 1])
+    with torch.no_grad():
+        _, st = _run_steps(pol, h[:4], e[:4], s[:4], acts[:4], 1.3)  # steps 0-3, all 4 rows
+        after, _ = _run_steps(pol, h[4:, idx], e[4:, idx], s[4:, idx], acts[4:, idx], 1.3,
+                              state=st.select(idx))
+        ref_all, _ = _run_steps(pol, h[:, idx], e[:, idx], s[:, idx], acts[:, idx], 1.3)
+        # boolean masks and repeat_interleave also work
+        mask = torch.tensor([False, True, False, True])
+        after_m, _ = _run_steps(pol, h[4:, mask], e[4:, mask], s[4:, mask], acts[4:, mask], 1.3,
+                                state=st.select(mask))
+        ref_m, _ = _run_steps(pol, h[:, mask], e[:, mask], s[:, mask], acts[:, mask], 1.3)
+    torch.testing.assert_close(after, ref_all[4:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after_m, ref_m[4:], atol=1e-5, rtol=0)
+    rep = st.repeat_interleave(2)
+    assert rep.batch_size == 8 and torch.equal(rep.past_k[1][2], st.past_k[1][1])
+
+
+def test_gradients_reach_all_parameters() -> None:
+    pol = _policy(n_layers=2).train()
+    h, e, s, acts, prev = _inputs()
+    logp = torch.log_softmax(pol(h, e, s, prev, temperature=1.3), dim=-1)
+    logp.gather(-1, acts.unsqueeze(-1)).sum().backward()
+    for name, p in pol.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_from_config_and_limits() -> None:
+    cfg = Config()
+    cfg.policy_d_model, cfg.policy_n_heads, cfg.policy_n_layers = 64, 4, 1
+    cfg.policy_max_len, cfg.policy_scalar_dim = 4, 6
+    pol = SOLPolicy.from_config(cfg, H, E, A)
+    assert pol.d_model == 64 and len(pol.blocks) == 1 and pol.scalar_dim == 6
+    assert pol.pi.bias.abs().sum() == 0
+    h, e, s, acts, prev = _inputs(t=5)
+    with pytest.raises(ValueError, match="policy_max_len"):
+        pol(h, e, s, prev)
+    with pytest.raises(ValueError, match="divisible"):
+        SOLPolicy(H, E, A, d_model=30, n_heads=4)
+
+
+def test_block_chunk_on_top_of_cache() -> None:
+    # several new steps after a cache (offset causal mask) == one full causal pass
+    blk = _policy().blocks[0]
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        full, _, _ = blk(x)
+        _, k, v = blk(x[:, :3])
+        tail, k2, v2 = blk(x[:, 3:], k, v)
+    torch.testing.assert_close(tail, full[:, 3:], atol=1e-5, rtol=0)
+    assert k2.shape[2] == 7

@@ -1,0 +1,62 @@
+"""Train a SOL policy with GRPO.
+
+    python train.py --config official_configs/cpu_smollm2_joint.yml --total_updates 40
+    torchrun --nproc_per_node=2 train.py --config official_configs/tiny.yml --total_updates 2
+    python train.py --resume checkpoints/RUN          # continue a stopped run exactly
+
+The recipe lives in utils/trainer.py; this script parses arguments and turns known errors into one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError, config_from_dict, describe_fields, load_config
+from utils.data import DataError
+from utils.model import ModelLoadError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="config fields (set in the YAML or with --set key=value):\n" + describe_fields())
+    p.add_argument("--config", help="YAML/JSON config file (official_configs/*.yml); defaults apply to missing keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, repeatable (e.g. --set lr=3e-4 --set keep_fracs=[0.1,1.0])")
+    p.add_argument("--total_updates", type=int, help="stop after N optimizer updates; checkpoint every N/10")
+    p.add_argument("--output_dir", help="run directory (default: {output_dir field}/{run_name}-{timestamp})")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from policy_latest.pt (weights, optimizer, "
+                   "counters, RNG and data position); uses the run's saved config")
+    p.add_argument("--checkpoint_path", help="warm start: load policy weights from this .pt (a fresh run otherwise)")
+    p.add_argument("--wandb_project", help="log to Weights & Biases under this project (WANDB_MODE=offline works offline)")
+    p.add_argument("--wandb_entity", help="Weights & Biases entity")
+    p.add_argument("--wandb_run_name", help="Weights & Biases run name (default: run_name)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.total_updates is not None and args.total_updates < 1:
+            raise ConfigError(f"--total_updates must be >= 1, got {args.total_updates}")
+        if args.resume:
+            if args.config or args.set or args.checkpoint_path or args.output_dir:
+                raise ConfigError("--resume continues a run with its saved config; drop --config/--set/--checkpoint_path/--output_dir")
+            cfg = config_from_dict(load_checkpoint(args.resume, "latest")["cfg"])
+        else:
+            cfg = load_config(args.config, args.set)
+        from utils.trainer import GRPOTrainer, TrainArgs  # heavy imports after the cheap checks
+
+        trainer = GRPOTrainer(cfg, TrainArgs(args.total_updates, args.output_dir, args.resume, args.checkpoint_path,
+                                             args.wandb_project, args.wandb_entity, args.wandb_run_name))
+        run_dir = trainer.train()
+    except (ConfigError, DataError, CheckpointError, ModelLoadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if run_dir is not None and trainer.dist.is_main:
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

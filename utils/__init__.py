@@ -1,0 +1,1 @@
+"""SOL library package."""

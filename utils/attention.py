@@ -1,0 +1,132 @@
+"""Token-level attention sparsity for one decode step: which cached keys each row (and head) may attend.
+
+Every function here is pure and vectorised over rows, heads (and, by the caller, layers): each batch row
+carries its own keep fraction κ. All rows of a decode step share the cache length `K`, which counts the
+current token (the reference's `kv_len`). Selections return boolean masks, True = attend.
+
+Counts use `ceil(x - 1e-6)` so that float noise (0.7 * 100 = 70.00000000000001) does not add a token.
+"""
+from __future__ import annotations
+
+import torch
+
+CRITERIA = ("recency", "relevancy", "quest")
+_EPS = 1e-6
+
+
+def ceil_count(frac: torch.Tensor, total: int | torch.Tensor) -> torch.Tensor:
+    """ceil(frac * total) as int64, robust to float noise."""
+    return torch.ceil(frac.double() * total - _EPS).long()
+
+
+def is_effective(kv_len: int, Ts: int, Tw: int) -> bool:
+    """A decode step is controlled only when the cache is longer than sinks + window + current token."""
+    return kv_len > Ts + Tw + 1
+
+
+def recency_keep(kv_len: int, kappa: torch.Tensor, Ts: int, Tw: int) -> torch.Tensor:
+    """[B, K] mask: Ts sinks, then the current token, Tw window tokens and ceil(κ·old) most recent others."""
+    pos = torch.arange(kv_len, device=kappa.device)
+    thr = Ts + Tw + 1
+    if kv_len <= thr:
+        return torch.ones(kappa.shape[0], kv_len, dtype=torch.bool, device=kappa.device)
+    n_extra = ceil_count(kappa, kv_len - thr)
+    start = torch.clamp(kv_len - (Tw + 1 + n_extra), min=Ts)  # [B]
+    return (pos[None, :] < Ts) | (pos[None, :] >= start[:, None])
+
+
+def protected_positions(kv_len: int, Ts: int, n_recent: int, device: torch.device) -> torch.Tensor:
+    """[K] mask of the always-kept positions: the first Ts and the last n_recent."""
+    pos = torch.arange(kv_len, device=device)
+    return (pos < min(Ts, kv_len)) | (pos >= kv_len - n_recent)
+
+
+def topk_by_threshold(scores: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Keep eligible entries scoring >= the count-th largest eligible score along the last dim.
+
+    scores/eligible: [..., N]; count: broadcastable to scores.shape[:-1]. Ties at the threshold are all
+    kept and at least one entry is kept (the reference's threshold trick).
+    """
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    ordered = masked.sort(dim=-1, descending=True).values
+    n_elig = eligible.sum(-1)
+    idx = torch.minimum(count.expand_as(n_elig), n_elig).clamp(min=1) - 1
+    thr = ordered.gather(-1, idx.unsqueeze(-1))
+    return eligible & (masked >= thr)
+
+
+def relevancy_keep(logits: torch.Tensor, kappa: torch.Tensor, Ts: int, Tw: int, tier: str = "per_head") -> torch.Tensor:
+    """[B, H, K] mask from scaled attention logits [B, H, K] of the current query.
+
+    Always keeps the first Ts and the last Tw+2 positions (current token plus Tw+1 earlier, as the
+    reference); of the rest keeps ceil(κ·eligible) by logit. `per_head` ranks each head's logits;
+    `per_layer` ranks the head-averaged logits and shares one selection across the layer's heads.
+    """
+    B, H, K = logits.shape
+    always = protected_positions(K, Ts, Tw + 2, logits.device)
+    eligible = ~always
+    count = ceil_count(kappa, int(eligible.sum()))  # [B]
+    if tier == "per_layer":
+        scores = logits.float().mean(dim=1, keepdim=True)  # [B, 1, K]
+    elif tier == "per_head":
+        scores = logits.float()
+    else:
+        raise ValueError(f"unknown relevancy_tier {tier!r}")
+    elig = eligible.expand(scores.shape)
+    keep = topk_by_threshold(scores, elig, count[:, None])
+    return (keep | always).expand(B, H, K)
+
+
+def quest_page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page elementwise max and min of the keys: [B, Hkv, K, D] -> two [B, Hkv, P, D] (P = ceil(K/page))."""
+    B, Hkv, K, D = keys.shape
+    n_full = K // page
+    full = keys[:, :, : n_full * page].reshape(B, Hkv, n_full, page, D)
+    kmax, kmin = full.amax(dim=3), full.amin(dim=3)
+    if K % page:
+        tail = keys[:, :, n_full * page :]
+        kmax = torch.cat([kmax, tail.amax(dim=2, keepdim=True)], dim=2)
+        kmin = torch.cat([kmin, tail.amin(dim=2, keepdim=True)], dim=2)
+    return kmax, kmin
+
+
+def quest_page_scores(query: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """Quest upper bound Σ_d max(q_d·max_d, q_d·min_d) per query head and page.
+
+    query: [B, Hq, D]; kmax/kmin: [B, Hkv, P, D] shared by the Hq/Hkv query heads of each KV group.
+    Returns [B, Hq, P].
+    """
+    B, Hq, D = query.shape
+    Hkv = kmax.shape[1]
+    q = query.reshape(B, Hkv, Hq // Hkv, D).float()
+    scores = q.clamp(min=0) @ kmax.float().transpose(-1, -2) + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    return scores.reshape(B, Hq, -1)
+
+
+def quest_keep(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    kappa: torch.Tensor,
+    page: int,
+    keep_sink_window: bool = False,
+    Ts: int = 0,
+    Tw: int = 0,
+) -> torch.Tensor:
+    """[B, Hq, K] mask: the top ceil(ceil(κ·K)/page) pages by Quest bound, pages aligned to position 0.
+
+    As in the reference nothing is protected unless `keep_sink_window` is set, in which case the Ts sinks,
+    the Tw window tokens and the current token are always kept as well.
+    """
+    B, Hq, _ = query.shape
+    K = keys.shape[2]
+    kmax, kmin = quest_page_bounds(keys, page)
+    scores = quest_page_scores(query, kmax, kmin)  # [B, Hq, P]
+    n_pages = scores.shape[-1]
+    budget = ceil_count(kappa, K).clamp(1, K)
+    page_budget = torch.ceil(budget.double() / page).long().clamp(max=n_pages)  # [B]
+    all_pages = torch.ones_like(scores, dtype=torch.bool)
+    keep_pages = topk_by_threshold(scores, all_pages, page_budget[:, None])
+    keep = keep_pages.repeat_interleave(page, dim=-1)[..., :K]
+    if keep_sink_window:
+        keep = keep | protected_positions(K, Ts, Tw + 1, keys.device)
+    return keep

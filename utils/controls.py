@@ -1,0 +1,125 @@
+"""Install per-row efficiency controls on a Hugging Face Llama through supported extension points.
+
+* Attention: a function registered in transformers' `AttentionInterface` under the name "sol" (with the
+  SDPA mask builder registered for the same name, otherwise the causal mask silently disappears). With
+  controls cleared, or for multi-token calls (prefill, dense replay), it is exactly SDPA. For a controlled
+  single-token decode step it computes QKᵀ once, masks the keys each row/head may not see and finishes
+  with softmax·V, so relevancy ranks the very logits it then uses.
+* MLP: a forward pre-hook prunes the MLP input channels, a forward hook fake-quantizes the MLP output.
+
+One `Controls` object per model holds the per-row settings of the current step and accumulates the
+realised usage (keys attended, channels kept) over layers, as tensors, without host syncs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from utils.attention import CRITERIA, quest_keep, recency_keep, relevancy_keep
+from utils.mlp_controls import fake_quantize, prune_channels
+
+ATTN_IMPL = "sol"
+
+
+def _sol_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    ctl: Controls | None = getattr(module, "_sol_controls", None)
+    if ctl is None or not ctl.active or query.shape[2] != 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return ctl.sparse_decode_attention(query, key, value, attention_mask, scaling)
+
+
+AttentionInterface.register(ATTN_IMPL, _sol_attention)
+AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+class Controls:
+    """Per-row settings for the next single-token forward, plus realised-usage accumulators."""
+
+    def __init__(
+        self,
+        criteria: str,
+        Ts: int,
+        Tw: int,
+        page_size: int,
+        relevancy_tier: str = "per_head",
+        quest_keep_sink_window: bool = False,
+        prune_enabled: bool = True,
+        quant_enabled: bool = True,
+    ) -> None:
+        if criteria not in CRITERIA:
+            raise ValueError(f"unknown sparsity_criteria {criteria!r}; expected one of {CRITERIA}")
+        self.criteria, self.Ts, self.Tw, self.page_size = criteria, Ts, Tw, page_size
+        self.relevancy_tier, self.quest_keep_sink_window = relevancy_tier, quest_keep_sink_window
+        self.prune_enabled, self.quant_enabled = prune_enabled, quant_enabled
+        self.clear()
+
+    def clear(self) -> None:
+        """Back to the unmodified model (every prefill and dense pass starts here)."""
+        self.active = False
+        self.kappa = self.rho = self.bits = None
+        self._recency = None
+        self.key_frac_sum = self.channel_sum = None
+
+    def set(self, kappa: torch.Tensor, rho: torch.Tensor, bits: torch.Tensor, kv_len: int) -> None:
+        """Arm the controls for one decode step of B rows over a cache of kv_len keys (current included)."""
+        self.active = True
+        self.kappa, self.rho, self.bits, self.kv_len = kappa, rho, bits, kv_len
+        self._recency = recency_keep(kv_len, kappa, self.Ts, self.Tw) if self.criteria == "recency" else None
+        self.key_frac_sum = torch.zeros(kappa.shape[0], device=kappa.device)
+        self.channel_sum = torch.zeros(kappa.shape[0], device=kappa.device)
+
+    def token_keep(self, q: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, Hq or 1, K] mask of the keys each row/head attends at this step."""
+        if self.criteria == "recency":
+            return self._recency[:, None, :]
+        if self.criteria == "relevancy":
+            return relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier)
+        return quest_keep(q, keys, self.kappa, self.page_size, self.quest_keep_sink_window, self.Ts, self.Tw)
+
+    def sparse_decode_attention(self, query, key, value, attention_mask, scaling):
+        B, Hq, _, D = query.shape
+        Hkv, K = key.shape[1], key.shape[2]
+        g = Hq // Hkv
+        q = query[:, :, 0]
+        logits = (q.reshape(B, Hkv, g, D) @ key.transpose(-1, -2)).reshape(B, Hq, K) * scaling
+        keep = self.token_keep(q, key, logits)
+        if attention_mask is not None:
+            allowed = attention_mask[:, :, -1, :K]
+            keep = keep & (allowed if allowed.dtype == torch.bool else allowed == 0)
+        keep = keep.expand(B, Hq, K)
+        self.key_frac_sum += keep.float().mean(dim=(1, 2))
+        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")).float(), dim=-1).to(value.dtype)
+        out = probs.reshape(B, Hkv, g, K) @ value  # [B, Hkv, g, D]
+        return out.reshape(B, 1, Hq, D), None
+
+    def mlp_pre_hook(self, module: nn.Module, args):
+        if not (self.active and self.prune_enabled):
+            return None
+        x, kept = prune_channels(args[0], self.rho)
+        self.channel_sum += kept
+        return (x,) + tuple(args[1:])
+
+    def mlp_post_hook(self, module: nn.Module, args, output):
+        if not (self.active and self.quant_enabled):
+            return None
+        return fake_quantize(output, self.bits)
+
+
+def install_controls(model: nn.Module, controls: Controls) -> Controls:
+    """Attach `controls` to every attention and MLP module of a Llama and select the "sol" attention."""
+    attn = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "num_key_value_groups")]
+    mlps = [m for m in model.modules() if hasattr(m, "gate_proj") and hasattr(m, "down_proj")]
+    if not attn or len(attn) != len(mlps):
+        raise ValueError("install_controls expects a Llama-style model (attention with q_proj, MLP with gate_proj)")
+    for m in attn:
+        m._sol_controls = controls
+    for m in mlps:
+        m.register_forward_pre_hook(controls.mlp_pre_hook)
+        m.register_forward_hook(controls.mlp_post_hook)
+    model.set_attn_implementation(ATTN_IMPL)
+    return controls

