@@ -91,23 +91,54 @@ def step_scalars(t: int, T: int, effective: bool, budgets: torch.Tensor, usage_s
     return torch.cat([head, budgets, dev], dim=-1).float()
 
 
-def run_episode(lm: ControlledLM, blocks: torch.Tensor, scheduler: Scheduler, budgets: torch.Tensor,
-                context_len: int, group_size: int = 1, need_kl: bool = False) -> Episode:
-    """Run one batch of teacher-forced episodes. blocks [B, >= C + T + 1]; budgets [B, 3] (per input)."""
-    B = blocks.shape[0]
-    T = blocks.shape[1] - context_len - 1
-    C, K = context_len, group_size
+@dataclass
+class Prefill:
+    """A dense prefill of B blocks, reusable by any number of schedulers (each run clones the cache)."""
+
+    blocks: torch.Tensor  # [B, C + T + 1] on the LM device
+    context_len: int
+    cache: object  # DynamicCache holding the C context tokens
+    hidden: torch.Tensor  # [B, H] final-norm hidden of the last context token
+    labels: torch.Tensor  # [T, B] y_t = block[C + t + 1]
+    dense_logp: torch.Tensor  # [T, B] log p(y_t) under the dense model
+    dense_logprobs: torch.Tensor | None  # [T, B, V], kept only when a KL is needed
+
+
+def prefill_blocks(lm: ControlledLM, blocks: torch.Tensor, context_len: int, keep_dense_dist: bool = False) -> Prefill:
+    """Dense prefill over C + T tokens: the prefill of C plus the dense teacher-forced reference rollout
+    in one forward; the cache is then cropped back to the C context tokens."""
+    C = context_len
+    T = blocks.shape[1] - C - 1
+    if T < 1:
+        raise ValueError(f"blocks of length {blocks.shape[1]} leave no decode step after context_len={C}")
     blocks = blocks.to(lm.device)
-    # Dense prefill over C + T tokens = dense prefill of C plus the dense teacher-forced reference rollout.
     cache, all_hidden = lm.prefill_hidden(blocks[:, : C + T])
     cache.crop(-T)  # drop the reference rollout tokens, keep the C prefill tokens
-    labels = blocks[:, C + 1: C + T + 1].transpose(0, 1)  # [T, B]
+    labels = blocks[:, C + 1: C + T + 1].transpose(0, 1)
     dense_logprobs = F.log_softmax(lm.logits(all_hidden[:, C: C + T]).transpose(0, 1), dim=-1)  # [T, B, V]
     dense_logp = dense_logprobs.gather(-1, labels[..., None])[..., 0]
+    return Prefill(blocks, C, cache, all_hidden[:, C - 1], labels, dense_logp,
+                   dense_logprobs if keep_dense_dist else None)
+
+
+def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Scheduler, budgets: torch.Tensor,
+                context_len: int, group_size: int = 1, need_kl: bool = False,
+                prefill: Prefill | None = None) -> Episode:
+    """Run one batch of teacher-forced episodes. blocks [B, C + T + 1]; budgets [B, 3] (per input).
+
+    Pass `prefill` (from `prefill_blocks`) to share one dense prefill between several schedulers.
+    """
+    if prefill is None:
+        prefill = prefill_blocks(lm, blocks, context_len, keep_dense_dist=need_kl)
+    if need_kl and prefill.dense_logprobs is None:
+        raise ValueError("need_kl requires a prefill made with keep_dense_dist=True")
+    blocks, C, K = prefill.blocks, prefill.context_len, group_size
+    B, T = blocks.shape[0], prefill.labels.shape[0]
+    labels, dense_logp, dense_logprobs = prefill.labels, prefill.dense_logp, prefill.dense_logprobs
 
     N = B * K
-    cache = lm.expand_cache(cache, K) if K > 1 else cache
-    hidden = all_hidden[:, C - 1].repeat_interleave(K, dim=0)
+    cache = lm.expand_cache(prefill.cache, K) if K > 1 else lm.clone_cache(prefill.cache)
+    hidden = prefill.hidden.repeat_interleave(K, dim=0)
     prev_logits = lm.logits(hidden)
     row_budgets = budgets.to(lm.device).float().repeat_interleave(K, dim=0)
     scheduler.start(lm, row_budgets, K)
