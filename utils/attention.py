@@ -4,19 +4,23 @@ Every function here is pure and vectorised over rows, heads (and, by the caller,
 carries its own keep fraction κ. All rows of a decode step share the cache length `K`, which counts the
 current token (the reference's `kv_len`). Selections return boolean masks, True = attend.
 
-Counts use `ceil(x - 1e-6)` so that float noise (0.7 * 100 = 70.00000000000001) does not add a token.
+Counts use `ceil_count`, which is robust to float noise (0.7 * 100 = 70.00000000000001 keeps 70).
 """
 from __future__ import annotations
 
 import torch
 
 CRITERIA = ("recency", "relevancy", "quest")
-_EPS = 1e-6
 
 
 def ceil_count(frac: torch.Tensor, total: int | torch.Tensor) -> torch.Tensor:
-    """ceil(frac * total) as int64, robust to float noise."""
-    return torch.ceil(frac.double() * total - _EPS).long()
+    """ceil(frac * total) as int64, robust to float noise.
+
+    Fractions arrive as float32 (0.1 is stored as 0.100000001...), so they are first snapped to a 1e-6
+    grid; then ceil(0.1 * 1000) is 100, not 101.
+    """
+    snapped = torch.round(torch.as_tensor(frac).double() * 1e6) / 1e6
+    return torch.ceil(snapped * total - 1e-9).long()
 
 
 def is_effective(kv_len: int, Ts: int, Tw: int) -> bool:
