@@ -1,0 +1,53 @@
+"""Integration tests on the embedded SmolLM2-135M (converted once from the shipped GGUF into $SOL_CACHE)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from utils.actions import ActionSpace
+from utils.lm import ControlledLM
+from utils.model import SMOLLM2_ALIAS, load_lm, smollm2_dir
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def smol():
+    smollm2_dir()  # convert once if needed, so the timed load below reads the cache
+    t0 = time.time()
+    model, tok = load_lm(SMOLLM2_ALIAS)
+    return model, tok, time.time() - t0
+
+
+def test_loads_real_llama_from_cache(smol):
+    model, tok, seconds = smol
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (
+        30, 576, 9, 3, 49152)
+    assert (smollm2_dir() / "model.safetensors").is_file()
+    assert seconds < 30  # the converted cache loads in seconds; the GGUF conversion is not redone
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        nxt = model(ids).logits[0, -1].argmax()
+    assert "Paris" in tok.decode(nxt)  # a real model, not random weights
+
+
+def test_dense_step_matches_model_and_sparse_step_differs(smol):
+    model, tok, _ = smol
+    acts = ActionSpace.build([0.3, 1.0], ["s60", "s100"], ["q5", "q16"])
+    lm = ControlledLM(model, tok, acts, "quest", Ts=4, Tw=2, page_size=4)
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    ids = tok(text, return_tensors="pt").input_ids[:, :48]
+    with torch.inference_mode():
+        ref = model(ids).logits[0, -1].float()
+    cache, _, _ = lm.prefill(ids[:, :-1])
+    dense = lm.step(lm.clone_cache(cache), ids[:, -1], torch.tensor([acts.dense_idx]))
+    assert torch.allclose(dense.logits[0], ref, atol=1e-4)
+    plain = lm.step(lm.clone_cache(cache), ids[:, -1], None)
+    assert torch.allclose(plain.logits[0], ref, atol=1e-4)
+    sparse = lm.step(lm.clone_cache(cache), ids[:, -1], torch.tensor([acts.index(0.3, 0.6, 5)]))
+    assert (sparse.logits[0] - ref).abs().max() > 1e-2
+    assert sparse.usage.flops[0] < dense.usage.flops[0]
