@@ -57,6 +57,25 @@ def _set_rng_state(s: dict[str, Any], budget_gen: torch.Generator, action_gen: t
     random.setstate(s["python"])
 
 
+def _warm_start(policy: SOLPolicy, path: str) -> None:
+    """Load policy weights from a .pt (a SOL checkpoint or a bare state dict); bad files raise CheckpointError."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--checkpoint_path: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt or foreign file
+        raise CheckpointError(f"--checkpoint_path: cannot read {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict):
+        state = state.get("policy_state_dict", state.get("state_dict", state))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--checkpoint_path: {path} holds no policy state dict")
+    try:
+        policy.load_state_dict(state)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatch: another config's policy
+        raise CheckpointError(f"--checkpoint_path: {path} does not fit this config's policy: "
+                              f"{' '.join(str(e).split())[:300]}") from None
+
+
 def episode_metrics(ep: Episode, r_task: torch.Tensor, penalty: torch.Tensor, tags: tuple[str, ...]) -> dict[str, float]:
     """Scalar summaries of one rollout batch for logging."""
     usage = ep.usage_means()
@@ -84,6 +103,15 @@ def episode_metrics(ep: Episode, r_task: torch.Tensor, penalty: torch.Tensor, ta
     return m
 
 
+def mean_update_stats(step_stats: list[dict]) -> dict[str, float]:
+    """Average the stats of the optimizer steps taken on one batch (empty when no step was taken)."""
+    keys = step_stats[0].keys() if step_stats else ()
+    out = {f"update/{k}": sum(s[k] for s in step_stats) / len(step_stats) for k in keys if k != "update"}
+    if step_stats:
+        out["update/steps_this_batch"] = len(step_stats)
+    return out
+
+
 class GRPOTrainer:
     """Sets up everything from a Config, then `train()` runs the loop."""
 
@@ -107,8 +135,7 @@ class GRPOTrainer:
         H = model.config.hidden_size
         self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, len(self.actions)).to(self.device)
         if args.checkpoint_path:
-            state = torch.load(args.checkpoint_path, map_location="cpu", weights_only=False)
-            self.policy.load_state_dict(state.get("policy_state_dict", state.get("state_dict", state)))
+            _warm_start(self.policy, args.checkpoint_path)
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg)
@@ -208,6 +235,7 @@ class GRPOTrainer:
                                self.args.wandb_entity, self.args.wandb_run_name or self.cfg.run_name,
                                config_to_dict(cfg), initial_update=self.updater.num_updates)
         saved_any = self.args.resume is not None
+        last_saved = self.updater.num_updates if saved_any else None  # update count of the newest checkpoint
         try:
             for idx in self.sampler:
                 if self.updater.num_updates >= self.total_updates:
@@ -219,7 +247,7 @@ class GRPOTrainer:
                 step_stats = self.updater.add(batch)
                 m["time/batch_s"] = time.time() - t0
                 if self.batches_done % cfg.log_every == 0 or step_stats:
-                    logger.log({"batch": self.batches_done, **m, **{f"update/{k}": v for s in step_stats[-1:] for k, v in s.items()}},
+                    logger.log({"batch": self.batches_done, **m, **mean_update_stats(step_stats)},
                                self.updater.num_updates)
                 logger.progress(self.updater.num_updates - before, reward=m["reward/total_mean"],
                                 gap_tok=m["budgets/abs_gap_tok"], gap_prune=m["budgets/abs_gap_prune"],
@@ -227,14 +255,14 @@ class GRPOTrainer:
                 crossed = before // self.save_stride != self.updater.num_updates // self.save_stride
                 if crossed or self.updater.num_updates >= self.total_updates:
                     self.save()
-                    saved_any = True
+                    saved_any, last_saved = True, self.updater.num_updates
             else:
-                if self.updater.flush():
-                    self.save()
-                    saved_any = True
-            if not saved_any:
+                self.updater.flush()
+            # The data can run out before total_updates (and between two save strides): the last updates
+            # must still reach policy_latest.pt. A run that saved nothing saves its (initial) policy.
+            if last_saved != self.updater.num_updates:
                 self.save()
-                saved_any = True
+                saved_any, last_saved = True, self.updater.num_updates
         except BaseException:
             if is_main and not saved_any and getattr(self, "_created_dir", False):
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing useful was written: leave no half run

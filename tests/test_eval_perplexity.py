@@ -1,0 +1,217 @@
+"""Tests of utils/evaluation.py, eval_perplexity.py and utils/plots.py on the tiny random Llama."""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval_perplexity
+from utils import plots
+from utils.baselines import FixedScheduler, RandomScheduler
+from utils.checkpoint import save_checkpoint
+from utils.config import config_to_dict, load_config
+from utils.data import load_blocks
+from utils.evaluation import (PPL_CSV_COLUMNS, append_csv_row, dense_teacher_forced_nll, evaluate_matched,
+                              evaluate_methods, paired_bootstrap_ci)
+from utils.lm import ControlledLM
+from utils.model import load_lm
+from utils.policy import SOLPolicy
+from utils.schedulers import DenseScheduler, PolicyScheduler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("blocks")
+    cfg = load_config(REPO / "official_configs/tiny.yml", ["device=cpu", f"block_cache_dir={cache}", "max_blocks=8"])
+    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    lm = ControlledLM.from_config(cfg, model, tok)
+    blocks = load_blocks(cfg, tok, "test")
+    return cfg, lm, blocks
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tiny, tmp_path_factory):
+    """A policy checkpoint in the trainer's format (random weights: enough to exercise the pipeline)."""
+    cfg, lm, _ = tiny
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    save_checkpoint({"policy_state_dict": policy.state_dict(), "cfg": config_to_dict(cfg)}, d / "policy_latest.pt")
+    return d
+
+
+# ------------------------------------------------------------------ evaluation library
+
+def test_dense_equals_plain_forward_and_fixed_at_one_equals_dense(tiny):
+    cfg, lm, blocks = tiny
+    res = evaluate_methods(lm, blocks, 2, 3, {"dense": DenseScheduler(), "fixed1": lambda: FixedScheduler((1, 1, 1))},
+                           (1.0, 1.0, 1.0), context_len=cfg.context_len)
+    d = res["dense"]
+    T = cfg.rollout_len
+    assert d.n_tokens == 6 * T and d.seq_len == T
+    ref = dense_teacher_forced_nll(lm, torch.from_numpy(np.asarray(blocks[:6], dtype=np.int64)), cfg.context_len)
+    assert math.isclose(d.ppl, math.exp(float(ref.mean())), rel_tol=1e-5)
+    torch.testing.assert_close(d.nll, ref, rtol=1e-4, atol=1e-4)  # same positions, same order
+    assert torch.equal(res["fixed1"].nll, d.nll)
+    assert d.usage == (1.0, 1.0, 1.0) and d.flops_ratio == pytest.approx(1.0) and d.attn_keep == pytest.approx(1.0)
+    assert int(d.action_hist.sum()) == 6 * T and int(d.action_hist[lm.actions.dense_idx]) == 6 * T
+
+
+def test_matched_two_phase_uses_policy_usage_and_prefill_reuse_is_exact(tiny, ckpt_dir):
+    cfg, lm, blocks = tiny
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    policy.load_state_dict(torch.load(ckpt_dir / "policy_latest.pt", weights_only=False)["policy_state_dict"])
+    policy.eval()
+    runs = []
+    for mb in (1e6, 0.0):  # keep every prefill / recompute every prefill
+        res, targets = evaluate_matched(
+            lm, blocks, 2, 2, {"policy": PolicyScheduler(policy, 0.6), "dense": DenseScheduler()},
+            lambda t: {"fixed": FixedScheduler(t), "random": RandomScheduler(t, seed=5)},
+            (0.5, 0.75, 0.5), context_len=cfg.context_len, keep_prefill_mb=mb)
+        runs.append((res, targets))
+        pol, fixed = res["policy"], res["fixed"]
+        assert targets == pytest.approx(pol.usage)
+        n = pol.n_effective
+        for a, gap in enumerate((0.75, 0.5, 0.75)):
+            assert abs(fixed.usage[a] - targets[a]) <= gap / n + 1e-6
+            assert abs(res["random"].usage[a] - targets[a]) <= gap / (2 * cfg.rollout_len) + 1e-6
+        assert 0 < pol.flops_ratio <= 1.0 and pol.n_tokens == fixed.n_tokens == 4 * cfg.rollout_len
+    for k in runs[0][0]:
+        assert torch.equal(runs[0][0][k].nll, runs[1][0][k].nll), k
+
+
+def test_paired_bootstrap_ci():
+    g = torch.Generator().manual_seed(1)
+    b = torch.rand(4000, generator=g) * 5
+    a = b + 0.3 + torch.randn(4000, generator=g)
+    lo, hi = paired_bootstrap_ci(a, b, n_boot=1000, seed=0)
+    assert lo < 0.3 < hi and lo > 0  # contains the true difference, excludes 0 (a clearly worse)
+    lo_s, hi_s = paired_bootstrap_ci(a, b, n_boot=1000, seed=0, seq_len=16)
+    assert lo_s < 0.3 < hi_s and lo_s > 0
+    assert paired_bootstrap_ci(a, b, n_boot=500, seed=3) == paired_bootstrap_ci(a, b, n_boot=500, seed=3)
+    c = b + torch.randn(4000, generator=g) * 0.5  # no real difference
+    lo0, hi0 = paired_bootstrap_ci(c, b, n_boot=1000, seed=0)
+    assert lo0 < 0 < hi0
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci(a, b[:10])
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci(a[:10], b[:10], seq_len=3)
+
+
+# ------------------------------------------------------------------ CLI
+
+def _run_cli(argv, capsys):
+    rc = eval_perplexity.main([str(x) for x in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_end_to_end_appends_rows_with_one_header(ckpt_dir, tmp_path, capsys):
+    csv_path = tmp_path / "ppl.csv"
+    base = ["--ckpt_dir", ckpt_dir, "--eval_batches", 2, "--batch_size", 2, "--device", "cpu", "--no_progress",
+            "--csv_path", csv_path]
+    rc, out, err = _run_cli(base + ["--num_trials", 2, "--tgt_keep", 0.4], capsys)
+    assert rc == 0, err
+    for name in ("policy", "dense", "fixed", "random@1234", "random@1235"):
+        assert any(line.startswith(name) for line in out.splitlines()), name
+    rc, out, err = _run_cli(base + ["--do_emc_and_driftaware", "--tgt_quant_bits", 6], capsys)
+    assert rc == 0, err
+    assert any(line.startswith("emc") for line in out.splitlines())
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 3 and lines[0] == ",".join(PPL_CSV_COLUMNS)
+    rows = list(csv.DictReader(csv_path.open()))
+    r1, r2 = rows
+    assert r1["target_keep"] == "0.4" and r1["target_prune_keep"] == "0.75" and r1["target_quant_bits"] == "8"
+    assert r2["target_quant_bits"] == "6" and r2["target_keep"] == "0.5"  # defaults from the checkpoint config
+    for col in ("policy_ppl", "policy_keep", "policy_prune_keep", "policy_quant_ratio", "policy_attn_keep_realised",
+                "policy_flops_ratio", "fixed_ppl", "fixed_keep", "fixed_prune_keep", "fixed_quant_ratio",
+                "fixed_flops_ratio", "dense_ppl", "random_ppl_mean", "random_ppl_best", "delta_nll_lo",
+                "delta_nll_hi", "n_tokens"):
+        assert math.isfinite(float(r1[col])), col
+    assert r1["random_seeds"] == "1234|1235" and len(r1["random_ppl_trials"].split("|")) == 2
+    assert float(r1["random_ppl_best"]) == min(map(float, r1["random_ppl_trials"].split("|")))
+    assert r1["emc_ppl"] == "" and r1["dac_ppl"] == ""
+    assert float(r2["emc_ppl"]) > 0 and float(r2["dac_ppl"]) > 0
+    assert r1["n_tokens"] == str(2 * 2 * 8) and r1["split"] == "test" and r1["mode"] == "latest"
+    assert float(r1["delta_nll_lo"]) <= float(r1["delta_nll_hi"])
+    # the fixed baseline ran at the policy's realised usage
+    for ax in ("keep", "prune_keep", "quant_ratio"):
+        assert abs(float(r1[f"fixed_{ax}"]) - float(r1[f"policy_{ax}"])) <= 0.75 / 32 + 1e-5
+    # dense is the same model on the same tokens in both invocations
+    assert r1["dense_ppl"] == r2["dense_ppl"]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--tgt_keep", "1.5"], "--tgt_keep must be in [0, 1]"),
+    (["--tgt_prune_keep", "-0.1"], "--tgt_prune_keep must be in [0, 1]"),
+    (["--tgt_quant_bits", "1"], "--tgt_quant_bits must be in [2, 16]"),
+    (["--tgt_quant_bits", "17"], "--tgt_quant_bits must be in [2, 16]"),
+    (["--eval_batches", "0"], "--eval_batches"),
+    (["--mode", "best"], "--mode"),
+    (["--dataset_name", "/nonexistent/corpus.txt"], "data source not found"),
+])
+def test_cli_bad_inputs_one_line_error(ckpt_dir, extra, msg, capsys):
+    rc, out, err = _run_cli(["--ckpt_dir", ckpt_dir, "--device", "cpu", "--no_progress"] + extra, capsys)
+    assert rc == 2
+    assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+def test_cli_missing_checkpoint_and_foreign_csv(ckpt_dir, tmp_path, capsys):
+    rc, _, err = _run_cli(["--ckpt_dir", tmp_path / "nope"], capsys)
+    assert rc == 2 and err.startswith("error: checkpoint directory not found") and err.count("\n") == 1
+    rc, _, err = _run_cli(["--ckpt_dir", tmp_path, "--device", "cpu"], capsys)  # a directory without policy_*.pt
+    assert rc == 2 and "policy_latest.pt" in err and err.count("\n") == 1
+    foreign = tmp_path / "other.csv"
+    foreign.write_text("a,b\n1,2\n")
+    rc, _, err = _run_cli(["--ckpt_dir", ckpt_dir, "--device", "cpu", "--csv_path", foreign], capsys)
+    assert rc == 2 and "different header" in err and err.count("\n") == 1
+    assert foreign.read_text() == "a,b\n1,2\n"  # untouched
+
+
+def test_cli_process_exit_code():
+    p = subprocess.run([sys.executable, "eval_perplexity.py", "--ckpt_dir", "/nonexistent/run", "--tgt_keep", "0.5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: checkpoint directory not found: "
+                                                                   "/nonexistent/run"]
+
+
+# ------------------------------------------------------------------ plots
+
+def _write_csv(path: Path, n: int = 6, with_emc: bool = True) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        k, p, b = rng.uniform(0.2, 1), rng.uniform(0.5, 1), int(rng.choice([4, 8, 16]))
+        nk = (k + p + b / 16) / 3
+        row = {"target_keep": k, "target_prune_keep": p, "target_quant_bits": b,
+               "policy_keep": k + 0.02, "policy_prune_keep": p - 0.01, "policy_quant_ratio": b / 16,
+               "policy_net_keep": nk, "policy_ppl": 20 + 10 * (1 - nk) + rng.uniform(0, 1),
+               "fixed_net_keep": nk, "fixed_ppl": 21 + 12 * (1 - nk),
+               "random_keep": k, "random_prune_keep": p, "random_quant_ratio": b / 16,  # net keep derived
+               "random_ppl_best": 21 + 11 * (1 - nk), "dense_ppl": 19.0, "n_tokens": 1792}
+        if with_emc and i % 2:
+            row.update(emc_net_keep=nk, emc_ppl=21 + 11.5 * (1 - nk))
+        append_csv_row(str(path), {c: str(v) for c, v in row.items()})
+
+
+def test_plots_write_pngs(tmp_path, capsys):
+    csv_path = tmp_path / "r.csv"
+    _write_csv(csv_path)
+    for kind in ("pareto", "adherence"):
+        out = tmp_path / f"{kind}.png"
+        assert plots.main([kind, str(csv_path), "--out", str(out)]) == 0
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert plots.main(["pareto", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith("error: CSV not found")
+
+
+def test_pareto_front():
+    pts = [(0.5, 30.0), (0.6, 25.0), (0.6, 24.0), (0.7, 26.0), (0.8, 20.0), (0.4, 40.0)]
+    assert plots.pareto_front(pts) == [5, 0, 2, 4]

@@ -1,0 +1,361 @@
+"""End-to-end tests of train.py / utils/trainer.py on the tiny random Llama.
+
+* a 2-update run writes its files, metrics with the documented keys and a complete checkpoint;
+* `--resume` continues exactly: a run stopped at N updates and resumed to M ends with the same policy,
+  optimizer state and logged metrics as a straight run to M (also with pooled cycles, pending accumulated
+  gradients, several PPO epochs, a reference-policy KL, dropout and an epoch boundary);
+* `--checkpoint_path` warm-starts from a checkpoint's weights;
+* `torchrun --nproc_per_node=2` (gloo on CPU) completes with only rank 0 writing;
+* bad input gives one `error:` line on stderr, exit code 2, no traceback and no run directory.
+
+The in-process runs take a few seconds each; the subprocess ones pay ~5 s of imports (torch, transformers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from utils.actions import ActionSpace
+from utils.checkpoint import checkpoint_config
+from utils.config import config_to_dict, load_config
+from utils.model import load_lm
+from utils.policy import SOLPolicy
+from utils.trainer import GRPOTrainer, TrainArgs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "official_configs" / "tiny.yml")
+CKPT_KEYS = ("policy_state_dict", "cfg", "optimizer", "updater", "sampler", "rng", "update_step")
+# Fields that differ between two identical runs (wall-clock timings).
+TIMING_KEYS = ("time_s", "time/batch_s")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def block_cache(tmp_path_factory) -> str:
+    """One block cache for the module (the tokenized tiny training blocks are built once)."""
+    return str(tmp_path_factory.mktemp("block_cache"))
+
+
+def run_main(out: Path | None, block_cache: str, *extra: str, updates: int = 2, sets: tuple[str, ...] = ()) -> Path:
+    """train.main in-process on the tiny config; returns the run directory."""
+    argv = ["--config", TINY, "--total_updates", str(updates), "--set", f"block_cache_dir={block_cache}"]
+    for s in sets:
+        argv += ["--set", s]
+    if out is not None:
+        argv += ["--output_dir", str(out)]
+    assert train.main(argv + list(extra)) == 0
+    return out
+
+
+def resume_main(run_dir: Path, updates: int) -> None:
+    assert train.main(["--resume", str(run_dir), "--total_updates", str(updates)]) == 0
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def assert_state_dicts_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: different keys"
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k] - b[k]).abs().max().item():.3g})"
+
+
+def assert_optimizer_states_equal(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        sa, sb = a["state"][i], b["state"][i]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            va, vb = sa[k], sb[k]
+            assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb, f"optimizer state[{i}][{k}] differs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# a plain run: files, metrics, checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, block_cache) -> Path:
+    """A 2-update tiny run (one rollout batch of 2 inputs x 4 rollouts x 8 steps = two minibatch updates)."""
+    return run_main(tmp_path_factory.mktemp("runs") / "tiny2", block_cache)
+
+
+def test_run_writes_checkpoints_config_and_metrics(tiny_run):
+    names = sorted(p.name for p in tiny_run.iterdir())
+    assert names == ["config.yaml", "metrics.jsonl", "policy_2.pt", "policy_latest.pt"], names
+
+    ckpt = load_ckpt(tiny_run / "policy_latest.pt")
+    for k in CKPT_KEYS:
+        assert k in ckpt, f"checkpoint lacks {k}"
+    assert ckpt["update_step"] == 2
+    assert ckpt["updater"]["num_updates"] == 2
+    assert ckpt["optimizer"]["state"], "optimizer state is empty after two updates"
+    assert ckpt["sampler"]["batch"] == 1 and ckpt["sampler"]["epoch"] == 0
+    assert {"budget_gen", "action_gen", "torch", "numpy", "python"} <= set(ckpt["rng"])
+    assert_state_dicts_equal(ckpt["policy_state_dict"], load_ckpt(tiny_run / "policy_2.pt")["policy_state_dict"],
+                             "policy_2.pt vs policy_latest.pt")
+    # the saved config.yaml is the run's full config, and the checkpoint holds the same one
+    cfg = load_config(str(tiny_run / "config.yaml"))
+    assert config_to_dict(cfg) == ckpt["cfg"]
+    assert cfg.model_name == "tiny-random-llama" and cfg.rollout_len == 8
+
+
+def test_metrics_have_documented_keys(tiny_run):
+    records = read_metrics(tiny_run)
+    assert len(records) == 1  # one rollout batch, log_every = 1
+    r = records[0]
+    assert r["update"] == 2 and r["batch"] == 1
+    for k in ("reward/task_mean", "reward/penalty_mean", "reward/total_mean", "update/clip_frac",
+              "update/approx_kl", "update/entropy", "update/loss", "update/grad_norm"):
+        assert k in r, k
+    for ax in ("tok", "prune", "qratio"):
+        for k in (f"budgets/target_{ax}_mean", f"budgets/achieved_{ax}_mean", f"budgets/abs_gap_{ax}"):
+            assert k in r, k
+    tags = ActionSpace.from_config(load_config(str(tiny_run / "config.yaml"))).tags
+    fracs = [r[f"action_frac/{t}"] for t in tags]
+    assert sum(fracs) == pytest.approx(1.0)
+    assert not [k for k in r if k.startswith("action_frac/") and k[len("action_frac/"):] not in tags]
+    for k, v in r.items():
+        if isinstance(v, float):
+            assert v == v and abs(v) != float("inf"), f"{k} = {v}"
+    assert r["reward/penalty_mean"] >= 0.0 and 0.0 <= r["update/clip_frac"] <= 1.0 and r["update/entropy"] > 0.0
+
+
+def test_checkpoint_loads_into_fresh_policy(tiny_run):
+    ckpt = load_ckpt(tiny_run / "policy_latest.pt")
+    cfg = checkpoint_config(ckpt)
+    model, _ = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    actions = ActionSpace.from_config(cfg)
+    assert list(actions.tags) == list(ckpt["action_tags"])
+    torch.manual_seed(cfg.seed + 99)  # a different init, so the load has to change the parameters
+    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.get_input_embeddings().embedding_dim,
+                                   len(actions))
+    saved = ckpt["policy_state_dict"]
+    assert any(not torch.equal(v, saved[k]) for k, v in policy.state_dict().items())
+    policy.load_state_dict(saved)
+    assert_state_dicts_equal(policy.state_dict(), saved, "reloaded policy")
+    assert sum(p.numel() for p in policy.parameters()) == ckpt["policy_num_params"]
+
+
+def test_data_running_out_still_saves_the_last_updates(tmp_path, block_cache):
+    """3 batches of data (6 updates) with --total_updates 40 (save stride 4): the updates after the last stride
+    crossing (5 and 6) must still be in policy_latest.pt when the sampler runs out."""
+    run = run_main(tmp_path / "short", block_cache, updates=40, sets=("train_fraction=0.1",))
+    ckpt = load_ckpt(run / "policy_latest.pt")
+    assert ckpt["batches_done"] == 3 and ckpt["update_step"] == 6
+    assert read_metrics(run)[-1]["update"] == 6
+    assert sorted(p.name for p in run.glob("policy_*.pt")) == ["policy_4.pt", "policy_6.pt", "policy_latest.pt"]
+    assert_state_dicts_equal(ckpt["policy_state_dict"], load_ckpt(run / "policy_6.pt")["policy_state_dict"], "final")
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact resume
+# ---------------------------------------------------------------------------------------------------
+
+def _check_resume_exact(straight: Path, resumed: Path) -> None:
+    a, b = load_ckpt(straight / "policy_latest.pt"), load_ckpt(resumed / "policy_latest.pt")
+    assert a["update_step"] == b["update_step"] and a["batches_done"] == b["batches_done"]
+    assert_state_dicts_equal(a["policy_state_dict"], b["policy_state_dict"], "policy")
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])
+    assert a["sampler"] == b["sampler"]
+    ua, ub = a["updater"], b["updater"]
+    assert (ua["num_updates"], ua["accum_i"], ua["pool_size"]) == (ub["num_updates"], ub["accum_i"], ub["pool_size"])
+    assert torch.equal(ua["generator"], ub["generator"])
+    assert (ua["pending_grads"] is None) == (ub["pending_grads"] is None)
+    for ga, gb in zip(ua["pending_grads"] or (), ub["pending_grads"] or ()):
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+    for k in ("budget_gen", "action_gen", "torch"):
+        assert torch.equal(a["rng"][k], b["rng"][k]), f"rng {k} differs"
+    # every logged number except wall-clock timings matches, batch by batch
+    assert without_timings(read_metrics(straight)) == without_timings(read_metrics(resumed))
+
+
+def test_resume_is_exact(tmp_path, tiny_run, block_cache):
+    """Straight to 4 updates == 2 updates (the module's tiny run, copied) then --resume to 4."""
+    straight = run_main(tmp_path / "A", block_cache, updates=4)
+    resumed = tmp_path / "B"
+    shutil.copytree(tiny_run, resumed)
+    resume_main(resumed, 4)
+    assert (resumed / "policy_4.pt").is_file() and (resumed / "policy_2.pt").is_file()
+    _check_resume_exact(straight, resumed)
+
+
+def test_resume_is_exact_with_pooling_accumulation_and_epoch_boundary(tmp_path, block_cache):
+    """Pool of 2 batches, 8 backward passes per cycle (2 PPO epochs x 4 minibatches), an optimizer step every
+    3 of them, so the checkpoint at update 2 holds a pending accumulated gradient; 3 batches per epoch, so the
+    resumed part crosses into epoch 2; plus dropout (global torch RNG), a reference-policy KL and a dense KL."""
+    sets = ("grad_accum_steps=3", "ppo_target_batch_size=128", "ppo_epochs=2", "policy_dropout=0.1",
+            "kl_pi_ref_coef=0.1", "task_w_kl=0.1", "train_fraction=0.1", "epochs=2")
+    straight = run_main(tmp_path / "A", block_cache, updates=5, sets=sets)
+    resumed = run_main(tmp_path / "B", block_cache, updates=2, sets=sets)
+    mid = load_ckpt(resumed / "policy_latest.pt")
+    assert mid["updater"]["pending_grads"] is not None, "the test should stop with a pending accumulated gradient"
+    assert mid["sampler"]["epoch"] == 0 and mid["batches_done"] == 2
+    resume_main(resumed, 5)
+    end = load_ckpt(resumed / "policy_latest.pt")
+    assert end["batches_done"] == 4 and end["sampler"]["epoch"] == 1
+    _check_resume_exact(straight, resumed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# warm start
+# ---------------------------------------------------------------------------------------------------
+
+def test_warm_start_starts_from_checkpoint_weights(tmp_path, tiny_run, block_cache):
+    src = tiny_run / "policy_2.pt"
+    saved = load_ckpt(src)["policy_state_dict"]
+    cfg = load_config(TINY, [f"block_cache_dir={block_cache}"])
+    # 1) right after set-up: the weights are the checkpoint's; optimizer, counters and data start fresh
+    trainer = GRPOTrainer(cfg, TrainArgs(total_updates=2, output_dir=str(tmp_path / "setup"), checkpoint_path=str(src)))
+    assert_state_dicts_equal(trainer.policy.state_dict(), saved, "warm-started policy")
+    assert trainer.updater.num_updates == 0 and not trainer.optimizer.state_dict()["state"]
+    assert trainer.sampler.state_dict()["batch"] == 0
+    # 2) end to end: with a reference-policy KL, pi_ref is the policy at the start of training, and it is
+    #    saved in the checkpoint, so it must equal the warm-start weights; training then moves the policy.
+    out = run_main(tmp_path / "warm", block_cache, "--checkpoint_path", str(src), sets=("kl_pi_ref_coef=0.1",))
+    ckpt = load_ckpt(out / "policy_latest.pt")
+    assert ckpt["update_step"] == 2
+    assert_state_dicts_equal(ckpt["updater"]["ref_policy"], saved, "pi_ref of the warm-started run")
+    assert any(not torch.equal(v, saved[k]) for k, v in ckpt["policy_state_dict"].items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# torchrun, 2 processes, gloo on CPU
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
+    """No --output_dir: each rank derives the run directory name from rank 0's broadcast timestamp."""
+    parent = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "train.py"), "--config", TINY, "--total_updates", "2",
+           "--set", f"block_cache_dir={block_cache}", "--set", f"output_dir={parent}", "--set", "run_name=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    run_dirs = list(parent.iterdir())
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("ddp-"), run_dirs
+    run = run_dirs[0]
+    assert sorted(x.name for x in run.iterdir()) == ["config.yaml", "metrics.jsonl", "policy_2.pt", "policy_latest.pt"]
+    assert p.stdout.count("run directory:") == 1, p.stdout
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["runs"]  # nothing else written (e.g. ./checkpoints)
+    ckpt = load_ckpt(run / "policy_latest.pt")
+    assert ckpt["update_step"] == 2 and ckpt["sampler"]["world_size"] == 2
+    assert not any(k.startswith("module.") for k in ckpt["policy_state_dict"])  # the unwrapped policy is saved
+    records = read_metrics(run)
+    assert len(records) == ckpt["batches_done"] == 1  # rank 0's lines only, once each
+    assert len({r["batch"] for r in records}) == len(records)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit code 2, no traceback, no run directory
+# ---------------------------------------------------------------------------------------------------
+
+BAD_CASES = ("unknown_key", "missing_data", "resume_no_checkpoint", "resume_missing_dir", "budget_out_of_range",
+             "missing_config")
+
+
+def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, expected fragment of the error line). `root` holds prepared inputs."""
+    empty = root / "empty_run"
+    empty.mkdir(exist_ok=True)
+    base = ["--config", TINY, "--output_dir", "run"]
+    cases = {
+        "unknown_key": (base + ["--set", "lerning_rate=1"], "lerning_rate"),
+        "missing_data": (base + ["--set", "dataset_name=/nonexistent/x.txt"], "/nonexistent/x.txt"),
+        "resume_no_checkpoint": (["--resume", str(empty)], "policy_latest.pt"),
+        "resume_missing_dir": (["--resume", str(root / "no_such_run")], "no_such_run"),
+        "budget_out_of_range": (base + ["--set", "budget_tok_max=1.5"], "budget_tok_max"),
+        "missing_config": (["--config", str(root / "no_such.yml"), "--output_dir", "run"], "no_such.yml"),
+    }
+    assert tuple(cases) == BAD_CASES
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_results(tmp_path_factory, block_cache):
+    """Run every bad-input case as its own `python train.py` process, two at a time (each pays ~5 s of imports)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    cases = _bad_cases(root)
+
+    def run(name):
+        argv, _ = cases[name]
+        cwd = root / f"cwd_{name}"  # its own working directory: a default ./checkpoints/... would show up there
+        cwd.mkdir()
+        extra = ["--set", f"block_cache_dir={block_cache}"] if "--resume" not in argv else []
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), *argv, *extra], cwd=cwd,
+                           capture_output=True, text=True, timeout=180)
+        return name, (p, cwd)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, cases))
+    return cases, results, root
+
+
+@pytest.mark.parametrize("name", BAD_CASES)
+def test_bad_input_is_one_error_line(bad_results, name):
+    cases, results, root = bad_results
+    p, cwd = results[name]
+    fragment = cases[name][1]
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert fragment in lines[0], lines[0]
+    assert not p.stdout.strip(), p.stdout
+    assert list(cwd.iterdir()) == [], f"left behind: {list(cwd.iterdir())}"  # no ./run nor ./checkpoints/...
+    assert list((root / "empty_run").iterdir()) == []
+
+
+def _foreign_checkpoint(d: Path) -> Path:
+    path = d / "foreign.pt"
+    torch.save({"policy_state_dict": {"w": torch.zeros(3)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("name, argv, fragment", [
+    ("zero_updates", ["--total_updates", "0"], "--total_updates"),
+    ("missing_warm_start", ["--checkpoint_path", "{tmp}/no_such.pt"], "no_such.pt"),
+    ("foreign_warm_start", ["--checkpoint_path", "{foreign}"], "does not fit"),
+    ("resume_with_config", ["--resume", "{tmp}"], "--resume"),
+])
+def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fragment):
+    """The same contract for more cases, through train.main in-process (cheaper than a process each)."""
+    foreign = _foreign_checkpoint(tmp_path)
+    argv = [a.format(tmp=tmp_path, foreign=foreign) for a in argv]
+    out = tmp_path / "run"
+    rc = train.main(["--config", TINY, "--output_dir", str(out), "--set", f"block_cache_dir={block_cache}", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not out.exists()

@@ -1,0 +1,194 @@
+"""Figures from the perplexity CSV written by eval_perplexity.py (one row per requested target point).
+
+    python -m utils.plots pareto results/ppl_eval.csv --out results/pareto.png
+    python -m utils.plots adherence results/ppl_eval.csv --out results/adherence.png
+
+* `pareto`: PPL against net keep = (κ̄ + ρ̄ + q̄)/3 for the policy, fixed, best-of-N random and, when present,
+  EMC and DAC; dense as a horizontal line. Each method's Pareto front (sorted by net keep, the points whose
+  PPL is lower than that of every cheaper point) is drawn as a line; dominated points are faded.
+* `adherence`: per axis, the requested target against the policy's achieved (nominal) usage, with the
+  identity line and a ±0.03 band.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (label, ppl column, prefix of the usage columns, colour, marker)
+METHODS = (
+    ("SOL policy", "policy_ppl", "policy", "tab:red", "o"),
+    ("fixed (uniform)", "fixed_ppl", "fixed", "tab:blue", "s"),
+    ("random (best of N)", "random_ppl_best", "random", "tab:green", "^"),
+    ("EMC (entropy)", "emc_ppl", "emc", "tab:purple", "D"),
+    ("DAC (drift)", "dac_ppl", "dac", "tab:brown", "v"),
+)
+BAND = 0.03
+
+
+class PlotError(ValueError):
+    """Unreadable or unsuitable CSV (one-line message)."""
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise PlotError(f"CSV not found: {path}")
+    with open(p, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise PlotError(f"{path} has no data rows")
+    return rows
+
+
+def _num(s: str | None) -> float | None:
+    if s is None or s.strip() == "":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _net_keep(row: dict[str, str], prefix: str) -> float | None:
+    v = _num(row.get(f"{prefix}_net_keep"))
+    if v is not None:
+        return v
+    parts = [_num(row.get(f"{prefix}_{c}")) for c in ("keep", "prune_keep", "quant_ratio")]
+    return None if any(x is None for x in parts) else sum(parts) / 3.0  # type: ignore[arg-type]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points on the lower-left front (both coordinates minimised): sorted by x, each point
+    whose y is strictly lower than that of every point with a smaller x (ties in x: the lowest y)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def method_points(rows: list[dict[str, str]], ppl_col: str, prefix: str) -> list[tuple[float, float]]:
+    pts = []
+    for r in rows:
+        x, y = _net_keep(r, prefix), _num(r.get(ppl_col))
+        if x is not None and y is not None:
+            pts.append((x, y))
+    return pts
+
+
+def plot_pareto(rows: list[dict[str, str]], out: str | Path, title: str | None = None) -> Path:
+    if "policy_ppl" not in rows[0]:
+        raise PlotError("CSV has no policy_ppl column; is it an eval_perplexity.py CSV?")
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=150)
+    drawn = 0
+    for label, ppl_col, prefix, colour, marker in METHODS:
+        pts = method_points(rows, ppl_col, prefix)
+        if not pts:
+            continue
+        front = pareto_front(pts)
+        on = set(front)
+        off = [p for i, p in enumerate(pts) if i not in on]
+        if off:
+            ax.scatter([p[0] for p in off], [p[1] for p in off], color=colour, marker=marker, alpha=0.25, s=22,
+                       linewidths=0)
+        fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+        ax.plot(fx, fy, color=colour, marker=marker, ms=5, lw=1.6, label=f"{label} ({len(pts)} pts)")
+        drawn += 1
+    dense = [v for v in (_num(r.get("dense_ppl")) for r in rows) if v is not None]
+    if dense:
+        d = sum(dense) / len(dense)
+        ax.axhline(d, color="black", ls="--", lw=1.0, label=f"dense (PPL {d:.3g})")
+    if drawn == 0:
+        plt.close(fig)
+        raise PlotError("no row has both a PPL and a usage for any method")
+    ax.set_xlabel("net keep rate  (κ̄ + ρ̄ + q̄) / 3   (lower = cheaper)")
+    ax.set_ylabel("perplexity (lower = better)")
+    n_tok = _num(rows[0].get("n_tokens"))
+    sub = f"{len(rows)} target points" + (f", {int(n_tok)} tokens each" if n_tok else "")
+    ax.set_title(title or f"Quality vs efficiency: Pareto fronts ({sub})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+ADHERENCE_AXES = (
+    ("token keep κ", "target_keep", 1.0, "policy_keep"),
+    ("MLP channel keep ρ (/P_MAX)", "target_prune_keep", 1.0, "policy_prune_keep"),
+    ("quant ratio bits/16", "target_quant_bits", 1.0 / 16.0, "policy_quant_ratio"),
+)
+
+
+def plot_adherence(rows: list[dict[str, str]], out: str | Path, title: str | None = None) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(12.0, 4.2), dpi=150)
+    any_pts = False
+    for ax, (label, req_col, scale, got_col) in zip(axes, ADHERENCE_AXES):
+        pts = [(req * scale, got) for req, got in ((_num(r.get(req_col)), _num(r.get(got_col))) for r in rows)
+               if req is not None and got is not None]
+        lo, hi = 0.0, 1.0
+        ax.fill_between([lo, hi], [lo - BAND, hi - BAND], [lo + BAND, hi + BAND], color="0.85",
+                        label=f"±{BAND:g}")
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="requested = achieved")
+        if pts:
+            any_pts = True
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:red", s=18, label="SOL policy")
+            mae = sum(abs(g - q) for q, g in pts) / len(pts)
+            inside = sum(abs(g - q) <= BAND for q, g in pts) / len(pts)
+            ax.set_title(f"{label}\nmean |gap| {mae:.3f}, {100 * inside:.0f}% within ±{BAND:g}", fontsize=9)
+        else:
+            ax.set_title(f"{label}\n(no data)", fontsize=9)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("requested")
+        ax.set_ylabel("achieved (mean over effective steps)")
+        ax.set_aspect("equal")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    if not any_pts:
+        plt.close(fig)
+        raise PlotError("no row has both a requested target and a policy usage")
+    fig.suptitle(title or f"Budget adherence of the policy ({len(rows)} target points)", fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m utils.plots", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=("pareto", "adherence"), help="which figure")
+    p.add_argument("csv", help="CSV written by eval_perplexity.py")
+    p.add_argument("--out", required=True, help="output image (.png, .pdf, .svg)")
+    p.add_argument("--title", help="figure title")
+    a = p.parse_args(argv)
+    try:
+        rows = read_rows(a.csv)
+        out = (plot_pareto if a.kind == "pareto" else plot_adherence)(rows, a.out, a.title)
+    except (PlotError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
