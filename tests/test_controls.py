@@ -710,3 +710,74 @@ def test_non_effective_steps_run_dense(base, criteria):
     assert out.usage.effective is True
     assert out.usage.keep.tolist() == [0.25] * B
     assert (out.logits - full[:, 7]).abs().max().item() > 1e-3
+
+
+# ==== fast (per-grid-level kthvalue) selection path ====================================================
+
+@pytest.mark.parametrize("tier", ["per_head", "per_layer"])
+def test_relevancy_fast_path_equals_sort_path(tier):
+    g = torch.Generator().manual_seed(21)
+    levels = (0.1, 0.35, 0.6, 1.0)
+    logits = torch.randn(8, 4, 97, generator=g)
+    kappa = torch.tensor(levels)[torch.randint(0, 4, (8,), generator=g)]
+    slow = relevancy_keep(logits, kappa, 4, 2, tier)
+    fast = relevancy_keep(logits, kappa, 4, 2, tier, kappa_levels=levels)
+    assert torch.equal(slow, fast)
+
+
+def test_quest_and_prune_fast_paths_equal_sort_paths():
+    g = torch.Generator().manual_seed(22)
+    levels = (0.1, 0.5, 1.0)
+    q, k = torch.randn(6, 4, 16, generator=g), torch.randn(6, 2, 61, 16, generator=g)
+    kappa = torch.tensor(levels)[torch.randint(0, 3, (6,), generator=g)]
+    assert torch.equal(quest_keep(q, k, kappa, 4), quest_keep(q, k, kappa, 4, kappa_levels=levels))
+    x = torch.randn(6, 1, 64, generator=g)
+    rho_levels = (0.3, 0.6, 1.0)
+    rho = torch.tensor(rho_levels)[torch.randint(0, 3, (6,), generator=g)]
+    y_slow, n_slow = prune_channels(x, rho)
+    y_fast, n_fast = prune_channels(x, rho, rho_levels)
+    assert torch.equal(y_slow, y_fast) and torch.equal(n_slow, n_fast)
+
+
+# ==== growable KV cache ================================================================================
+
+def test_growable_cache_matches_plain_dynamic_cache(base):
+    """Appends into preallocated buffers must give the same keys/values as torch.cat, across crop,
+    repeat_interleave, select and deepcopy (which replace the tensors the buffers back)."""
+    from transformers import DynamicCache
+
+    from utils.kv_cache import SPARE_TOKENS, GrowableCache
+
+    g = torch.Generator().manual_seed(5)
+    grow, plain = GrowableCache(), DynamicCache()
+
+    def push(n, b=2):
+        k, v = torch.randn(b, 2, n, 8, generator=g), torch.randn(b, 2, n, 8, generator=g)
+        for c in (grow, plain):
+            c.update(k, v, 0)
+
+    def same():
+        assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)
+        assert torch.equal(grow.layers[0].values, plain.layers[0].values)
+
+    push(10)
+    for _ in range(SPARE_TOKENS + 3):  # crosses a reallocation
+        push(1)
+    same()
+    for c in (grow, plain):
+        c.crop(-4)
+    push(2)
+    same()
+    for c in (grow, plain):
+        c.batch_repeat_interleave(3)
+    push(1, b=6)
+    same()
+    idx = torch.tensor([5, 0, 2])
+    for c in (grow, plain):
+        c.batch_select_indices(idx)
+    push(1, b=3)
+    same()
+    clone = copy.deepcopy(grow)
+    k_before = grow.layers[0].keys.clone()
+    clone.update(torch.ones(3, 2, 1, 8), torch.ones(3, 2, 1, 8), 0)
+    assert torch.equal(grow.layers[0].keys, k_before)  # the clone does not write into the original

@@ -8,6 +8,8 @@ Counts use `ceil_count`, which is robust to float noise (0.7 * 100 = 70.00000000
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 CRITERIA = ("recency", "relevancy", "quest")
@@ -45,31 +47,56 @@ def protected_positions(kv_len: int, Ts: int, n_recent: int, device: torch.devic
     return (pos < min(Ts, kv_len)) | (pos >= kv_len - n_recent)
 
 
-def topk_by_threshold(scores: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def topk_by_threshold(scores: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor,
+                      count_choices: Sequence[int] | None = None) -> torch.Tensor:
     """Keep eligible entries scoring >= the count-th largest eligible score along the last dim.
 
     scores/eligible: [..., N]; count: broadcastable to scores.shape[:-1]. Ties at the threshold are all
     kept and at least one entry is kept (the reference's threshold trick).
+
+    `count_choices` (host ints) lists every value `count` can take, which callers know from the action
+    grid. Each row's threshold then comes from one O(N) `kthvalue` selection per distinct choice instead
+    of a full sort. Each choice must not exceed the number of eligible entries per row (callers count
+    from that number, so it holds).
     """
     masked = scores.masked_fill(~eligible, float("-inf"))
-    ordered = masked.sort(dim=-1, descending=True).values
-    n_elig = eligible.sum(-1)
-    idx = torch.minimum(count.expand_as(n_elig), n_elig).clamp(min=1) - 1
-    thr = ordered.gather(-1, idx.unsqueeze(-1))
+    if count_choices is None:
+        ordered = masked.sort(dim=-1, descending=True).values
+        n_elig = eligible.sum(-1)
+        idx = torch.minimum(count.expand_as(n_elig), n_elig).clamp(min=1) - 1
+        thr = ordered.gather(-1, idx.unsqueeze(-1))
+    else:
+        N = masked.shape[-1]
+        thr = torch.full_like(masked[..., :1], float("-inf"))
+        for c in sorted(set(count_choices)):  # one selection per grid level, never per row
+            if c >= N:  # keeps every eligible entry: the -inf threshold already does
+                continue
+            kth = masked.kthvalue(N - max(1, c) + 1, dim=-1, keepdim=True).values
+            thr = torch.where((count == c).expand(masked.shape[:-1]).unsqueeze(-1), kth, thr)
     return eligible & (masked >= thr)
 
 
-def relevancy_keep(logits: torch.Tensor, kappa: torch.Tensor, Ts: int, Tw: int, tier: str = "per_head") -> torch.Tensor:
+def count_choices(levels: Sequence[float] | None, count_fn) -> list[int] | None:
+    """The counts `count_fn` gives for each grid level (host arithmetic on the level list)."""
+    if levels is None:
+        return None
+    return count_fn(torch.tensor(list(levels), dtype=torch.float32)).tolist()
+
+
+def relevancy_keep(logits: torch.Tensor, kappa: torch.Tensor, Ts: int, Tw: int, tier: str = "per_head",
+                   kappa_levels: Sequence[float] | None = None) -> torch.Tensor:
     """[B, H, K] mask from scaled attention logits [B, H, K] of the current query.
 
     Always keeps the first Ts and the last Tw+2 positions (current token plus Tw+1 earlier, as the
     reference); of the rest keeps ceil(κ·eligible) by logit. `per_head` ranks each head's logits;
     `per_layer` ranks the head-averaged logits and shares one selection across the layer's heads.
+    `kappa_levels` (the grid's κ values) enables the fast selection path.
     """
     B, H, K = logits.shape
     always = protected_positions(K, Ts, Tw + 2, logits.device)
     eligible = ~always
-    count = ceil_count(kappa, int(eligible.sum()))  # [B]
+    n_elig = K - len(set(range(min(Ts, K))) | set(range(max(0, K - (Tw + 2)), K)))
+    count = ceil_count(kappa, n_elig)  # [B]
     if tier == "per_layer":
         scores = logits.float().mean(dim=1, keepdim=True)  # [B, 1, K]
     elif tier == "per_head":
@@ -77,7 +104,7 @@ def relevancy_keep(logits: torch.Tensor, kappa: torch.Tensor, Ts: int, Tw: int, 
     else:
         raise ValueError(f"unknown relevancy_tier {tier!r}")
     elig = eligible.expand(scores.shape)
-    keep = topk_by_threshold(scores, elig, count[:, None])
+    keep = topk_by_threshold(scores, elig, count[:, None], count_choices(kappa_levels, lambda v: ceil_count(v, n_elig)))
     return (keep | always).expand(B, H, K)
 
 
@@ -115,6 +142,7 @@ def quest_keep(
     keep_sink_window: bool = False,
     Ts: int = 0,
     Tw: int = 0,
+    kappa_levels: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """[B, Hq, K] mask: the top ceil(ceil(κ·K)/page) pages by Quest bound, pages aligned to position 0.
 
@@ -126,10 +154,13 @@ def quest_keep(
     kmax, kmin = quest_page_bounds(keys, page)
     scores = quest_page_scores(query, kmax, kmin)  # [B, Hq, P]
     n_pages = scores.shape[-1]
-    budget = ceil_count(kappa, K).clamp(1, K)
-    page_budget = torch.ceil(budget.double() / page).long().clamp(max=n_pages)  # [B]
+    def n_keep_pages(frac: torch.Tensor) -> torch.Tensor:
+        budget = ceil_count(frac, K).clamp(1, K)
+        return torch.ceil(budget.double() / page).long().clamp(max=n_pages)
+
     all_pages = torch.ones_like(scores, dtype=torch.bool)
-    keep_pages = topk_by_threshold(scores, all_pages, page_budget[:, None])
+    keep_pages = topk_by_threshold(scores, all_pages, n_keep_pages(kappa)[:, None],
+                                   count_choices(kappa_levels, n_keep_pages))
     keep = keep_pages.repeat_interleave(page, dim=-1)[..., :K]
     if keep_sink_window:
         keep = keep | protected_positions(K, Ts, Tw + 1, keys.device)

@@ -12,6 +12,8 @@ realised usage (keys attended, channels kept) over layers, as tensors, without h
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -50,12 +52,17 @@ class Controls:
         quest_keep_sink_window: bool = False,
         prune_enabled: bool = True,
         quant_enabled: bool = True,
+        keep_levels: Sequence[float] | None = None,
+        prune_levels: Sequence[float] | None = None,
     ) -> None:
+        """`keep_levels` / `prune_levels`: every κ / ρ a row can be given (the action grid's values); they
+        let top-k selections use one O(n) selection per level instead of a sort (see topk_by_threshold)."""
         if criteria not in CRITERIA:
             raise ValueError(f"unknown sparsity_criteria {criteria!r}; expected one of {CRITERIA}")
         self.criteria, self.Ts, self.Tw, self.page_size = criteria, Ts, Tw, page_size
         self.relevancy_tier, self.quest_keep_sink_window = relevancy_tier, quest_keep_sink_window
         self.prune_enabled, self.quant_enabled = prune_enabled, quant_enabled
+        self.keep_levels, self.prune_levels = keep_levels, prune_levels
         self.clear()
 
     def clear(self) -> None:
@@ -78,8 +85,9 @@ class Controls:
         if self.criteria == "recency":
             return self._recency[:, None, :]
         if self.criteria == "relevancy":
-            return relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier)
-        return quest_keep(q, keys, self.kappa, self.page_size, self.quest_keep_sink_window, self.Ts, self.Tw)
+            return relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier, self.keep_levels)
+        return quest_keep(q, keys, self.kappa, self.page_size, self.quest_keep_sink_window, self.Ts, self.Tw,
+                          self.keep_levels)
 
     def sparse_decode_attention(self, query, key, value, attention_mask, scaling):
         B, Hq, _, D = query.shape
@@ -100,7 +108,7 @@ class Controls:
     def mlp_pre_hook(self, module: nn.Module, args):
         if not (self.active and self.prune_enabled):
             return None
-        x, kept = prune_channels(args[0], self.rho)
+        x, kept = prune_channels(args[0], self.rho, self.prune_levels)
         self.channel_sum += kept
         return (x,) + tuple(args[1:])
 

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from utils.actions import DENSE_BITS, ActionSpace
 from utils.attention import is_effective
 from utils.controls import Controls, install_controls
+from utils.kv_cache import GrowableCache
 
 # transformers 5.x renamed past_key_values -> cache (the old name still works with a warning until 5.40).
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -53,7 +54,8 @@ class ControlledLM:
         self.Ts, self.Tw = Ts, Tw
         self.controls = install_controls(model, Controls(
             criteria, Ts, Tw, page_size, relevancy_tier, quest_keep_sink_window,
-            prune_enabled=actions.has_prune, quant_enabled=actions.has_quant))
+            prune_enabled=actions.has_prune, quant_enabled=actions.has_quant,
+            keep_levels=actions.keep_values + (1.0,), prune_levels=actions.prune_values + (1.0,)))
         c = model.config
         self.n_layers, self.hidden_size, self.vocab_size = c.num_hidden_layers, c.hidden_size, c.vocab_size
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -88,7 +90,7 @@ class ControlledLM:
         """
         self.controls.clear()
         if cache is None:
-            cache = DynamicCache(config=self.model.config)
+            cache = GrowableCache()
         return self._forward(input_ids, cache)
 
     def prefill(self, input_ids: torch.Tensor, cache: DynamicCache | None = None,

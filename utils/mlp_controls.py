@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import torch
 
-from utils.attention import ceil_count
+from collections.abc import Sequence
+
+from utils.attention import ceil_count, count_choices, topk_by_threshold
 
 
-def prune_channels(x: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_channels(x: torch.Tensor, rho: torch.Tensor,
+                   rho_levels: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero all but the ceil(ρ·D) channels of largest |x| in each row of x [B, T, D].
 
     Channels are ranked by the max |activation| over the T tokens of the call (so a multi-token call
-    shares one channel set), ties at the threshold are kept. Returns (pruned x, kept channel count [B]).
+    shares one channel set), ties at the threshold are kept. `rho_levels` (the grid's ρ values) enables
+    the fast selection path. Returns (pruned x, kept channel count [B]).
     """
     D = x.shape[-1]
     score = x.detach().abs().amax(dim=1).float()  # [B, D]
-    count = ceil_count(rho, D).clamp(1, D)  # [B]
-    ordered = score.sort(dim=-1, descending=True).values
-    thr = ordered.gather(-1, (count - 1).unsqueeze(-1))
-    keep = score >= thr  # [B, D]
+
+    def n_keep(frac: torch.Tensor) -> torch.Tensor:
+        return ceil_count(frac, D).clamp(1, D)
+
+    everything = torch.ones_like(score, dtype=torch.bool)
+    keep = topk_by_threshold(score, everything, n_keep(rho), count_choices(rho_levels, n_keep))  # [B, D]
     return x * keep.unsqueeze(1).to(x.dtype), keep.sum(-1)
 
 

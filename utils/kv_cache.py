@@ -1,0 +1,61 @@
+"""A KV cache that appends decode steps into preallocated buffers instead of `torch.cat`-ing every step.
+
+transformers' `DynamicLayer` concatenates the whole cache at every decode step; on a CPU that means
+allocating and copying ~B·L·H·D floats per layer per token, which was the largest single cost of a
+batched decode step here (and of page faults for the freshly allocated memory). `GrowableLayer` keeps a
+buffer with spare capacity and exposes `keys`/`values` as views of its filled part, so an append is one
+small copy. Everything else (crop, batch_repeat_interleave, batch_select_indices, deepcopy) is inherited:
+those replace `keys`/`values` with other tensors, and the next `update` notices and adopts them.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+SPARE_TOKENS = 64  # capacity added whenever a buffer is (re)allocated
+
+
+class GrowableLayer(DynamicLayer):
+    """DynamicLayer with amortised O(new tokens) appends."""
+
+    def _owns(self) -> bool:
+        """True if keys/values are still views of this layer's buffers (not replaced by crop/select/...)."""
+        kb = getattr(self, "_kbuf", None)
+        return (kb is not None and self.keys.data_ptr() == kb.data_ptr() and self.keys.shape[0] == kb.shape[0]
+                and self.values.data_ptr() == self._vbuf.data_ptr())
+
+    def _adopt(self, extra: int) -> None:
+        """Copy the current keys/values into fresh buffers with room for `extra` more tokens."""
+        B, H, L, D = self.keys.shape
+        cap = L + max(extra, SPARE_TOKENS)
+        self._kbuf = self.keys.new_empty(B, H, cap, D)
+        self._vbuf = self.values.new_empty(B, H, cap, self.values.shape[-1])
+        self._kbuf[:, :, :L] = self.keys
+        self._vbuf[:, :, :L] = self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            self._adopt(0)
+            new_len = key_states.shape[-2]
+        else:
+            L, n = self.keys.shape[-2], key_states.shape[-2]
+            stale = not self._owns() or L + n > self._kbuf.shape[-2]
+            if stale or (self._kbuf.is_inference() and not torch.is_inference_mode_enabled()):
+                self._adopt(n)
+            self._kbuf[:, :, L: L + n] = key_states
+            self._vbuf[:, :, L: L + n] = value_states
+            new_len = L + n
+        self.keys = self._kbuf[:, :, :new_len]
+        self.values = self._vbuf[:, :, :new_len]
+        return self.keys, self.values
+
+
+class GrowableCache(DynamicCache):
+    """A DynamicCache whose layers are GrowableLayer (full attention only, as in Llama)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = GrowableLayer
