@@ -359,3 +359,14 @@ def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fr
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
     assert not out.exists()
+
+
+def test_dev_eval_logs_learning_curve(tmp_path, block_cache):
+    """eval_every_updates > 0 logs the dev-split policy/fixed/dense PPL and achieved usage at those updates."""
+    run = run_main(tmp_path / "dev", block_cache, updates=4, sets=("eval_every_updates=2",))
+    dev = [r for r in read_metrics(run) if "dev/policy_ppl" in r]
+    assert [r["update"] for r in dev] == [2, 4]
+    for r in dev:
+        assert r["dev/dense_ppl"] > 1 and r["dev/fixed_ppl"] > 1
+        assert abs(r["dev/ppl_gap_policy_minus_fixed"] - (r["dev/policy_ppl"] - r["dev/fixed_ppl"])) < 1e-6
+        assert 0 < r["dev/achieved_tok"] <= 1 and r["dev/target_tok"] == 0.5

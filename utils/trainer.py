@@ -130,6 +130,7 @@ class GRPOTrainer:
         self.lm = ControlledLM.from_config(cfg, model, tok)
         self.actions = self.lm.actions
         self.blocks = load_blocks(cfg, tok, "train")
+        self.dev_blocks = load_blocks(cfg, tok, "dev") if cfg.eval_every_updates > 0 else None
         self.sampler = BlockSampler(len(self.blocks), cfg.batch_size, cfg.seed, self.dist.rank,
                                     self.dist.world_size, cfg.epochs, cfg.train_fraction)
         H = model.config.hidden_size
@@ -229,6 +230,33 @@ class GRPOTrainer:
                              actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
         return batch, episode_metrics(ep, r_task, penalty, self.actions.tags)
 
+    def dev_eval(self) -> dict[str, float]:
+        """Policy (argmax) on the dev split at the default targets vs dense and the fixed baseline matched to
+        the policy's realised usage: the learning-curve numbers (dev PPL gap to fixed, budget adherence)."""
+        from utils.baselines import FixedScheduler
+        from utils.evaluation import evaluate_matched
+        from utils.schedulers import DenseScheduler
+
+        cfg = self.cfg
+        targets = (cfg.C_target, cfg.C_target_prune, cfg.C_target_quant_bits / 16)
+        n = min(len(self.dev_blocks), cfg.dev_eval_blocks)
+        bs = min(n, 16)
+        self.policy.eval()
+        try:
+            res, matched = evaluate_matched(
+                self.lm, self.dev_blocks[:n], bs, n // bs,
+                {"policy": PolicyScheduler(self.policy, 1.0, greedy=True), "dense": DenseScheduler()},
+                lambda t: {"fixed": FixedScheduler(t)}, targets, context_len=cfg.context_len)
+        finally:
+            self.policy.train()
+        pol, fix, den = res["policy"], res["fixed"], res["dense"]
+        out = {"dev/policy_ppl": pol.ppl, "dev/fixed_ppl": fix.ppl, "dev/dense_ppl": den.ppl,
+               "dev/ppl_gap_policy_minus_fixed": pol.ppl - fix.ppl, "dev/policy_flops_ratio": pol.flops_ratio}
+        for i, ax in enumerate(("tok", "prune", "qratio")):
+            out[f"dev/target_{ax}"] = targets[i]
+            out[f"dev/achieved_{ax}"] = matched[i]
+        return out
+
     def train(self) -> Path | None:
         cfg, is_main = self.cfg, self.dist.is_main
         logger = MetricsLogger(self.run_dir, self.total_updates, is_main, self.args.wandb_project,
@@ -252,6 +280,9 @@ class GRPOTrainer:
                 logger.progress(self.updater.num_updates - before, reward=m["reward/total_mean"],
                                 gap_tok=m["budgets/abs_gap_tok"], gap_prune=m["budgets/abs_gap_prune"],
                                 gap_q=m["budgets/abs_gap_qratio"])
+                every = cfg.eval_every_updates
+                if every > 0 and is_main and before // every != self.updater.num_updates // every:
+                    logger.log(self.dev_eval(), self.updater.num_updates)
                 crossed = before // self.save_stride != self.updater.num_updates // self.save_stride
                 if crossed or self.updater.num_updates >= self.total_updates:
                     self.save()
