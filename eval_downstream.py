@@ -34,21 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A bad command-line value (one-line message)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+from utils.cli import OneLineErrorParser, UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from utils.runtime import add_policy_args
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_policy_args(p)
     p.add_argument("--tasks", default="hellaswag_local",
                    help="comma-separated task names: tasks/ configs (hellaswag_local, tiny_mc_local) or lm-eval's own")

@@ -17,13 +17,11 @@ import os
 import sys
 import time
 
-
-class UsageError(ValueError):
-    """A bad command-line value (one-line message)."""
+from utils.cli import OneLineErrorParser, UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", required=True, help="training run directory holding policy_*.pt")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_{mode}.pt)")
     p.add_argument("--dataset_name", help="data source (default: the checkpoint config's, i.e. shipped WikiText-2)")

@@ -16,21 +16,13 @@ import argparse
 import random
 import sys
 
-
-class UsageError(ValueError):
-    """A bad command-line value (one-line message)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+from utils.cli import OneLineErrorParser, UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from utils.runtime import add_policy_args
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_policy_args(p)
     p.add_argument("--input_sentence", default="The quick brown fox jumps over the lazy dog. Once upon a time,",
                    help="the prompt (plain text, no chat template)")

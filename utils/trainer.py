@@ -5,7 +5,6 @@ episode engine, turn log-likelihoods and budget misses into group-relative advan
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 import shutil

@@ -1,0 +1,17 @@
+"""Shared command-line plumbing of the top-level scripts: one-line errors, never a traceback for bad input."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UsageError(ValueError):
+    """A bad command-line value (one-line message)."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a single `error: ...` line and exits with code 2."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
