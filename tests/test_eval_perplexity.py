@@ -215,3 +215,23 @@ def test_plots_write_pngs(tmp_path, capsys):
 def test_pareto_front():
     pts = [(0.5, 30.0), (0.6, 25.0), (0.6, 24.0), (0.7, 26.0), (0.8, 20.0), (0.4, 40.0)]
     assert plots.pareto_front(pts) == [5, 0, 2, 4]
+
+
+def test_learning_curve_plot_from_metrics(tmp_path):
+    import json
+
+    from utils.plots import main as plots_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for u in range(1, 41):
+            rec = {"update": u, "reward/total_mean": -10 + u / 10}
+            rec.update({f"budgets/abs_gap_{a}": 0.2 / u for a in ("tok", "prune", "qratio")})
+            f.write(json.dumps(rec) + "\n")
+            if u % 10 == 0:
+                f.write(json.dumps({"update": u, "dev/policy_ppl": 20.0, "dev/fixed_ppl": 21.0}) + "\n")
+    out = tmp_path / "curve.png"
+    assert plots_main(["curve", str(run), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    assert plots_main(["curve", str(tmp_path / "missing"), "--out", str(out)]) == 2

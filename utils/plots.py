@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -172,17 +174,65 @@ def plot_adherence(rows: list[dict[str, str]], out: str | Path, title: str | Non
     return out
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a training run's metrics.jsonl."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.is_file():
+        raise PlotError(f"metrics file not found: {path}")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _smooth(y: np.ndarray, w: int) -> np.ndarray:
+    if len(y) < w or w <= 1:
+        return y
+    return np.convolve(y, np.ones(w) / w, mode="valid")
+
+
+def plot_curve(records: list[dict], out: str | Path, title: str | None = None, window: int = 20) -> Path:
+    """Learning curve of a run: total reward, |budget gap| per axis, and the dev-split PPL gap to fixed."""
+    batches = [r for r in records if "reward/total_mean" in r]
+    dev = [r for r in records if "dev/policy_ppl" in r]
+    if not batches:
+        raise PlotError("no training records (reward/total_mean) in the metrics file")
+    x = np.array([r["update"] for r in batches], dtype=float)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    y = np.array([r["reward/total_mean"] for r in batches])
+    axes[0].plot(x[window - 1:] if len(y) >= window else x, _smooth(y, window))
+    axes[0].set(xlabel="update", ylabel=f"reward (moving mean of {window} batches)", title="reward")
+    for ax_name, color in (("tok", "C0"), ("prune", "C1"), ("qratio", "C2")):
+        g = np.array([r[f"budgets/abs_gap_{ax_name}"] for r in batches])
+        axes[1].plot(x[window - 1:] if len(g) >= window else x, _smooth(g, window), color=color, label=ax_name)
+    axes[1].axhline(0.03, color="grey", ls="--", lw=1, label="0.03")
+    axes[1].set(xlabel="update", ylabel="|achieved − requested| (episode mean)", title="budget gap per axis")
+    axes[1].legend()
+    if dev:
+        xd = [r["update"] for r in dev]
+        axes[2].plot(xd, [r["dev/policy_ppl"] - r["dev/fixed_ppl"] for r in dev], marker="o")
+        axes[2].axhline(0, color="grey", lw=1)
+    axes[2].set(xlabel="update", ylabel="dev PPL: policy − fixed (matched usage)", title="dev-split quality gap")
+    fig.suptitle(title or "training curve")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m utils.plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("pareto", "adherence"), help="which figure")
-    p.add_argument("csv", help="CSV written by eval_perplexity.py")
+    p.add_argument("kind", choices=("pareto", "adherence", "curve"), help="which figure")
+    p.add_argument("csv", help="CSV written by eval_perplexity.py (curve: a run directory or its metrics.jsonl)")
     p.add_argument("--out", required=True, help="output image (.png, .pdf, .svg)")
     p.add_argument("--title", help="figure title")
     a = p.parse_args(argv)
     try:
-        rows = read_rows(a.csv)
-        out = (plot_pareto if a.kind == "pareto" else plot_adherence)(rows, a.out, a.title)
+        if a.kind == "curve":
+            out = plot_curve(read_metrics(a.csv), a.out, a.title)
+        else:
+            rows = read_rows(a.csv)
+            out = (plot_pareto if a.kind == "pareto" else plot_adherence)(rows, a.out, a.title)
     except (PlotError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
