@@ -68,11 +68,11 @@ class Episode:
 
     def usage_means(self) -> torch.Tensor:
         """[N, 3] nominal (κ, ρ/P_MAX, bits/16) averaged over effective steps (dense if none)."""
-        eff = self.effective.float()[:, None]
-        n = eff.sum().clamp(min=1)
-        cols = [(self.usage[k] * eff).sum(0) / n if eff.sum() > 0 else torch.ones_like(self.usage[k][0])
-                for k in ("keep", "prune", "qratio")]
-        return torch.stack(cols, dim=-1)
+        usage = torch.stack([self.usage[k] for k in ("keep", "prune", "qratio")], dim=-1)  # [T, N, 3]
+        if not bool(self.effective.any()):
+            return torch.ones_like(usage[0])
+        eff = self.effective.to(usage.device, usage.dtype)[:, None, None]
+        return (usage * eff).sum(0) / eff.sum()
 
     @property
     def nll(self) -> torch.Tensor:
