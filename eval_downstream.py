@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from utils.cli import OneLineErrorParser, UsageError
+from utils.cli import OneLineErrorParser, UsageError, need
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,12 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_args(a: argparse.Namespace) -> list[str]:
     from utils.runtime import check_policy_args
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise UsageError(msg)
-
     check_policy_args(a)
-    need(a.mode == "latest" or a.mode.isdigit(), f"--mode must be latest or an update number, got {a.mode!r}")
     need(a.batch_size >= 1, f"--batch_size must be >= 1, got {a.batch_size}")
     need(a.num_fewshot >= 0, f"--num_fewshot must be >= 0, got {a.num_fewshot}")
     need(a.max_gen_toks >= 1, f"--max_gen_toks must be >= 1, got {a.max_gen_toks}")

@@ -16,7 +16,7 @@ import argparse
 import random
 import sys
 
-from utils.cli import OneLineErrorParser, UsageError
+from utils.cli import OneLineErrorParser, UsageError, need
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,12 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_args(a: argparse.Namespace) -> None:
     from utils.runtime import check_policy_args
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise UsageError(msg)
-
     check_policy_args(a)
-    need(a.mode == "latest" or a.mode.isdigit(), f"--mode must be latest or an update number, got {a.mode!r}")
     need(a.generation_tokens >= 1, f"--generation_tokens must be >= 1, got {a.generation_tokens}")
     need(a.temperature >= 0, f"--temperature must be >= 0, got {a.temperature}")
     need(0 < a.top_p <= 1, f"--top_p must be in (0, 1], got {a.top_p}")

@@ -15,3 +15,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def need(ok: bool, msg: str) -> None:
+    """Raise UsageError(msg) unless ok: argument checks read as a list of requirements."""
+    if not ok:
+        raise UsageError(msg)

@@ -441,6 +441,8 @@ def check_policy_args(args) -> None:
         raise RuntimeInputError(f"--tgt_quant_bits must be in (0, {MAX_BITS}], got {args.tgt_quant_bits}")
     if args.episode_len is not None and args.episode_len < 1:
         raise RuntimeInputError(f"--episode_len must be >= 1, got {args.episode_len}")
+    if not (args.mode == "latest" or str(args.mode).isdigit()):
+        raise RuntimeInputError(f"--mode must be latest or an update number, got {args.mode!r}")
     if args.policy_temperature <= 0:
         raise RuntimeInputError(f"--policy_temperature must be > 0, got {args.policy_temperature}")
     if not Path(args.ckpt_dir).is_dir():
