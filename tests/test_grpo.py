@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty,
                         group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards,
-                        task_reward, whiten)
+                        step_budget_costs, task_reward, whiten)
 
 
 def close(a, b, tol=1e-5):
@@ -311,3 +311,47 @@ def test_state_dict_round_trip_is_exact():
     assert up2.num_updates == up.num_updates
     for a, b in zip(final_a, pol2.parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# budget_credit: step
+# ---------------------------------------------------------------------------------------------------
+
+def test_step_costs_are_the_marginal_price_of_the_episode_penalty():
+    """K=1: Σ_t c_t ∂-matches autograd: c_t = (∂(T·P)/∂u_t)·(u_t − b), with P the reference's squared dead zone."""
+    g = torch.Generator().manual_seed(0)
+    T, N = 6, 4
+    usage = torch.rand(T, N, 3, generator=g)
+    targets = torch.rand(N, 3, generator=g)
+    eff = torch.tensor([False, True, True, True, True, True])
+    alphas, tol = (3.0, 5.0, 7.0), 0.02
+    u = usage.clone().requires_grad_(True)
+    mean = u[eff].mean(0)
+    T_eff = int(eff.sum())
+    (T_eff * budget_penalty(mean, targets, alphas, tol)).sum().backward()
+    expected = (u.grad * (usage - targets[None])).sum(-1)
+    close(step_budget_costs(usage, targets, eff, alphas, tol, group_size=1), expected)
+    assert torch.all(step_budget_costs(usage, targets, eff, alphas, tol, 1)[0] == 0)  # warm-up step pays nothing
+
+
+def test_step_costs_zero_inside_dead_zone_and_only_own_step_counts_within_a_group():
+    T, K = 4, 3
+    targets = torch.full((K, 3), 0.5)
+    inside = torch.full((T, K, 3), 0.51)
+    assert torch.all(step_budget_costs(inside, targets, torch.ones(T, dtype=torch.bool), (1, 1, 1), 0.02, K) == 0)
+    # group over budget on the token axis; rows differ at step 2 only, and elsewhere by a shuffle of the same
+    usage = torch.full((T, K, 3), 0.5)
+    usage[:, :, 0] = 0.8
+    usage[2, 1, 0] = 1.0
+    usage[0, 2, 0], usage[1, 2, 0] = 0.7, 0.9  # row 2: other steps differ, its own step 2 equals row 0's
+    c = step_budget_costs(usage, targets, torch.ones(T, dtype=torch.bool), (10.0, 10.0, 10.0), 0.02, K)
+    A = group_advantages(-c, K, "process", "center")
+    assert A[2, 1] < A[2, 0] and torch.isclose(A[2, 0], A[2, 2])  # only the step's own usage sets its credit
+    assert torch.all(c[:, :] >= 0)
+
+
+def test_grpo_advantages_accepts_step_costs():
+    cfg = make_cfg(reward_agg=None, adv_whiten_global=False)
+    r = torch.tensor([[1.0, 2.0], [3.0, 1.0]])
+    c = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
+    close(grpo_advantages(r, c, cfg, 2), group_advantages(r - c, 2, "process", "center"))

@@ -361,6 +361,13 @@ def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fr
     assert not out.exists()
 
 
+def test_step_budget_credit_trains(tmp_path, block_cache):
+    """budget_credit=step runs end to end and changes the policy (its advantages are not all zero)."""
+    run = run_main(tmp_path / "step", block_cache, updates=2, sets=("budget_credit=step", "alpha_tok=50"))
+    ckpt = load_ckpt(run / "policy_latest.pt")
+    assert ckpt["update_step"] == 2 and checkpoint_config(ckpt).budget_credit == "step"
+
+
 def test_dev_eval_logs_learning_curve(tmp_path, block_cache):
     """eval_every_updates > 0 logs the dev-split policy/fixed/dense PPL and achieved usage at those updates."""
     run = run_main(tmp_path / "dev", block_cache, updates=4, sets=("eval_every_updates=2",))

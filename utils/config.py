@@ -87,6 +87,9 @@ class Config:
     alpha_prune: Optional[float] = _f(None, "penalty weight, prune axis (default alpha_tok)")
     alpha_quant: Optional[float] = _f(None, "penalty weight, quant axis (default alpha_prune)")
     budget_tolerance: float = _f(0.02, "ours: dead zone of the squared budget penalty (reference hard-codes 0.02)")
+    budget_credit: str = _f("episode", "ours: how the budget penalty reaches each step's advantage: episode (the "
+                            "reference: every step of a rollout pays its whole-episode penalty) or step (each step "
+                            "pays its own usage at the marginal price of its group's penalty; lower variance)")
     task_w_kl: float = _f(0.0, "reward = (1-w) log p(y) - w KL(dense || sparse)")
     reward_agg: Optional[str] = _f(None, "null (immediate), sum (discounted return) or max")
     reward_gamma: float = _f(0.82, "discount of reward_agg (1.0 disables aggregation, as the reference)")
@@ -349,7 +352,7 @@ def describe_fields() -> str:
 _CHOICES = {
     "sparsity_criteria": ("recency", "relevancy", "quest"), "relevancy_tier": ("per_head", "per_layer"),
     "dtype": ("float32", "bfloat16", "float16"), "reward_agg": (None, "sum", "max"),
-    "grpo_level": ("process", "outcome"), "grpo_norm": ("center", "zscore"),
+    "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step"), "grpo_norm": ("center", "zscore"),
 }
 # (fields, description, predicate); a null Optional value skips its rule.
 _RANGES = [

@@ -94,14 +94,36 @@ def budget_penalty(usage_mean: Tensor, targets: Tensor, alphas: tuple[float, flo
     return (phi * a).sum(dim=-1)
 
 
+def step_budget_costs(usage: Tensor, targets: Tensor, effective: Tensor, alphas: tuple[float, float, float],
+                      tolerance: float, group_size: int) -> Tensor:
+    """Per-step budget costs `[T, N]` for `budget_credit: step` (ours, not in the reference).
+
+    The reference charges every step of a rollout its whole-episode penalty, so a step's advantage carries
+    the noise of all the other steps' actions. Here each step pays for its own usage at the marginal price
+    of the penalty: c_t = Σ_axis λ_axis·(u_t − b), with λ = dP/dū = 2α·max(|ḡ| − tol, 0)·sign(ḡ), ḡ the mean
+    gap of the rollout's group (its input's K rollouts), held constant. Summed over the steps this is the
+    gradient of T·P, the reference's total charge, so the two options share a scale. Inside the dead
+    zone the price is 0 and only the task reward speaks. `usage` `[T, N, 3]`, `targets` `[N, 3]`.
+    """
+    T, N, _ = usage.shape
+    K = int(group_size)
+    eff = effective.to(usage.device, usage.dtype)[:, None, None]
+    n_eff = eff.sum().clamp_min(1.0)
+    gap = (usage * eff).sum(0) / n_eff - targets  # [N, 3]
+    g = gap.reshape(N // K, K, 3).mean(dim=1, keepdim=True).expand(N // K, K, 3).reshape(N, 3)
+    a = torch.as_tensor(alphas, dtype=usage.dtype, device=usage.device)
+    price = 2.0 * a * (g.abs() - float(tolerance)).clamp_min(0.0) * g.sign()  # [N, 3]
+    return ((usage - targets[None]) * eff * price[None]).sum(dim=-1)
+
+
 def shaped_rewards(x: Tensor, penalty: Tensor, level: str) -> Tensor:
-    """Subtract the per-rollout penalty at every step.
+    """Subtract the penalty: a per-rollout `[N]` one at every step, or per-step costs `[T, N]` as they are.
 
     process: R_t = x_t − penalty. outcome: X = Σ_t (x_t − penalty) per rollout, broadcast over t. The
     reference's outcome score is Σ_t R_t where x_t = G_0 at every t when aggregation is on (so X = T·(G_0 −
     penalty)) and x_t = r_t when it is off; `grpo_advantages` builds that x for you.
     """
-    R = x - penalty.unsqueeze(0)
+    R = x - (penalty.unsqueeze(0) if penalty.dim() == 1 else penalty)
     if level == "process":
         return R
     if level == "outcome":
@@ -144,7 +166,10 @@ def whiten(A: Tensor) -> Tensor:
 
 
 def grpo_advantages(r_task: Tensor, penalty: Tensor, cfg: Any, group_size: int) -> Tensor:
-    """Reference pipeline, reward → advantage: returns, outcome x = G_0, penalty, group norm, optional whitening."""
+    """Reference pipeline, reward → advantage: returns, outcome x = G_0, penalty, group norm, optional whitening.
+
+    `penalty` is the per-rollout episode penalty `[N]` (the reference) or per-step costs `[T, N]`
+    (`step_budget_costs`); either is subtracted after the return aggregation, never discounted."""
     x = aggregate_returns(r_task, cfg.reward_agg, cfg.reward_gamma)
     aggregated = cfg.reward_agg is not None and 0.0 <= float(cfg.reward_gamma) < 1.0
     if cfg.grpo_level == "outcome" and aggregated:

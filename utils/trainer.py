@@ -22,7 +22,8 @@ from utils.config import Config, config_to_dict, default_device, resolved_alphas
 from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from utils.engine import Episode, run_episode
-from utils.grpo import GRPOUpdater, RolloutBatch, budget_gaps, budget_penalty, grpo_advantages, sample_budgets, task_reward
+from utils.grpo import (GRPOUpdater, RolloutBatch, budget_gaps, budget_penalty, grpo_advantages, sample_budgets,
+                        step_budget_costs, task_reward)
 from utils.lm import ControlledLM
 from utils.metrics import MetricsLogger
 from utils.model import load_lm
@@ -223,7 +224,12 @@ class GRPOTrainer:
                          need_kl=cfg.task_w_kl > 0)
         r_task = task_reward(ep.logp, ep.kl, cfg.task_w_kl)
         penalty = budget_penalty(ep.usage_means(), ep.budgets, self.alphas, cfg.budget_tolerance)
-        adv = grpo_advantages(r_task, penalty, cfg, cfg.grpo_rollouts_per_input)
+        charge = penalty
+        if cfg.budget_credit == "step":
+            usage = torch.stack([ep.usage[k] for k in ("keep", "prune", "qratio")], dim=-1)
+            charge = step_budget_costs(usage, ep.budgets, ep.effective, self.alphas, cfg.budget_tolerance,
+                                       cfg.grpo_rollouts_per_input)
+        adv = grpo_advantages(r_task, charge, cfg, cfg.grpo_rollouts_per_input)
         tr = sched.rollout_tensors()
         batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
                              actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
