@@ -21,7 +21,9 @@ SAMPLES=${SAMPLES:-0}                           # >0: a random subset of that ma
 PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}                                # more eval_perplexity.py flags, e.g. "--device cpu"
 
-# target grid (the reference sweeps kappa 0.15..0.95, rho 0.4..1.0, bits 5..13: 567 points)
+# target grid (the reference sweeps kappa 0.15..0.95, rho 0.4..1.0, bits 5..13: 567 points), or an explicit
+# list of points that replaces the grid, e.g. POINTS="0.2,0.5,5 0.5,0.7,8 0.8,0.9,12" (keep,prune_keep,bits)
+POINTS=${POINTS:-}
 KEEPS=${KEEPS:-"0.2 0.4 0.6 0.8 1.0"}
 PRUNES=${PRUNES:-"0.5 0.7 0.85 1.0"}
 BITS=${BITS:-"4 6 8 16"}
@@ -32,7 +34,18 @@ if [[ ! -d "$CKPT_DIR" ]]; then
 fi
 
 points=()
-for k in $KEEPS; do for p in $PRUNES; do for b in $BITS; do points+=("$k $p $b"); done; done; done
+if [[ -n "$POINTS" ]]; then
+  for pt in $POINTS; do
+    IFS=, read -r k p b <<<"$pt"
+    if [[ -z "$k" || -z "$p" || -z "$b" ]]; then
+      echo "error: POINTS entry '$pt' is not keep,prune_keep,bits" >&2
+      exit 2
+    fi
+    points+=("$k $p $b")
+  done
+else
+  for k in $KEEPS; do for p in $PRUNES; do for b in $BITS; do points+=("$k $p $b"); done; done; done
+fi
 if (( SAMPLES > 0 )); then  # Fisher-Yates with a fixed seed, as the reference
   RANDOM=12345
   for (( i=${#points[@]}-1; i>0; i-- )); do

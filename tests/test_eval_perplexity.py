@@ -212,6 +212,21 @@ def test_plots_write_pngs(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: CSV not found")
 
 
+def test_results_table_rows_and_gap(tmp_path, capsys):
+    """One Markdown row per CSV row, sorted by requested keep; max gap = the worst |achieved − requested| axis."""
+    csv_path = tmp_path / "r.csv"
+    _write_csv(csv_path, n=3)
+    assert plots.main(["table", str(csv_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 3 and all(l.count("|") == lines[0].count("|") for l in lines)
+    rows = plots.read_rows(csv_path)
+    keeps = sorted(float(r["target_keep"]) for r in rows)
+    assert [float(l.split("|")[1].split("/")[0]) for l in lines[2:]] == pytest.approx(keeps, abs=1e-5)
+    assert all(l.rstrip(" |").endswith("0.020") for l in lines[2:])  # policy_keep = target + 0.02 is the worst
+    with pytest.raises(SystemExit):
+        plots.main(["pareto", str(csv_path)])  # figures need --out
+
+
 def test_pareto_front():
     pts = [(0.5, 30.0), (0.6, 25.0), (0.6, 24.0), (0.7, 26.0), (0.8, 20.0), (0.4, 40.0)]
     assert plots.pareto_front(pts) == [5, 0, 2, 4]

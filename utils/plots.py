@@ -8,6 +8,7 @@
   PPL is lower than that of every cheaper point) is drawn as a line; dominated points are faded.
 * `adherence`: per axis, the requested target against the policy's achieved (nominal) usage, with the
   identity line and a ±0.03 band.
+* `table`: the CSV as a Markdown table (one row per point), for the README; `--out` optional (stdout).
 """
 from __future__ import annotations
 
@@ -219,16 +220,52 @@ def plot_curve(records: list[dict], out: str | Path, title: str | None = None, w
     return Path(out)
 
 
+def _cell(row: dict[str, str], col: str, fmt: str = "{:.2f}") -> str:
+    v = _num(row.get(col))
+    return "–" if v is None else fmt.format(v)
+
+
+def results_table(rows: list[dict[str, str]]) -> str:
+    """Markdown table: requested point, the policy's realised usage and FLOPs, every method's PPL, the
+    policy − fixed per-token NLL difference with its bootstrap 95% interval, and the worst adherence gap."""
+    head = ("| requested κ / ρ / bits | realised κ / ρ / bits | FLOPs vs dense | dense | **policy** | fixed "
+            "| random best (mean, N) | EMC | DAC | ΔNLL policy − fixed [95% CI] | max gap |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: (_num(r.get("target_keep")) or 0.0, _num(r.get("target_prune_keep")) or 0.0)):
+        tk, tp, tb = (_num(r.get(c)) for c in ("target_keep", "target_prune_keep", "target_quant_bits"))
+        k, p, q = (_num(r.get(f"policy_{c}")) for c in ("keep", "prune_keep", "quant_ratio"))
+        gaps = [abs(a - b) for a, b in ((k, tk), (p, tp), (q, None if tb is None else tb / 16.0))
+                if a is not None and b is not None]
+        n_trials = len([t for t in (r.get("random_ppl_trials") or "").split("|") if t])
+        rand = (f"{_cell(r, 'random_ppl_best')} ({_cell(r, 'random_ppl_mean')}, {n_trials})" if n_trials else "–")
+        lines.append(
+            f"| {tk:g} / {tp:g} / {tb:g} | {k:.3f} / {p:.3f} / {16 * q:.2f} | {_cell(r, 'policy_flops_ratio', '{:.3f}')} "
+            f"| {_cell(r, 'dense_ppl')} | **{_cell(r, 'policy_ppl')}** | {_cell(r, 'fixed_ppl')} | {rand} "
+            f"| {_cell(r, 'emc_ppl')} | {_cell(r, 'dac_ppl')} "
+            f"| {_cell(r, 'delta_nll_mean', '{:+.4f}')} [{_cell(r, 'delta_nll_lo', '{:+.4f}')}, "
+            f"{_cell(r, 'delta_nll_hi', '{:+.4f}')}] | {max(gaps) if gaps else float('nan'):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m utils.plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("pareto", "adherence", "curve"), help="which figure")
+    p.add_argument("kind", choices=("pareto", "adherence", "curve", "table"), help="which figure (or table)")
     p.add_argument("csv", help="CSV written by eval_perplexity.py (curve: a run directory or its metrics.jsonl)")
-    p.add_argument("--out", required=True, help="output image (.png, .pdf, .svg)")
+    p.add_argument("--out", help="output image (.png, .pdf, .svg); for table a .md file (default stdout)")
     p.add_argument("--title", help="figure title")
     a = p.parse_args(argv)
+    if a.kind != "table" and not a.out:
+        p.error("--out is required for figures")
     try:
-        if a.kind == "curve":
+        if a.kind == "table":
+            text = results_table(read_rows(a.csv))
+            if not a.out:
+                sys.stdout.write(text)
+                return 0
+            Path(a.out).write_text(text)
+            out = Path(a.out)
+        elif a.kind == "curve":
             out = plot_curve(read_metrics(a.csv), a.out, a.title)
         else:
             rows = read_rows(a.csv)
