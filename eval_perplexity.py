@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quant_bias", type=float,
                    help="policy logit bias against high bits (default: cfg eval_quant_bias, 0)")
     p.add_argument("--policy_temperature", type=float, default=0.6, help="policy logit temperature (reference 0.6)")
+    p.add_argument("--stochastic_policy", action="store_true",
+                   help="sample the policy's actions at --policy_temperature (seeded by --seed) instead of argmax")
     p.add_argument("--do_emc_and_driftaware", action="store_true",
                    help="also run the entropy (EMC) and hidden-drift (DAC) heuristic controllers")
     p.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal strength (default 0.35)")
@@ -82,6 +84,7 @@ def _line(name: str, r) -> str:
 
 
 def run(a: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from utils.baselines import DACScheduler, EMCScheduler, FixedScheduler, RandomScheduler
@@ -130,8 +133,9 @@ def run(a: argparse.Namespace) -> int:
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
 
-    policy_sched = PolicyScheduler(policy, temperature=a.policy_temperature, greedy=True, biases=biases,
-                                   actions=lm.actions)
+    gen = torch.Generator(device=lm.device).manual_seed(a.seed) if a.stochastic_policy else None
+    policy_sched = PolicyScheduler(policy, temperature=a.policy_temperature, greedy=not a.stochastic_policy,
+                                   generator=gen, biases=biases, actions=lm.actions)
     try:
         res, targets = evaluate_matched(
             lm, blocks, a.batch_size, n_batches, {"policy": policy_sched, "dense": DenseScheduler()}, baselines,

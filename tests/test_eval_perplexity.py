@@ -149,6 +149,20 @@ def test_cli_end_to_end_appends_rows_with_one_header(ckpt_dir, tmp_path, capsys)
     assert r1["dense_ppl"] == r2["dense_ppl"]
 
 
+def test_cli_stochastic_policy_is_seeded_and_differs_from_argmax(ckpt_dir, capsys):
+    base = ["--ckpt_dir", ckpt_dir, "--eval_batches", 1, "--batch_size", 2, "--device", "cpu", "--no_progress",
+            "--num_trials", 0, "--policy_temperature", 2.0]
+
+    def policy_line(extra):
+        rc, out, err = _run_cli(base + extra, capsys)
+        assert rc == 0, err
+        return next(line for line in out.splitlines() if line.startswith("policy"))
+
+    sampled = policy_line(["--stochastic_policy", "--seed", 7])
+    assert policy_line(["--stochastic_policy", "--seed", 7]) == sampled
+    assert policy_line([]) != sampled
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--tgt_keep", "1.5"], "--tgt_keep must be in [0, 1]"),
     (["--tgt_prune_keep", "-0.1"], "--tgt_prune_keep must be in [0, 1]"),

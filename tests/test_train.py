@@ -361,6 +361,24 @@ def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fr
     assert not out.exists()
 
 
+def test_exported_checkpoint_evaluates_warm_starts_and_refuses_resume(tmp_path, tiny_run, block_cache, capsys):
+    """A weights-only export keeps the policy and config (so evaluators load it), warm starts a run, and
+    --resume on it is a one-line error."""
+    from utils.checkpoint import main as ckpt_main
+    from utils.evaluation import load_policy_eval
+    out = tmp_path / "ship"
+    assert ckpt_main(["export", str(tiny_run), str(out)]) == 0
+    full, slim = load_ckpt(tiny_run / "policy_latest.pt"), load_ckpt(out / "policy_latest.pt")
+    assert "optimizer" not in slim and (out / "config.yaml").is_file()
+    assert (out / "policy_latest.pt").stat().st_size < (tiny_run / "policy_latest.pt").stat().st_size
+    _, _, policy = load_policy_eval(str(out), device="cpu")
+    assert_state_dicts_equal(policy.state_dict(), full["policy_state_dict"], "exported")
+    run_main(tmp_path / "warm", block_cache, "--checkpoint_path", str(out / "policy_latest.pt"), updates=1)
+    assert train.main(["--resume", str(out)]) == 2
+    assert "weights-only" in capsys.readouterr().err
+    assert ckpt_main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+
+
 def test_step_budget_credit_trains(tmp_path, block_cache):
     """budget_credit=step runs end to end and changes the policy (its advantages are not all zero)."""
     run = run_main(tmp_path / "step", block_cache, updates=2, sets=("budget_credit=step", "alpha_tok=50"))

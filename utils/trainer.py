@@ -120,6 +120,9 @@ class GRPOTrainer:
         resume_ckpt = None
         if args.resume:
             resume_ckpt = load_checkpoint(args.resume, "latest")
+            if "optimizer" not in resume_ckpt:
+                raise CheckpointError(f"{args.resume} holds a weights-only export, which cannot be resumed; "
+                                      "use --checkpoint_path to warm start from it")
         self.cfg = cfg
         self.device = default_device(cfg)
         self.dist: DistInfo = init_distributed(self.device)
