@@ -51,3 +51,24 @@ def test_dense_step_matches_model_and_sparse_step_differs(smol):
     sparse = lm.step(lm.clone_cache(cache), ids[:, -1], torch.tensor([acts.index(0.3, 0.6, 5)]))
     assert (sparse.logits[0] - ref).abs().max() > 1e-2
     assert sparse.usage.flops[0] < dense.usage.flops[0]
+
+
+def test_shipped_joint_checkpoint_runs_out_of_the_box():
+    """results/ckpt_joint (weights only) loads with its stored config and drives a short policy episode whose
+    realised usage follows the requested token budget direction (a trained knob, not a random policy)."""
+    from pathlib import Path
+
+    from utils.engine import run_episode
+    from utils.evaluation import load_policy_eval
+    from utils.schedulers import PolicyScheduler
+
+    ckpt = Path(__file__).resolve().parents[1] / "results" / "ckpt_joint"
+    cfg, lm, policy = load_policy_eval(str(ckpt), device="cpu")
+    assert cfg.model_name == SMOLLM2_ALIAS and len(lm.actions) == 27
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(100, 20000, (2, 64 + 8 + 1), generator=g)
+    keeps = []
+    for k in (0.2, 0.9):
+        ep = run_episode(lm, blocks, PolicyScheduler(policy), torch.tensor([[k, 0.7, 0.5]] * 2), context_len=64)
+        keeps.append(float(ep.usage_means()[:, 0].mean()))
+    assert keeps[0] < keeps[1]
