@@ -239,6 +239,11 @@ def test_results_table_rows_and_gap(tmp_path, capsys):
     assert all(l.rstrip(" |").endswith("0.020") for l in lines[2:])  # policy_keep = target + 0.02 is the worst
     with pytest.raises(SystemExit):
         plots.main(["pareto", str(csv_path)])  # figures need --out
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    append_csv_row(str(bad), {"target_keep": "0.5", "policy_ppl": "30"})
+    assert plots.main(["table", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("error: table: a row lacks")
 
 
 def test_pareto_front():

@@ -377,6 +377,9 @@ def test_exported_checkpoint_evaluates_warm_starts_and_refuses_resume(tmp_path, 
     assert train.main(["--resume", str(out)]) == 2
     assert "weights-only" in capsys.readouterr().err
     assert ckpt_main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()  # nothing half-made for a missing source
+    assert ckpt_main(["export", str(tiny_run), str(tiny_run)]) == 2  # never overwrite the run's own checkpoints
+    assert "optimizer" in load_ckpt(tiny_run / "policy_latest.pt")
 
 
 def test_step_budget_credit_trains(tmp_path, block_cache):

@@ -81,8 +81,10 @@ def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest
     Drops the optimizer, updater, sampler and RNG state, so it cannot `--resume`; evaluation, generation
     and `--checkpoint_path` warm starts need only what is kept.
     """
-    ckpt = load_checkpoint(ckpt_dir, mode)
     out = Path(out_dir)
+    if out.exists() and out.resolve() == Path(ckpt_dir).resolve():
+        raise CheckpointError(f"export: {out_dir} is the run directory itself; its full checkpoints would be replaced")
+    ckpt = load_checkpoint(ckpt_dir, mode)
     out.mkdir(parents=True, exist_ok=True)
     slim = {k: ckpt[k] for k in _EXPORT_KEYS if k in ckpt}
     slim["exported_from"] = f"{Path(ckpt_dir).name}/policy_{mode}.pt"

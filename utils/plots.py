@@ -236,6 +236,8 @@ def results_table(rows: list[dict[str, str]]) -> str:
         k, p, q = (_num(r.get(f"policy_{c}")) for c in ("keep", "prune_keep", "quant_ratio"))
         gaps = [abs(a - b) for a, b in ((k, tk), (p, tp), (q, None if tb is None else tb / 16.0))
                 if a is not None and b is not None]
+        if None in (tk, tp, tb, k, p, q):
+            raise PlotError("table: a row lacks the target_* or policy_keep/prune_keep/quant_ratio columns")
         n_trials = len([t for t in (r.get("random_ppl_trials") or "").split("|") if t])
         rand = (f"{_cell(r, 'random_ppl_best')} ({_cell(r, 'random_ppl_mean')}, {n_trials})" if n_trials else "–")
         lines.append(
