@@ -215,3 +215,25 @@ def test_block_chunk_on_top_of_cache() -> None:
         tail, k2, v2 = blk(x[:, 3:], k, v)
     torch.testing.assert_close(tail, full[:, 3:], atol=1e-5, rtol=0)
     assert k2.shape[2] == 7
+
+
+@pytest.mark.parametrize("use_hidden,use_token", [(False, True), (True, False), (False, False)])
+def test_switched_off_inputs_are_ignored(use_hidden: bool, use_token: bool) -> None:
+    # an ablated policy's logits must not move when the input it cannot see changes, and must move for the rest
+    pol = _policy(use_hidden=use_hidden, use_token=use_token)
+    h, e, s, _, prev = _inputs()
+    h2, e2, _, _, _ = _inputs(seed=7)
+    with torch.no_grad():
+        base = pol(h, e, s, prev)
+        moved_h = pol(h2, e, s, prev)
+        moved_e = pol(h, e2, s, prev)
+    assert torch.equal(base, moved_h) == (not use_hidden)
+    assert torch.equal(base, moved_e) == (not use_token)
+    assert not torch.equal(base, pol(h, e, torch.rand_like(s), prev))  # budgets and progress are always seen
+
+
+def test_from_config_passes_input_switches() -> None:
+    cfg = Config()
+    cfg.policy_d_model, cfg.policy_n_heads, cfg.policy_use_hidden = 32, 4, False
+    pol = SOLPolicy.from_config(cfg, H, E, A)
+    assert not pol.use_hidden and pol.use_token

@@ -120,6 +120,10 @@ class Config:
     policy_dropout: float = _f(0.0, "policy dropout")
     policy_max_len: int = _f(1024, "max policy steps (position table size)")
     policy_scalar_dim: int = _f(8, "how many of the 8 scalar features are used")
+    policy_use_hidden: bool = _f(True, "ours: feed the LM's hidden state to the policy (false = zeros: the "
+                                 "hidden-state-blind ablation)")
+    policy_use_token: bool = _f(True, "ours: feed the next token's embedding to the policy (false = zeros; with "
+                                "policy_use_hidden false the policy is content-blind)")
     policy_tbptt_k: int = _f(0, "accepted for compatibility; no effect (reference: unused)")
     eval_sparsity_bias: float = _f(0.0, "eval logit bias against dense kappa")
     eval_prune_bias: float = _f(0.0, "eval logit bias against dense prune")

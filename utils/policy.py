@@ -133,6 +133,8 @@ class SOLPolicy(nn.Module):
         max_len: int = 1024,
         scalar_dim: int = 8,
         dropout: float = 0.0,
+        use_hidden: bool = True,
+        use_token: bool = True,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -142,6 +144,7 @@ class SOLPolicy(nn.Module):
         self.h_dim, self.e_dim, self.n_actions = h_dim, e_dim, n_actions
         self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
         self.max_len, self.scalar_dim = max_len, scalar_dim
+        self.use_hidden, self.use_token = bool(use_hidden), bool(use_token)
         self.bos_id = n_actions
         self.action_emb = nn.Embedding(n_actions + 1, action_dim)
         self.scalar_proj = nn.Sequential(
@@ -165,14 +168,20 @@ class SOLPolicy(nn.Module):
             d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
             mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
+            use_hidden=cfg.policy_use_hidden, use_token=cfg.policy_use_token,
         )
 
     # ---- shared pieces -----------------------------------------------------------------------------
     def _encode(self, h: Tensor, e: Tensor, scalars: Tensor, prev_actions: Tensor, pos: Tensor) -> Tensor:
-        """Observation embedding, any leading shape: concat(h, e, scalar_proj, action_emb) -> obs_proj + pos."""
+        """Observation embedding, any leading shape: concat(h, e, scalar_proj, action_emb) -> obs_proj + pos.
+
+        An input switched off (`use_hidden` / `use_token` false) is fed as zeros, so the layer shapes and
+        checkpoints stay the same and the ablated policy differs only in what it can see."""
         dt = self.obs_proj.weight.dtype
         s = self.scalar_proj(scalars[..., : self.scalar_dim].to(dt))
-        x = torch.cat([h.detach().to(dt), e.detach().to(dt), s, self.action_emb(prev_actions.long())], dim=-1)
+        h = h.detach().to(dt) if self.use_hidden else torch.zeros(h.shape, dtype=dt, device=h.device)
+        e = e.detach().to(dt) if self.use_token else torch.zeros(e.shape, dtype=dt, device=e.device)
+        x = torch.cat([h, e, s, self.action_emb(prev_actions.long())], dim=-1)
         return self.obs_proj(x) + self.pos_emb(pos)
 
     def _head(self, x: Tensor, scalars: Tensor, temperature: float) -> Tensor:
