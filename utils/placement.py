@@ -1,0 +1,191 @@
+"""Placement diagnostic: does the policy spend its budget on the tokens where a cheap step hurts most?
+
+    python -m utils.placement --ckpt_dir results/ckpt_prune --split dev --tgt_prune_keep 0.6
+
+For every decode step s of every block, the counterfactual damage of ONE cheap step: the episode runs dense
+except at step s, which takes the probe action (default: the grid's cheapest action). `damage_local[s, b]`
+is the NLL increase of token s alone; `damage[s, b]` sums the increase over steps s..T-1, since the cheap
+step's KV entries also reach later tokens. That costs T extra episodes per batch (same engine, same prefill).
+
+Then the policy (argmax, as in evaluation) decodes the same blocks at the requested targets, and we report:
+
+* the correlation between the policy's expected spend at each step (E_π[net usage], from its full action
+  distribution) and the damage there: > 0 means it keeps dense where cheapness would hurt, i.e. its schedule
+  depends on the content; a content-blind schedule has no reason to correlate;
+* under the additive approximation (the damages of several cheap steps add up), the damage of the cheap
+  steps the policy chose, against the expectation for random steps with the same count per sequence and
+  against the oracle that picks each sequence's least harmful steps. The approximation is exact for one
+  cheap step and only indicative for many; it is the right yardstick for a two-level, single-axis grid
+  (`cpu_smollm2_prune.yml`), where every cheap step is the probe action.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from utils.cli import OneLineErrorParser, UsageError, need
+from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
+
+
+class ProbeScheduler(Scheduler):
+    """Dense everywhere except decode step `step`, where every row takes `probe_idx`."""
+
+    name = "probe"
+
+    def __init__(self, step: int, probe_idx: int) -> None:
+        self.step, self.probe_idx = int(step), int(probe_idx)
+
+    def choose(self, obs: StepObs) -> torch.Tensor:
+        a = torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
+        return a.fill_(self.probe_idx) if obs.t == self.step else a
+
+
+def single_step_damage(lm, prefill: Prefill, probe_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(damage_local, damage) `[T, B]` of taking `probe_idx` at one step s (rows s), dense elsewhere."""
+    T, B = prefill.labels.shape
+    dense_nll = -prefill.dense_logp
+    local, total = [], []
+    ones = torch.ones(B, 3)
+    for s in range(T):
+        ep = run_episode(lm, None, ProbeScheduler(s, probe_idx), ones, prefill.context_len, prefill=prefill)
+        d = (ep.nll - dense_nll).double()
+        local.append(d[s])
+        total.append(d[s:].sum(0))
+    return torch.stack(local), torch.stack(total)
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().double()
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    den = (a.norm() * b.norm()).item()
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+@dataclass
+class PlacementReport:
+    n_sequences: int
+    steps: int
+    probe: str
+    damage_mean: float  # nats, one cheap step, summed over the tokens it reaches
+    damage_std: float
+    damage_local_share: float  # mean local damage / mean total damage
+    policy_cheap_frac: float  # fraction of effective row-steps the policy made cheaper than dense
+    corr_spend_damage: float  # Pearson, policy expected spend vs damage
+    spearman_spend_damage: float
+    policy_cheap_damage: float  # additive approx, nats per sequence, on the policy's cheap steps
+    random_cheap_damage: float  # expectation for the same number of random steps per sequence
+    oracle_cheap_damage: float  # the same number of least harmful steps per sequence
+
+
+def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets: tuple[float, float, float],
+                     batch_size: int, probe_idx: int) -> PlacementReport:
+    """Damage map and policy schedule on `blocks` `[S, C+T+1]` (all batches), then the summary above."""
+    from utils.schedulers import PolicyScheduler
+
+    acts = lm.actions
+    net = ((acts.keep + acts.prune / acts.prune_max + acts.bits.float() / 16.0) / 3.0).double()
+    dmg, loc, spend, cheap = [], [], [], []
+    for i in range(0, blocks.shape[0], batch_size):
+        pf = prefill_blocks(lm, blocks[i: i + batch_size], context_len)
+        d_loc, d = single_step_damage(lm, pf, probe_idx)
+        sched = PolicyScheduler(policy, greedy=True, record=True)
+        B = d.shape[1]
+        ep = run_episode(lm, None, sched, torch.tensor(targets).expand(B, 3), context_len, prefill=pf)
+        tr = sched.rollout_tensors()
+        probs = torch.softmax(policy(tr["h"], tr["e"], tr["scalars"], tr["prev_actions"]).double(), dim=-1)
+        eff = ep.effective.to(torch.bool).cpu()
+        dmg.append(d[eff].cpu())
+        loc.append(d_loc[eff].cpu())
+        spend.append((probs.cpu() @ net)[eff])
+        cheap.append(net[ep.actions.cpu()][eff] < net[acts.dense_idx])
+    d, d_loc, s, c = (torch.cat(x, dim=1) for x in (dmg, loc, spend, cheap))  # [T_eff, S]
+    n_cheap = c.sum(0)  # per sequence
+    srt = d.sort(dim=0).values
+    oracle = torch.stack([srt[: int(n), j].sum() for j, n in enumerate(n_cheap.tolist())])
+    return PlacementReport(
+        n_sequences=int(d.shape[1]), steps=int(d.shape[0]), probe=acts.tags[probe_idx],
+        damage_mean=float(d.mean()), damage_std=float(d.std()),
+        damage_local_share=float(d_loc.mean() / d.mean()) if float(d.mean()) != 0 else float("nan"),
+        policy_cheap_frac=float(c.double().mean()),
+        corr_spend_damage=_corr(s, d), spearman_spend_damage=_corr(_rank(s.flatten()), _rank(d.flatten())),
+        policy_cheap_damage=float((d * c).sum(0).mean()),
+        random_cheap_damage=float((d.mean(0) * n_cheap).mean()),
+        oracle_cheap_damage=float(oracle.mean()),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineErrorParser(prog="python -m utils.placement", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_dir", required=True, help="run directory (or exported checkpoint) with policy_*.pt")
+    p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number")
+    p.add_argument("--split", default="dev", help="blocks to probe (default dev: this is for choosing, not reporting)")
+    p.add_argument("--blocks", type=int, default=32, help="sequences to probe (default 32; cost: T+1 episodes each)")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per batch (default 16)")
+    p.add_argument("--tgt_keep", type=float, help="requested κ (default: the checkpoint's C_target)")
+    p.add_argument("--tgt_prune_keep", type=float, help="requested ρ (default: C_target_prune)")
+    p.add_argument("--tgt_quant_bits", type=float, help="requested bits (default: C_target_quant_bits)")
+    p.add_argument("--probe", help="action tag of the cheap step (default: the grid's cheapest action)")
+    p.add_argument("--json", dest="json_path", help="also write the report to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from utils.checkpoint import CheckpointError
+    from utils.config import ConfigError
+    from utils.data import DataError, load_blocks
+    from utils.evaluation import load_policy_eval
+    from utils.model import ModelLoadError
+
+    try:
+        need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
+        need(a.blocks >= 1 and a.batch_size >= 1, "--blocks and --batch_size must be >= 1")
+        for name in ("tgt_keep", "tgt_prune_keep"):
+            v = getattr(a, name)
+            need(v is None or 0.0 <= v <= 1.0, f"--{name} must be in [0, 1], got {v}")
+        need(a.tgt_quant_bits is None or 2.0 <= a.tgt_quant_bits <= 16.0,
+             f"--tgt_quant_bits must be in [2, 16], got {a.tgt_quant_bits}")
+        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode)
+        acts = lm.actions
+        if a.probe is None:
+            probe_idx = int(((acts.keep + acts.prune / acts.prune_max + acts.bits.float() / 16.0)).argmin())
+        else:
+            need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
+            probe_idx = acts.tags.index(a.probe)
+        need(probe_idx != acts.dense_idx, "the probe action is the dense action: nothing to measure")
+        targets = (a.tgt_keep if a.tgt_keep is not None else cfg.C_target,
+                   a.tgt_prune_keep if a.tgt_prune_keep is not None else cfg.C_target_prune,
+                   (a.tgt_quant_bits if a.tgt_quant_bits is not None else cfg.C_target_quant_bits) / 16.0)
+        blocks = torch.as_tensor(load_blocks(cfg, lm.tokenizer, a.split)[: a.blocks].copy())
+        with torch.inference_mode():
+            rep = placement_report(lm, policy, blocks, cfg.context_len, targets, a.batch_size, probe_idx)
+    except (UsageError, CheckpointError, ConfigError, DataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"probe {rep.probe}: one cheap step costs {rep.damage_mean:+.3f} ± {rep.damage_std:.3f} nats "
+          f"({rep.damage_local_share:.0%} of it on its own token); {rep.n_sequences} sequences x {rep.steps} steps")
+    print(f"policy: cheap on {rep.policy_cheap_frac:.1%} of steps; corr(expected spend, damage) "
+          f"Pearson {rep.corr_spend_damage:+.3f}, Spearman {rep.spearman_spend_damage:+.3f}")
+    print(f"damage of the cheap steps per sequence (additive approx): policy {rep.policy_cheap_damage:.3f}, "
+          f"random {rep.random_cheap_damage:.3f}, oracle {rep.oracle_cheap_damage:.3f} nats")
+    if a.json_path:
+        tmp = a.json_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"ckpt_dir": a.ckpt_dir, "mode": a.mode, "split": a.split, "targets": targets,
+                       **asdict(rep)}, fh, indent=1)
+        os.replace(tmp, a.json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
