@@ -3,7 +3,7 @@ PYTHON ?= python3
 CONFIG ?= official_configs/cpu_smollm2_joint.yml
 UPDATES ?= 20
 
-.PHONY: install train train-full headline test bench help
+.PHONY: install train train-full headline headline-prune test bench help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -18,19 +18,27 @@ train: install  ## main job: a short GRPO run of the joint SmolLM2 CPU config on
 train-full: install  ## the full joint CPU run (see README for its wall time)
 	$(PYTHON) train.py --config $(CONFIG)
 
-# The README's headline result: train the joint CPU policy, ship its weights, evaluate on WikiText-2 test.
+# The README's headline results: train a CPU policy, ship its weights, evaluate on WikiText-2 test.
+# `make headline` is the joint policy; `make headline-prune` the single-axis prune policy (same recipe, other paths).
 HEADLINE_RUN ?= checkpoints/headline
+HEADLINE_CKPT ?= results/ckpt_joint
+HEADLINE_DIR ?= results/headline
 HEADLINE_POINTS ?= 0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12
 headline: install  ## full joint run -> results/ckpt_joint -> test-split sweep, plots and table in results/headline
 	$(PYTHON) train.py --config $(CONFIG) --output_dir $(HEADLINE_RUN)
-	$(PYTHON) -m utils.checkpoint export $(HEADLINE_RUN) results/ckpt_joint
-	mkdir -p results/headline && rm -f results/headline/test_ppl.csv
-	CKPT_DIR=results/ckpt_joint CSV_PATH=results/headline/test_ppl.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 \
+	$(PYTHON) -m utils.checkpoint export $(HEADLINE_RUN) $(HEADLINE_CKPT)
+	mkdir -p $(HEADLINE_DIR) && rm -f $(HEADLINE_DIR)/test_ppl.csv
+	CKPT_DIR=$(HEADLINE_CKPT) CSV_PATH=$(HEADLINE_DIR)/test_ppl.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 \
 	  NUM_TRIALS=8 EMC_DAC=1 POINTS="$(HEADLINE_POINTS)" PYTHON=$(PYTHON) EXTRA="--keep_prefill_mb 4096" ./eval_perplexity.sh
-	$(PYTHON) -m utils.plots pareto results/headline/test_ppl.csv --out results/headline/pareto.png
-	$(PYTHON) -m utils.plots adherence results/headline/test_ppl.csv --out results/headline/adherence.png
-	$(PYTHON) -m utils.plots curve $(HEADLINE_RUN) --out results/headline/learning_curve.png
-	$(PYTHON) -m utils.plots table results/headline/test_ppl.csv --out results/headline/table.md
+	$(PYTHON) -m utils.plots pareto $(HEADLINE_DIR)/test_ppl.csv --out $(HEADLINE_DIR)/pareto.png
+	$(PYTHON) -m utils.plots adherence $(HEADLINE_DIR)/test_ppl.csv --out $(HEADLINE_DIR)/adherence.png
+	$(PYTHON) -m utils.plots curve $(HEADLINE_RUN) --out $(HEADLINE_DIR)/learning_curve.png
+	$(PYTHON) -m utils.plots table $(HEADLINE_DIR)/test_ppl.csv --out $(HEADLINE_DIR)/table.md
+
+headline-prune:  ## the prune-only policy: results/ckpt_prune and results/headline_prune
+	$(MAKE) headline CONFIG=official_configs/cpu_smollm2_prune.yml HEADLINE_RUN=checkpoints/headline_prune \
+	  HEADLINE_CKPT=results/ckpt_prune HEADLINE_DIR=results/headline_prune \
+	  HEADLINE_POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16"
 
 test: install  ## the test suite
 	$(PYTHON) -m pytest -q
