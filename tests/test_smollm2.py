@@ -72,3 +72,25 @@ def test_shipped_joint_checkpoint_runs_out_of_the_box():
         ep = run_episode(lm, blocks, PolicyScheduler(policy), torch.tensor([[k, 0.7, 0.5]] * 2), context_len=64)
         keeps.append(float(ep.usage_means()[:, 0].mean()))
     assert keeps[0] < keeps[1]
+
+
+def test_shipped_prune_checkpoint_follows_its_budget():
+    """results/ckpt_prune (two prune levels) loads and its argmax schedule tracks the requested channel keep:
+    a tight request prunes more steps than a loose one, and each lands near its target."""
+    from pathlib import Path
+
+    from utils.engine import run_episode
+    from utils.evaluation import load_policy_eval
+    from utils.schedulers import PolicyScheduler
+
+    ckpt = Path(__file__).resolve().parents[1] / "results" / "ckpt_prune"
+    cfg, lm, policy = load_policy_eval(str(ckpt), device="cpu")
+    assert lm.actions.tags == ("k100-s040-q16", "k100-s100-q16")
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(100, 20000, (4, 64 + 16 + 1), generator=g)
+    got = {}
+    for rho in (0.5, 0.9):
+        ep = run_episode(lm, blocks, PolicyScheduler(policy), torch.tensor([[1.0, rho, 1.0]] * 4), context_len=64)
+        got[rho] = float(ep.usage_means()[:, 1].mean())
+    assert got[0.5] < got[0.9]
+    assert abs(got[0.5] - 0.5) < 0.1 and abs(got[0.9] - 0.9) < 0.1
