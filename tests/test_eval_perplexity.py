@@ -15,12 +15,9 @@ import eval_perplexity
 from utils import plots
 from utils.baselines import FixedScheduler, RandomScheduler
 from utils.checkpoint import save_checkpoint
-from utils.config import config_to_dict, load_config
-from utils.data import load_blocks
+from utils.config import config_to_dict
 from utils.evaluation import (PPL_CSV_COLUMNS, append_csv_row, dense_teacher_forced_nll, evaluate_matched,
                               evaluate_methods, paired_bootstrap_ci)
-from utils.lm import ControlledLM
-from utils.model import load_lm
 from utils.policy import SOLPolicy
 from utils.schedulers import DenseScheduler, PolicyScheduler
 
@@ -28,13 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("blocks")
-    cfg = load_config(REPO / "official_configs/tiny.yml", ["device=cpu", f"block_cache_dir={cache}", "max_blocks=8"])
-    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
-    lm = ControlledLM.from_config(cfg, model, tok)
-    blocks = load_blocks(cfg, tok, "test")
-    return cfg, lm, blocks
+def tiny(tiny_test_split):
+    return tiny_test_split
 
 
 @pytest.fixture(scope="module")

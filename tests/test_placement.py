@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,24 +9,15 @@ import torch
 
 from utils import placement
 from utils.checkpoint import save_checkpoint
-from utils.config import config_to_dict, load_config
-from utils.data import load_blocks
+from utils.config import config_to_dict
 from utils.engine import prefill_blocks, run_episode
-from utils.lm import ControlledLM
-from utils.model import load_lm
 from utils.policy import SOLPolicy
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("blocks")
-    cfg = load_config(REPO / "official_configs/tiny.yml", ["device=cpu", f"block_cache_dir={cache}", "max_blocks=8"])
-    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
-    lm = ControlledLM.from_config(cfg, model, tok)
-    blocks = torch.from_numpy(np.asarray(load_blocks(cfg, tok, "test")[:4], dtype=np.int64))
-    return cfg, lm, blocks
+def tiny(tiny_test_split):
+    cfg, lm, blocks = tiny_test_split
+    return cfg, lm, torch.from_numpy(np.asarray(blocks[:4], dtype=np.int64))
 
 
 def _cheapest(lm) -> int:
@@ -74,6 +64,10 @@ def test_report_bounds(tiny):
     assert rep.oracle_cheap_damage <= rep.random_cheap_damage + 1e-9
     assert 0.0 <= rep.policy_cheap_frac <= 1.0
     assert -1.0 <= rep.spearman_spend_damage <= 1.0
+    # the per-step profiles average back to the scalars
+    assert len(rep.policy_cheap_by_step) == len(rep.damage_by_step) == rep.steps
+    assert abs(np.mean(rep.policy_cheap_by_step) - rep.policy_cheap_frac) < 1e-3
+    assert abs(np.mean(rep.damage_by_step) - rep.damage_mean) < 1e-3
 
 
 @pytest.fixture(scope="module")

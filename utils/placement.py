@@ -16,7 +16,10 @@ Then the policy (argmax, as in evaluation) decodes the same blocks at the reques
   steps the policy chose, against the expectation for random steps with the same count per sequence and
   against the oracle that picks each sequence's least harmful steps. The approximation is exact for one
   cheap step and only indicative for many; it is the right yardstick for a two-level, single-axis grid
-  (`cpu_smollm2_prune.yml`), where every cheap step is the probe action.
+  (`cpu_smollm2_prune.yml`), where every cheap step is the probe action;
+* the schedule's shape: the policy's cheap fraction at each step position and its spread over sequences,
+  beside the mean damage at each position. A schedule set by position alone (the same steps cheap in every
+  sequence, spread 0) is content-blind however well it does.
 """
 from __future__ import annotations
 
@@ -84,6 +87,9 @@ class PlacementReport:
     policy_cheap_damage: float  # additive approx, nats per sequence, on the policy's cheap steps
     random_cheap_damage: float  # expectation for the same number of random steps per sequence
     oracle_cheap_damage: float  # the same number of least harmful steps per sequence
+    policy_cheap_frac_row_std: float  # std over sequences of each one's cheap fraction (0: same count everywhere)
+    policy_cheap_by_step: list[float]  # fraction of sequences made cheap at each effective step
+    damage_by_step: list[float]  # mean damage of one cheap step at each effective step
 
 
 def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets: tuple[float, float, float],
@@ -120,6 +126,9 @@ def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets
         policy_cheap_damage=float((d * c).sum(0).mean()),
         random_cheap_damage=float((d.mean(0) * n_cheap).mean()),
         oracle_cheap_damage=float(oracle.mean()),
+        policy_cheap_frac_row_std=float(c.double().mean(0).std()) if c.shape[1] > 1 else 0.0,
+        policy_cheap_by_step=[round(float(x), 4) for x in c.double().mean(1)],
+        damage_by_step=[round(float(x), 4) for x in d.mean(1)],
     )
 
 
@@ -178,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
           f"Pearson {rep.corr_spend_damage:+.3f}, Spearman {rep.spearman_spend_damage:+.3f}")
     print(f"damage of the cheap steps per sequence (additive approx): policy {rep.policy_cheap_damage:.3f}, "
           f"random {rep.random_cheap_damage:.3f}, oracle {rep.oracle_cheap_damage:.3f} nats")
+    print(f"schedule: std over sequences of the cheap fraction {rep.policy_cheap_frac_row_std:.3f}; by step:")
+    print("  step        " + " ".join(f"{t:5d}" for t in range(rep.steps)))
+    print("  policy cheap" + " ".join(f"{x:5.2f}" for x in rep.policy_cheap_by_step))
+    print("  damage      " + " ".join(f"{x:5.2f}" for x in rep.damage_by_step))
     if a.json_path:
         tmp = a.json_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -1,0 +1,23 @@
+"""Shared fixtures: the tiny random Llama of official_configs/tiny.yml with blocks of its test split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils.config import load_config
+from utils.data import load_blocks
+from utils.lm import ControlledLM
+from utils.model import load_lm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_test_split(tmp_path_factory):
+    """(cfg, ControlledLM, test-split token blocks) for the tiny config, with a private block cache."""
+    cache = tmp_path_factory.mktemp("blocks")
+    cfg = load_config(REPO / "official_configs/tiny.yml", ["device=cpu", f"block_cache_dir={cache}", "max_blocks=8"])
+    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    lm = ControlledLM.from_config(cfg, model, tok)
+    return cfg, lm, load_blocks(cfg, tok, "test")
