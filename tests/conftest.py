@@ -21,3 +21,21 @@ def tiny_test_split(tmp_path_factory):
     model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
     lm = ControlledLM.from_config(cfg, model, tok)
     return cfg, lm, load_blocks(cfg, tok, "test")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt_dir(tiny_test_split, tmp_path_factory):
+    """A run directory with a randomly initialised policy in the trainer's checkpoint format (enough to
+    exercise the evaluators end to end)."""
+    import torch
+
+    from utils.checkpoint import save_checkpoint
+    from utils.config import config_to_dict
+    from utils.policy import SOLPolicy
+
+    cfg, lm, _ = tiny_test_split
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    save_checkpoint({"policy_state_dict": policy.state_dict(), "cfg": config_to_dict(cfg)}, d / "policy_latest.pt")
+    return d

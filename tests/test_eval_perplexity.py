@@ -14,8 +14,6 @@ import torch
 import eval_perplexity
 from utils import plots
 from utils.baselines import FixedScheduler, RandomScheduler
-from utils.checkpoint import save_checkpoint
-from utils.config import config_to_dict
 from utils.evaluation import (PPL_CSV_COLUMNS, append_csv_row, dense_teacher_forced_nll, evaluate_matched,
                               evaluate_methods, paired_bootstrap_ci)
 from utils.policy import SOLPolicy
@@ -30,14 +28,8 @@ def tiny(tiny_test_split):
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tiny, tmp_path_factory):
-    """A policy checkpoint in the trainer's format (random weights: enough to exercise the pipeline)."""
-    cfg, lm, _ = tiny
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
-    save_checkpoint({"policy_state_dict": policy.state_dict(), "cfg": config_to_dict(cfg)}, d / "policy_latest.pt")
-    return d
+def ckpt_dir(tiny_ckpt_dir):
+    return tiny_ckpt_dir
 
 
 # ------------------------------------------------------------------ evaluation library

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from utils import placement
-from utils.checkpoint import save_checkpoint
-from utils.config import config_to_dict
 from utils.engine import prefill_blocks, run_episode
 from utils.policy import SOLPolicy
 
@@ -71,14 +69,8 @@ def test_report_bounds(tiny):
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tiny, tmp_path_factory):
-    cfg, lm, _ = tiny
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
-    c = config_to_dict(cfg)
-    save_checkpoint({"policy_state_dict": policy.state_dict(), "cfg": c}, d / "policy_latest.pt")
-    return d
+def ckpt_dir(tiny_ckpt_dir):
+    return tiny_ckpt_dir
 
 
 def test_cli_end_to_end_and_bad_input(ckpt_dir, tmp_path, capsys):
