@@ -18,10 +18,11 @@ reference always used argmax there).
 Tasks: our shipped configs in tasks/ (hellaswag_local: HellaSwag validation from data/, offline;
 tiny_mc_local) and every lm-eval task name (those download their data, so they need the network).
 `--export_sparsity_json PATH` writes the key metrics to PATH itself (the reference wrote key_metrics_NAME).
-`--batch_size N`: up to N continuations of the same context are decoded together (one row each; rows do
-not interact, so scores depend on N only through float noise of batched kernels, which a discrete choice at
-a threshold can occasionally amplify; the fixed baseline dithers across the rows of a step as well as over
-time). Keep N fixed across runs you compare.
+`--batch_size N`: up to N continuations are decoded together, one row each: rows whose contexts have the
+same token length, the choices of one item kept together (no padding). Rows do not interact, so scores
+depend on N only through float noise of batched kernels, which a discrete choice at a threshold can
+occasionally amplify; the fixed baseline dithers across the rows of a step as well as over time. Keep N
+fixed across runs you compare. Memory grows with N × context length (the KV cache of every row).
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_policy_args(p)
     p.add_argument("--tasks", default="hellaswag_local",
                    help="comma-separated task names: tasks/ configs (hellaswag_local, tiny_mc_local) or lm-eval's own")
-    p.add_argument("--batch_size", type=int, default=4,
-                   help="continuations of one context decoded together as one batch (default 4: a HellaSwag item)")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="continuations decoded together as one batch, from contexts of equal token length "
+                        "(default 32: 8 HellaSwag items)")
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (an integer), or a fraction of each task if < 1")
     p.add_argument("--num_fewshot", type=int, default=0, help="few-shot examples (default 0)")

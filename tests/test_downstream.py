@@ -21,7 +21,7 @@ from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.config import config_to_dict, load_config  # noqa: E402
 from utils.lm import ControlledLM  # noqa: E402
 from utils.lm_eval_adapter import (LOCAL_TASKS_DIR, SOLHarnessLM, TaskNameError, _names_cache_path,  # noqa: E402
-                                   accuracy_summary, make_task_manager, task_accuracy)
+                                   accuracy_summary, make_task_manager, plan_batches, task_accuracy)
 from utils.model import load_lm  # noqa: E402
 from utils.policy import SOLPolicy  # noqa: E402
 from utils.runtime import make_scheduler  # noqa: E402
@@ -104,14 +104,41 @@ def test_batched_choices_equal_one_at_a_time(tiny):
     reqs = [req(ctx, " " + e) for e in ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
                                          "is holding a rubik's cube.", "starts pulling up roofing on a roof.")]
     reqs += [req("Another context entirely", " with its own ending"), req(ctx, " again.")]
+    # items whose contexts have the same token length as others: packed into shared batches
+    reqs += [req(f"Item {w}: the man picks up the", " " + e) for w in ("one", "two", "three") for e in ("ball.", "cup of tea")]
+    reqs += [req("", " empty context"), req("Nothing to score", "")]
+    h1 = SOLHarnessLM(lm, None, (1, 1, 1), 4, progress=False)
+    rows = [h1.encode_pair(*r.args) for r in reqs]
+    assert any(len({tuple(rows[i][0]) for i in b}) > 1 for b in plan_batches(rows, 16))  # contexts do mix
     res = {}
-    for bs in (1, 4):
+    for bs in (1, 4, 16):
         h = SOLHarnessLM(lm, make_scheduler("policy", lm, policy), (0.25, 0.5, 0.25), 4, batch_size=bs,
                          progress=False)
         res[bs] = h.loglikelihood(reqs)
-        assert h.tracker.n_requests == len(reqs)
-    for (a, ga), (b, gb) in zip(res[1], res[4]):
-        assert a == pytest.approx(b, abs=ATOL) and ga == gb
+        assert h.tracker.n_requests == len(reqs) - 1  # the empty continuation records nothing
+    assert res[1][-1] == (0.0, True)
+    for bs in (4, 16):
+        for (a, ga), (b, gb) in zip(res[1], res[bs]):
+            assert a == pytest.approx(b, abs=ATOL) and ga == gb
+
+
+def test_plan_batches_packing():
+    # (context ids, continuation ids); items = rows with the same context
+    rows = [([1, 2, 3], [9] * 5)] * 4 + [([4, 5, 6], [9] * 2)] * 4 + [([7, 8], [9])] * 3 + [([1, 2, 3], [])] \
+        + [([5, 5, 5], [9] * 3)] * 9
+    for bs in (1, 3, 4, 8, 64):
+        batches = plan_batches(rows, bs)
+        flat = sorted(i for b in batches for i in b)
+        assert flat == [i for i, (_, c) in enumerate(rows) if c]  # every non-empty row exactly once
+        for b in batches:
+            assert 1 <= len(b) <= bs and len({len(rows[i][0]) for i in b}) == 1
+        if bs >= 4:  # an item of <= bs rows is never split
+            for ctx in ([1, 2, 3], [4, 5, 6], [7, 8]):
+                owners = {k for k, b in enumerate(batches) for i in b if rows[i][0] == ctx and rows[i][1]}
+                assert len(owners) == 1
+    b64 = plan_batches(rows, 64)
+    assert [len(rows[b[0]][0]) for b in b64] == [2, 3]  # shortest contexts first, one batch per length
+    assert b64[1][:4] == [4, 5, 6, 7]  # within a length, the item with the shorter continuations first
 
 
 def test_context_left_truncated(tiny):

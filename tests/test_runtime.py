@@ -14,7 +14,8 @@ from utils.lm import ControlledLM
 from utils.model import load_lm
 from utils.policy import SOLPolicy
 from utils.runtime import (PrefixMemo, RuntimeInputError, StreamStats, UsageTracker, dense_token_logprobs,
-                           generate, make_scheduler, sample_next, score_continuation, score_continuations)
+                           generate, make_scheduler, sample_next, score_continuation, score_continuations,
+                           score_rows)
 from utils.schedulers import DenseScheduler
 
 ATOL = 1e-4
@@ -182,6 +183,27 @@ def test_batched_rows_equal_separate_calls(tiny, kind):
         if kind == "dense" and cont:
             assert logp == pytest.approx(float(plain_logprobs(ref, ctx, cont).sum()), abs=ATOL)
     assert batched[2][0] == 0.0 and batched[2][2].n_steps == 0
+
+
+@pytest.mark.parametrize("kind", ["policy", "dense"])
+def test_rows_with_different_contexts_equal_separate_calls(tiny, kind):
+    """score_rows: rows after different contexts of one length (two rows share one), ragged continuations
+    crossing episode boundaries; every row equals its own separate call, and no row sees another's context."""
+    _, lm, ref, policy, ids = tiny
+    ctxs = [ids[:12], ids[5:17], ids[:12], ids[20:32]]
+    conts = [ids[12:21], ids[30:33], ids[33:40], ids[0:10]]
+    budgets = (0.25, 0.5, 0.25)
+    memo = PrefixMemo()
+    batched = score_rows(lm, make_scheduler(kind, lm, policy), ctxs, conts, budgets, 4, memo=memo)
+    assert len(memo.key) == 3  # three distinct contexts, one dense prefill row each
+    for ctx, cont, (logp, greedy, stats) in zip(ctxs, conts, batched):
+        one = score_continuation(lm, make_scheduler(kind, lm, policy), ctx, cont, budgets, 4)
+        assert logp == pytest.approx(one[0], abs=ATOL) and greedy == one[1]
+        assert stats.actions == one[2].actions and stats.refresh_steps == one[2].refresh_steps
+        if kind == "dense":
+            assert logp == pytest.approx(float(plain_logprobs(ref, ctx, cont).sum()), abs=ATOL)
+    with pytest.raises(RuntimeInputError, match="same length"):
+        score_rows(lm, None, [ids[:12], ids[:11]], [ids[12:14], ids[12:14]], budgets, 4)
 
 
 def test_generate_greedy_dense_matches_argmax_loop(tiny):

@@ -13,23 +13,25 @@ Choices (documented, see also SPEC §8):
   tokenises the two separately. No special tokens are added, except a BOS when the tokenizer itself adds
   one to plain text. An empty context becomes the prefix token (BOS if the tokenizer has one, else
   EOS), as in lm-eval's HF model.
-* Truncation. Contexts are left-truncated so that context + continuation fit the model's
+* Truncation. Each context is left-truncated so that it and its own continuation fit the model's
   `max_position_embeddings` (or `max_length`); a continuation longer than that is an error.
 * `loglikelihood_rolling` uses lm-eval's own rolling windows (prefix token, disjoint windows of
   `max_length`), each window scored with the same runtime; returns one float per document.
 * `generate_until` is greedy unless the request asks for sampling (`do_sample`/`temperature` > 0), stops at
   any `until` string (default: the EOS text) or at `max_gen_toks` (request, else the adapter default), and
   also at the EOS token. No prompt rewriting (the reference's "Answer:" → `\\boxed{}` rewrite is not kept).
-* Batching. Consecutive `loglikelihood` requests with the same context (the choices of one
-  multiple-choice item) are decoded together, up to `batch_size` rows, one row per continuation, all in
-  one batched step per token (rows are independent: own actions, own policy state, own budget
-  deviations). Scores equal one-at-a-time scoring up to float noise (~1e-5: batched matmuls take other
-  kernels), which a discrete choice at a threshold (a QUEST page or an MLP channel at the cut, a
+* Batching. `loglikelihood` packs the requests into batches of up to `batch_size` rows, one row per
+  continuation, all decoded in one batched step per token: rows whose contexts have the same token
+  length (no padding, so every row keeps its own positions), the choices of one item together,
+  shortest contexts first (`plan_batches`). Rows are independent: own actions, own policy state, own
+  budget deviations. Scores equal one-at-a-time scoring up to float noise (~1e-5: batched matmuls take
+  other kernels), which a discrete choice at a threshold (a QUEST page or an MLP channel at the cut, a
   quantization rounding tie) can occasionally amplify on a single token, so keep `batch_size` fixed
-  across runs you compare. Only the fixed baseline's dither
-  sees the rows together (it balances usage across the rows of a step as well as over time, like the
-  reference's micro-batched FixedHarnessLM). Rolling windows and generations run one at a time.
-  Consecutive requests with the same context also share one dense prefill.
+  across runs you compare. Only the fixed baseline's dither sees the rows together (it balances usage
+  across the rows of a step as well as over time, like the reference's micro-batched FixedHarnessLM).
+  On a CPU a decode step is bound by reading the weights, so 32 rows cost about twice 4 rows
+  (benchmarks/bench_downstream.py). Rolling windows and generations run one at a time.
+  Rows with the same context share one dense prefill.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from tqdm import tqdm
 
 from utils.engine import Scheduler
 from utils.lm import ControlledLM
-from utils.runtime import PrefixMemo, UsageTracker, generate, score_continuations
+from utils.runtime import PrefixMemo, UsageTracker, generate, score_continuations, score_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_TASKS_DIR = REPO_ROOT / "tasks"
@@ -140,24 +142,27 @@ class SOLHarnessLM(LM):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         requests = list(requests)
-        pairs = [self.encode_pair(*req.args) for req in requests]
-        # consecutive requests with the same context (the choices of one item) form one batch
-        groups: list[list[int]] = []
-        for i, (ctx, _) in enumerate(pairs):
-            if groups and len(groups[-1]) < self.batch_size and pairs[groups[-1][0]][0] == ctx:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
+        rows = []
+        for req in requests:
+            ctx, cont = self.encode_pair(*req.args)
+            rows.append((self._truncate(ctx, cont) if cont else ctx, cont))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc=f"{self.name} loglikelihood", disable=not self.progress,
                    dynamic_ncols=True)
-        for g in groups:
-            res = self.score_batch(pairs[g[0]][0], [pairs[i][1] for i in g])
-            for i, r in zip(g, res):
-                self.cache_hook.add_partial("loglikelihood", requests[i].args, r)
-                out[i] = r
-            bar.update(len(g))
+        for i, (_, cont) in enumerate(rows):
+            if not cont:  # nothing to score
+                out[i] = (0.0, True)
+                bar.update(1)
+        for batch in plan_batches([(ctx, cont) for ctx, cont in rows], self.batch_size):
+            scored = score_rows(self.lm, self.scheduler, [rows[i][0] for i in batch], [rows[i][1] for i in batch],
+                                self.budgets, self.episode_len, memo=self._memo)
+            for i, (logp, greedy, stats) in zip(batch, scored):
+                self.tracker.add(stats)
+                out[i] = (logp, greedy)
+            bar.update(len(batch))
         bar.close()
+        for req, r in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", req.args, r)
         return out
 
     def score_batch(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
@@ -232,6 +237,41 @@ class SOLHarnessLM(LM):
 
     def get_model_info(self) -> dict:
         return {"sol_scheduler": self.name, "sol_budgets": list(self.budgets), "sol_episode_len": self.episode_len}
+
+
+def plan_batches(rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int) -> list[list[int]]:
+    """Indices of the non-empty (context, continuation) rows, packed into batches that `score_rows` can
+    decode together: equal context lengths, at most `batch_size` rows each.
+
+    Rows with the same context (the choices of one item) stay in one batch unless they alone exceed
+    `batch_size`; items are taken shortest context first and, within a length, shortest longest
+    continuation first, so the rows of a batch finish at nearly the same step. Every row still gets its
+    own actions, policy state and budget deviations; only the packing (and so the float noise of the
+    batched kernels, and the fixed baseline's dither across rows) depends on `batch_size`.
+    """
+    items: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(rows):
+        if cont:
+            items.setdefault(tuple(ctx), []).append(i)
+    order = sorted(items.values(), key=lambda ix: (len(rows[ix[0]][0]), max(len(rows[i][1]) for i in ix), ix[0]))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_len = -1
+    for ix in order:
+        n_ctx = len(rows[ix[0]][0])
+        if cur and (n_ctx != cur_len or len(cur) + len(ix) > batch_size):
+            batches.append(cur)
+            cur = []
+        cur_len = n_ctx
+        for j in range(0, len(ix), batch_size):  # an item larger than a batch is split
+            chunk = ix[j: j + batch_size]
+            if cur and len(cur) + len(chunk) > batch_size:
+                batches.append(cur)
+                cur = []
+            cur.extend(chunk)
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------

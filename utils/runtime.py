@@ -14,8 +14,9 @@ so the policy, the fixed baseline and the dense model all go through one code pa
    baseline included, keeps its whole context here (the reference truncated the fixed baseline to ~15
    tokens at each boundary).
 
-`score_continuations` decodes several continuations of one context as one batch (a row each, in
-lockstep; rows never interact). `UsageTracker` aggregates the per-step usage over many calls (nominal κ, ρ/P_MAX, bits/16 over effective
+`score_rows` decodes several (context, continuation) rows as one batch (a row each, in lockstep; rows
+never interact; the contexts must have equal lengths, so no padding changes any row's positions), and
+`score_continuations` is its shared-context form. `UsageTracker` aggregates the per-step usage over many calls (nominal κ, ρ/P_MAX, bits/16 over effective
 steps, realised attention / channel keep, analytic FLOPs vs a dense step, action histogram). The dense
 replay is an evaluation protocol, not part of the controlled computation, so its FLOPs are not counted.
 
@@ -157,27 +158,49 @@ class UsageTracker:
 
 # ---- dense prefix reuse -------------------------------------------------------------------------------
 class PrefixMemo:
-    """Remembers the dense prefill of the last context prefix (multiple-choice tasks score several
+    """Remembers the dense prefill of the last set of context prefixes (multiple-choice tasks score several
     continuations after the same context; the dense prefill is deterministic, so reuse changes nothing)."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, ...] | None = None
+        self.key: tuple[tuple[int, ...], ...] | None = None
         self.value = None
 
-    def get(self, lm: ControlledLM, ids: Sequence[int]):
-        """(fresh cache copy, hidden [1, H], logits [1, V]) of the dense prefill of `ids`."""
-        key = tuple(int(i) for i in ids)
+    def get(self, lm: ControlledLM, prefixes: Sequence[Sequence[int]]):
+        """(fresh cache copy, hidden [U, H], logits [U, V]) of the dense prefill of the U equal-length
+        `prefixes`."""
+        key = tuple(tuple(int(i) for i in ids) for ids in prefixes)
         if key != self.key:
             self.key, self.value = key, _dense_prefix(lm, key)
         cache, h, logits = self.value
         return lm.clone_cache(cache), h, logits
 
 
-def _dense_prefix(lm: ControlledLM, ids: Sequence[int]):
-    if len(ids) == 0:  # the first controlled token has no past: empty cache, zero features
-        return (DynamicCache(config=lm.model.config), torch.zeros(1, lm.hidden_size, device=lm.device),
-                torch.zeros(1, lm.vocab_size, device=lm.device))
-    return lm.prefill(torch.tensor([list(ids)], dtype=torch.long, device=lm.device))
+def _dense_prefix(lm: ControlledLM, prefixes: Sequence[Sequence[int]]):
+    """Dense prefill of U equal-length prefixes as one batch: (cache, last hidden [U, H], logits [U, V])."""
+    U, L = len(prefixes), len(prefixes[0])
+    if L == 0:  # the first controlled token has no past: empty cache, zero features
+        return (DynamicCache(config=lm.model.config), torch.zeros(U, lm.hidden_size, device=lm.device),
+                torch.zeros(U, lm.vocab_size, device=lm.device))
+    return lm.prefill(torch.tensor([list(p) for p in prefixes], dtype=torch.long, device=lm.device))
+
+
+def _row_prefixes(lm: ControlledLM, contexts: list[list[int]], memo: PrefixMemo | None):
+    """Dense prefill of every row's context[:-1] (rows with the same context share one prefill row), expanded
+    to one cache row per context: (cache, hidden [N, H], logits [N, V])."""
+    N = len(contexts)
+    uniq: dict[tuple[int, ...], int] = {}
+    rows = [uniq.setdefault(tuple(c[:-1]), len(uniq)) for c in contexts]
+    prefixes = list(uniq)
+    cache, h, logits = memo.get(lm, prefixes) if memo is not None else _dense_prefix(lm, prefixes)
+    if len(prefixes) == 1:
+        if N > 1:
+            cache.batch_repeat_interleave(N)
+            h, logits = h.expand(N, -1), logits.expand(N, -1)
+    elif rows != list(range(N)):
+        idx = torch.tensor(rows, dtype=torch.long, device=lm.device)
+        cache.batch_select_indices(idx)
+        h, logits = h[idx], logits[idx]
+    return cache, h, logits
 
 
 def _as_budgets(budgets, device, n: int = 1) -> torch.Tensor:
@@ -186,10 +209,11 @@ def _as_budgets(budgets, device, n: int = 1) -> torch.Tensor:
 
 
 # ---- the streaming loop -------------------------------------------------------------------------------
-def _stream(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence[int], budgets,
+def _stream(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Sequence[int]], budgets,
             episode_len: int, lengths: Sequence[int], pick: Callable[[int, torch.Tensor], list[int]],
             stop: Callable[[int, int], bool] | None = None, memo: PrefixMemo | None = None) -> list[StreamStats]:
-    """Run N rows that share one context in lockstep, row r for up to `lengths[r]` controlled steps.
+    """Run N rows in lockstep, row r after its own context `contexts[r]` for up to `lengths[r]` controlled
+    steps. The contexts must all have the same length (no padding: every row sees the same positions).
 
     `pick(i, logits[N, V])` returns the N tokens predicted at step i (the true continuation tokens when
     scoring, sampled ones when generating); each is scored and fed as that row's next input. `stop(r, y)`
@@ -197,9 +221,13 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence
     and not recorded) until every row is done. `scheduler=None` = plain dense steps (actions=None).
     Rows are independent: every row has its own action, policy state and budget deviations.
     """
-    ctx = [int(i) for i in context_ids]
-    if not ctx:
+    ctxs = [[int(i) for i in c] for c in contexts]
+    if len(ctxs) != len(lengths):
+        raise RuntimeInputError(f"{len(ctxs)} contexts for {len(lengths)} rows")
+    if any(not c for c in ctxs):
         raise RuntimeInputError("the context must hold at least one token")
+    if len({len(c) for c in ctxs}) > 1:
+        raise RuntimeInputError("rows decoded together need contexts of the same length")
     if episode_len < 1:
         raise RuntimeInputError(f"episode_len must be >= 1, got {episode_len}")
     E, N = int(episode_len), len(lengths)
@@ -209,16 +237,10 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence
     max_steps = max(lengths, default=0)
     if max_steps <= 0:
         return stats
-    if memo is not None:
-        cache, h, logits = memo.get(lm, ctx[:-1])
-    else:
-        cache, h, logits = _dense_prefix(lm, ctx[:-1])
-    if N > 1:
-        cache.batch_repeat_interleave(N)
-        h, logits = h.expand(N, -1), logits.expand(N, -1)
+    cache, h, logits = _row_prefixes(lm, ctxs, memo)
     ep_start = lm.clone_cache(cache) if max_steps > E else None  # dense cache before the episode
     ep_tokens: list[list[int]] = []
-    x = [ctx[-1]] * N
+    x = [c[-1] for c in ctxs]
     done = [n <= 0 for n in lengths]
     usage_sum = torch.zeros(N, 3, device=dev)
     n_eff = 0
@@ -275,11 +297,12 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence
     return stats
 
 
-def score_continuations(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence[int],
-                        conts: Sequence[Sequence[int]], budgets, episode_len: int,
-                        memo: PrefixMemo | None = None) -> list[tuple[float, bool, StreamStats]]:
-    """`score_continuation` for several continuations of the same context, decoded as one batch (one row
-    each, in lockstep; the scores equal separate calls up to float noise, rows never interact)."""
+def score_rows(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Sequence[int]],
+               conts: Sequence[Sequence[int]], budgets, episode_len: int,
+               memo: PrefixMemo | None = None) -> list[tuple[float, bool, StreamStats]]:
+    """Σ log p(conts[r] | contexts[r]) for N rows decoded as one batch (one row each, in lockstep; rows
+    never interact, so the scores equal separate calls up to float noise). The contexts must have equal
+    lengths; rows with the same context share one dense prefill."""
     conts = [[int(c) for c in cont] for cont in conts]
     greedy = [True] * len(conts)
 
@@ -294,8 +317,15 @@ def score_continuations(lm: ControlledLM, scheduler: Scheduler | None, context_i
                 out.append(0)
         return out
 
-    stats = _stream(lm, scheduler, context_ids, budgets, episode_len, [len(c) for c in conts], pick, memo=memo)
+    stats = _stream(lm, scheduler, contexts, budgets, episode_len, [len(c) for c in conts], pick, memo=memo)
     return [(float(sum(s.logp)), g, s) for s, g in zip(stats, greedy)]
+
+
+def score_continuations(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence[int],
+                        conts: Sequence[Sequence[int]], budgets, episode_len: int,
+                        memo: PrefixMemo | None = None) -> list[tuple[float, bool, StreamStats]]:
+    """`score_rows` for several continuations of one shared context."""
+    return score_rows(lm, scheduler, [context_ids] * len(conts), conts, budgets, episode_len, memo)
 
 
 def score_continuation(lm: ControlledLM, scheduler: Scheduler | None, context_ids: Sequence[int],
@@ -348,7 +378,7 @@ def generate(lm: ControlledLM, scheduler: Scheduler | None, prompt_ids: Sequence
     def stop(r: int, y: int) -> bool:
         return y in stop_set or (stop_fn is not None and bool(stop_fn(out)))
 
-    (stats,) = _stream(lm, scheduler, prompt_ids, budgets, episode_len, [int(max_new_tokens)], pick, stop)
+    (stats,) = _stream(lm, scheduler, [prompt_ids], budgets, episode_len, [int(max_new_tokens)], pick, stop)
     return out, stats
 
 
