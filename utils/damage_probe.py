@@ -1,0 +1,342 @@
+"""Damage probe: can the policy's own inputs predict where a cheap step hurts?
+
+    python -m utils.damage_probe collect --config official_configs/cpu_smollm2_prune.yml --split train \\
+        --blocks 384 --save map_train.pt
+    python -m utils.damage_probe collect --config official_configs/cpu_smollm2_prune.yml --split dev --save map_dev.pt
+    python -m utils.damage_probe fit --fit map_train.pt --eval map_dev.pt
+
+The placement report (utils/placement.py) found that the trained policy's schedule is set by position and
+hardly by content. That has two possible causes: the content signal is not in what the policy sees, or it
+is and GRPO does not extract it. This probe separates them without any RL.
+
+1. Damage map (as in utils/placement.py): for every decode step t of every block, the NLL increase,
+   summed over token t and the later tokens it reaches, of running step t alone with the probe action
+   (default: the grid's cheapest) in an otherwise dense episode.
+2. Features, from a dense episode over the same blocks, of exactly what the policy can see before step t:
+   the previous LM call's final hidden state h_{t-1}, the input token's embedding e(x_t), the position t,
+   and two scalars the LM head gives away: the surprisal of x_t and the entropy of the distribution it was
+   drawn from (both from h_{t-1}).
+3. Ridge regressions on nested feature sets, fitted on one map (train blocks) and scored on another (dev
+   blocks), or 2-fold over the sequences of one map; the ridge strength is chosen by an inner 2-fold split
+   of the fitting sequences:
+   `position` (content-blind: a per-position mean), `+scalars`, `+hidden`, `+hidden+token`.
+4. For each, held-out correlations with the damage and the damage (additive approximation) of making each
+   sequence's `frac` lowest-predicted steps cheap, against random steps and the oracle (the truly least
+   harmful steps). If `+hidden` beats `position` clearly, a content-aware schedule is learnable from the
+   policy's inputs and the bottleneck is the training signal; if not, content-blind is about as good as
+   these features allow.
+
+Fit on train blocks and score on dev blocks: this is for understanding and choosing, not for reporting on test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from utils.cli import OneLineErrorParser, UsageError, need
+from utils.engine import Scheduler, StepObs, prefill_blocks, run_episode
+from utils.placement import single_step_damage
+
+FEATURE_SETS = ("position", "+scalars", "+hidden", "+hidden+token")
+LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
+class DenseRecorder(Scheduler):
+    """Dense actions everywhere; records the policy-visible inputs of each step."""
+
+    name = "dense-recorder"
+
+    def start(self, lm, budgets, group_size) -> None:
+        super().start(lm, budgets, group_size)
+        self.hidden, self.tokens, self.surprisal, self.entropy = [], [], [], []
+
+    def choose(self, obs: StepObs) -> torch.Tensor:
+        logp = F.log_softmax(obs.prev_logits.float(), dim=-1)
+        self.hidden.append(obs.hidden.float())
+        self.tokens.append(obs.input_ids)
+        self.surprisal.append(-logp.gather(-1, obs.input_ids[:, None])[:, 0])
+        self.entropy.append(-(logp.exp() * logp).sum(-1))
+        return torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
+
+
+def collect(lm, blocks: torch.Tensor, context_len: int, batch_size: int, probe_idx: int,
+            progress: bool = True) -> dict[str, torch.Tensor]:
+    """Damage map and policy-visible features of `blocks` [S, C+T+1]; every tensor is [S, T, ...] on CPU."""
+    from tqdm import tqdm
+
+    out: dict[str, list] = {k: [] for k in ("damage", "damage_local", "hidden", "embed", "surprisal", "entropy")}
+    effective = None
+    for i in tqdm(range(0, blocks.shape[0], batch_size), desc="damage map", disable=not progress):
+        pf = prefill_blocks(lm, blocks[i: i + batch_size], context_len)
+        loc, tot = single_step_damage(lm, pf, probe_idx)
+        rec = DenseRecorder()
+        B = tot.shape[1]
+        ep = run_episode(lm, None, rec, torch.ones(B, 3), context_len, prefill=pf)
+        effective = ep.effective.cpu()
+        tok = torch.stack(rec.tokens, 1)
+        out["damage"].append(tot.T.float().cpu())
+        out["damage_local"].append(loc.T.float().cpu())
+        out["hidden"].append(torch.stack(rec.hidden, 1).cpu())
+        out["embed"].append(lm.embed(tok).float().cpu())
+        out["surprisal"].append(torch.stack(rec.surprisal, 1).cpu())
+        out["entropy"].append(torch.stack(rec.entropy, 1).cpu())
+    res = {k: torch.cat(v) for k, v in out.items()}
+    res["effective"] = effective
+    return res
+
+
+def features(data: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Design matrix [S, T_eff, F] of one feature set, over the effective steps only."""
+    eff = data["effective"]
+    S, T = data["damage"].shape
+    n_eff = int(eff.sum())
+    parts = [torch.eye(n_eff).expand(S, n_eff, n_eff)]  # position one-hot (carries the intercept)
+    if kind != "position":
+        s, e = data["surprisal"][:, eff], data["entropy"][:, eff]
+        parts += [torch.stack([s, e, s * s, e * e, s * e], -1)]
+    if kind in ("+hidden", "+hidden+token"):
+        parts.append(data["hidden"][:, eff])
+    if kind == "+hidden+token":
+        parts.append(data["embed"][:, eff])
+    return torch.cat(parts, -1).double()
+
+
+def _fit_ridge(X: torch.Tensor, y: torch.Tensor, lam: float, n_pos: int) -> tuple[torch.Tensor, ...]:
+    """Ridge on standardised non-position columns (position one-hots unpenalised); returns (w, mu, sd)."""
+    mu, sd = X.mean(0), X.std(0).clamp_min(1e-8)
+    mu[:n_pos], sd[:n_pos] = 0.0, 1.0
+    Z = (X - mu) / sd
+    pen = torch.full((X.shape[1],), lam, dtype=X.dtype)
+    pen[:n_pos] = 1e-6
+    w = torch.linalg.solve(Z.T @ Z + torch.diag(pen), Z.T @ y)
+    return w, mu, sd
+
+
+def _predict(X: torch.Tensor, model: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    w, mu, sd = model
+    return ((X - mu) / sd) @ w
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().double()
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+def _clip(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Clip targets to the 1st..99th percentile of `ref` (the damage has heavy tails)."""
+    lo, hi = torch.quantile(ref, 0.01), torch.quantile(ref, 0.99)
+    return y.clamp(float(lo), float(hi))
+
+
+def fit_feature_set(X: torch.Tensor, d: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
+                    n_pos: int) -> tuple[torch.Tensor, float]:
+    """Fit on the `train` sequences (λ by an inner 2-fold split of them), predict the `test` sequences."""
+    y = _clip(d, d[train].flatten())
+    a, b = train[::2], train[1::2]
+
+    def flat(idx):
+        return X[idx].reshape(-1, X.shape[-1]), y[idx].reshape(-1)
+
+    best, best_lam = -math.inf, LAMBDAS[0]
+    for lam in LAMBDAS:
+        score = 0.0
+        for fit_idx, val_idx in ((a, b), (b, a)):
+            m = _fit_ridge(*flat(fit_idx), lam, n_pos)
+            score += _corr(_predict(X[val_idx].reshape(-1, X.shape[-1]), m), d[val_idx].reshape(-1))
+        if score > best:
+            best, best_lam = score, lam
+    m = _fit_ridge(*flat(train), best_lam, n_pos)
+    return _predict(X[test].reshape(-1, X.shape[-1]), m).reshape(len(test), -1), best_lam
+
+
+@dataclass
+class ProbeRow:
+    features: str
+    pearson: float  # held-out, predicted vs true damage
+    spearman: float
+    within_seq_spearman: float  # mean over sequences of the rank correlation across its own steps
+    cheap_damage: float  # nats per sequence when its `frac` lowest-predicted steps are cheap
+    lambdas: list[float]  # ridge strength chosen in each fold
+
+
+@dataclass
+class ProbeReport:
+    n_sequences: int
+    steps: int
+    frac: float
+    cheap_per_seq: int
+    damage_mean: float
+    random_cheap_damage: float
+    oracle_cheap_damage: float
+    rows: list[ProbeRow]
+
+
+def probe_report(data: dict[str, torch.Tensor], frac: float = 0.5, seed: int = 0,
+                 eval_data: dict[str, torch.Tensor] | None = None) -> ProbeReport:
+    """Held-out fit of every feature set and the placement it implies. With `eval_data`: fit on `data`,
+    score `eval_data`; without: 2-fold over the sequences of `data` (each half predicted by a fit on the
+    other)."""
+    d_fit = data["damage"][:, data["effective"]].double()  # [S, T_eff]
+    if eval_data is None:
+        S = d_fit.shape[0]
+        if S < 4:
+            raise ValueError(f"the probe needs at least 4 sequences, got {S}")
+        perm = torch.randperm(S, generator=torch.Generator().manual_seed(seed))
+        halves = (perm[: S // 2], perm[S // 2:])
+        splits = [(halves[0], halves[1]), (halves[1], halves[0])]
+        d = d_fit
+    else:
+        if not torch.equal(eval_data["effective"], data["effective"]):
+            raise ValueError("the fit and eval damage maps have different effective steps (another config?)")
+        n_fit = d_fit.shape[0]
+        if n_fit < 4:
+            raise ValueError(f"the probe needs at least 4 fit sequences, got {n_fit}")
+        d = eval_data["damage"][:, eval_data["effective"]].double()
+        splits = [(torch.arange(n_fit), torch.arange(n_fit, n_fit + d.shape[0]))]
+        d_fit = torch.cat([d_fit, d])
+    S, T_eff = d.shape
+    n = max(1, min(T_eff, round(frac * T_eff)))
+    rows = []
+    for kind in FEATURE_SETS:
+        X = features(data, kind)
+        if eval_data is not None:
+            X = torch.cat([X, features(eval_data, kind)])
+        pred = torch.empty_like(d_fit)
+        lams = []
+        for train, test in splits:
+            p, lam = fit_feature_set(X, d_fit, train, test, T_eff)
+            pred[test] = p
+            lams.append(lam)
+        if eval_data is not None:
+            pred = pred[splits[0][1]]
+        pick = pred.argsort(dim=1)[:, :n]
+        within = [_corr(_rank(pred[i]), _rank(d[i])) for i in range(S)]
+        within = [w for w in within if not math.isnan(w)]
+        rows.append(ProbeRow(kind, _corr(pred, d), _corr(_rank(pred.flatten()), _rank(d.flatten())),
+                             sum(within) / len(within) if within else float("nan"),
+                             float(d.gather(1, pick).sum(1).mean()), lams))
+    oracle = float(d.sort(dim=1).values[:, :n].sum(1).mean())
+    return ProbeReport(S, T_eff, frac, n, float(d.mean()), float(d.mean(1).mean() * n), oracle, rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineErrorParser(prog="python -m utils.damage_probe", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    c = sub.add_parser("collect", help="measure a damage map and the policy-visible features, save them (.pt)")
+    c.add_argument("--config", required=True, help="config (model, data, action grid) to probe")
+    c.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    c.add_argument("--split", default="dev", help="blocks to probe: train, dev or test (default dev)")
+    c.add_argument("--blocks", type=int, default=100, help="sequences (default 100; cost: T+2 episodes per batch)")
+    c.add_argument("--batch_size", type=int, default=16, help="sequences per batch (default 16)")
+    c.add_argument("--probe", help="action tag of the cheap step (default: the grid's cheapest action)")
+    c.add_argument("--save", required=True, help="output file (.pt)")
+    f = sub.add_parser("fit", help="fit the probes on one saved map and score them on another (or 2-fold)")
+    f.add_argument("--fit", required=True, help="damage map to fit on (from collect)")
+    f.add_argument("--eval", help="damage map to score on (default: 2-fold over the --fit sequences)")
+    f.add_argument("--frac", type=float, default=0.5, help="fraction of each sequence's steps made cheap (default 0.5)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the 2-fold split (without --eval)")
+    f.add_argument("--json", dest="json_path", help="also write the report to this JSON file")
+    return p.parse_args(argv)
+
+
+def _atomic_save(obj, path: str, as_json: bool) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    if as_json:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _collect(a: argparse.Namespace) -> None:
+    from utils.config import load_config
+    from utils.data import load_blocks
+    from utils.lm import ControlledLM
+    from utils.model import load_lm
+
+    need(a.blocks >= 1 and a.batch_size >= 1, "--blocks and --batch_size must be >= 1")
+    need(os.path.isfile(a.config), f"config not found: {a.config}")
+    need(os.path.isdir(os.path.dirname(os.path.abspath(a.save))), f"output directory not found: {a.save}")
+    cfg = load_config(a.config, a.set)
+    model, tok = load_lm(cfg.model_name, cfg.dtype, cfg.device)
+    lm = ControlledLM.from_config(cfg, model, tok)
+    acts = lm.actions
+    if a.probe is None:
+        probe_idx = int((acts.keep + acts.prune / acts.prune_max + acts.bits.float() / 16.0).argmin())
+    else:
+        need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
+        probe_idx = acts.tags.index(a.probe)
+    need(probe_idx != acts.dense_idx, "the probe action is the dense action: nothing to measure")
+    blocks = torch.as_tensor(load_blocks(cfg, tok, a.split)[: a.blocks].copy())
+    with torch.inference_mode():
+        data = collect(lm, blocks, cfg.context_len, a.batch_size, probe_idx)
+    _atomic_save({**data, "probe_tag": acts.tags[probe_idx], "split": a.split, "config": a.config}, a.save,
+                 as_json=False)
+    d = data["damage"][:, data["effective"]]
+    print(f"{a.split}: {d.shape[0]} sequences x {d.shape[1]} effective steps, probe {acts.tags[probe_idx]}: "
+          f"one cheap step costs {float(d.mean()):+.3f} ± {float(d.std()):.3f} nats; saved {a.save}")
+
+
+def _load_map(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    need(os.path.isfile(path), f"damage map not found: {path}")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    meta = {k: raw.pop(k) for k in ("probe_tag", "split", "config") if k in raw}
+    need(all(k in raw for k in ("damage", "hidden", "embed", "surprisal", "entropy", "effective")),
+         f"{path} is not a damage map saved by `python -m utils.damage_probe collect`")
+    return raw, meta
+
+
+def _fit(a: argparse.Namespace) -> None:
+    need(0.0 < a.frac < 1.0, f"--frac must be in (0, 1), got {a.frac}")
+    data, meta = _load_map(a.fit)
+    ev, ev_meta = _load_map(a.eval) if a.eval else (None, {})
+    if ev is not None:
+        need(meta.get("probe_tag") == ev_meta.get("probe_tag"),
+             f"the maps probe different actions: {meta.get('probe_tag')} vs {ev_meta.get('probe_tag')}")
+    rep = probe_report(data, a.frac, a.seed, eval_data=ev)
+    where = (f"fit on {meta.get('split', '?')} ({data['damage'].shape[0]} seq), scored on {ev_meta.get('split', '?')}"
+             if ev is not None else f"2-fold over {meta.get('split', '?')}")
+    print(f"probe {meta.get('probe_tag', '?')}: {where}; {rep.n_sequences} sequences x {rep.steps} effective "
+          f"steps scored; one cheap step costs {rep.damage_mean:+.3f} nats on average")
+    print(f"making {rep.cheap_per_seq} of {rep.steps} steps cheap per sequence (additive approx, nats/seq): "
+          f"random {rep.random_cheap_damage:.3f}, oracle {rep.oracle_cheap_damage:.3f}")
+    print(f"{'features':<15} {'pearson':>8} {'spearman':>8} {'in-seq rho':>10} {'cheap dmg':>10}  lambda")
+    for r in rep.rows:
+        print(f"{r.features:<15} {r.pearson:>8.3f} {r.spearman:>8.3f} {r.within_seq_spearman:>10.3f} "
+              f"{r.cheap_damage:>10.3f}  {r.lambdas}")
+    if a.json_path:
+        _atomic_save({"probe": meta.get("probe_tag"), "fit": a.fit, "eval": a.eval, **asdict(rep)}, a.json_path,
+                     as_json=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from utils.config import ConfigError
+    from utils.data import DataError
+    from utils.model import ModelLoadError
+
+    try:
+        _collect(a) if a.command == "collect" else _fit(a)
+    except (UsageError, ConfigError, DataError, ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
