@@ -2,6 +2,9 @@
 held-out probe on synthetic damage maps whose answer is known."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +109,54 @@ def test_cli_collect_then_fit_on_the_tiny_model(tmp_path, capsys):
     assert saved["split"] == "test" and saved["damage"].shape[0] == 8
     assert damage_probe.main(["fit", "--fit", str(path)]) == 0
     assert "2-fold over test" in capsys.readouterr().out
+
+
+def _prune_only_probe(lm) -> int:
+    a = lm.actions
+    return a.tags.index(next(t for t in a.tags if t.startswith("k100") and t.endswith("q16") and "s100" not in t))
+
+
+def test_predicted_damage_scheduler_sees_the_probe_features(tiny):
+    """Inside an episode the scheduler rebuilds the features from its observations; under dense actions its
+    predictions equal the probe's predictions on the collected features (an independent path)."""
+    cfg, lm, blocks = tiny
+    cheap = _prune_only_probe(lm)
+    with torch.inference_mode():
+        data = damage_probe.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
+        eff = data["effective"]
+        X = damage_probe.features(data, "+hidden+token")
+        model, _ = damage_probe.fit_probe(X, data["damage"][:, eff].double(), int(eff.sum()))
+        expect = damage_probe._predict(X.reshape(-1, X.shape[-1]), model).reshape(X.shape[:2])
+        pf = damage_probe.prefill_blocks(lm, blocks, cfg.context_len)
+        never = damage_probe.PredictedDamageScheduler(model, "+hidden+token", eff, cheap, -math.inf)
+        ep = damage_probe.run_episode(lm, None, never, torch.ones(4, 3), cfg.context_len, prefill=pf)
+        always = damage_probe.PredictedDamageScheduler(model, "+hidden+token", eff, cheap, math.inf)
+        ep2 = damage_probe.run_episode(lm, None, always, torch.ones(4, 3), cfg.context_len, prefill=pf)
+    torch.testing.assert_close(torch.stack(never.predictions, 1), expect, atol=1e-3, rtol=1e-3)
+    assert (ep.actions == lm.actions.dense_idx).all()
+    torch.testing.assert_close(ep.logp, pf.dense_logp, atol=1e-4, rtol=0)
+    assert (ep2.actions[eff] == cheap).all() and (ep2.actions[~eff] == lm.actions.dense_idx).all()
+
+
+def test_cli_schedule_matches_fixed_usage_and_refuses_test(tmp_path, capsys):
+    cfg_args = ["--config", "official_configs/tiny.yml", "--set", "device=cpu", f"block_cache_dir={tmp_path}",
+                "max_blocks=8", "--blocks", "8", "--batch_size", "4"]
+    multi, single = tmp_path / "multi.pt", tmp_path / "single.pt"
+    assert damage_probe.main(["collect", *cfg_args, "--split", "test", "--save", str(multi)]) == 0
+    assert damage_probe.main(["collect", *cfg_args, "--split", "test", "--probe", "k100-s050-q16",
+                              "--save", str(single)]) == 0
+    js = tmp_path / "sched.json"
+    rc = damage_probe.main(["schedule", "--fit", str(single), "--split", "train", "--blocks", "8", "--batch_size", "4",
+                            "--target", "0.75", "--features", "position", "+scalars", "--json", str(js)])
+    assert rc == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["features"] for r in rows] == ["position", "+scalars"]
+    for r in rows:
+        assert 0.5 <= r["usage"] <= 1.0 and abs(r["fixed_usage"] - r["usage"]) < 0.05
+        assert r["delta_nll_lo"] <= r["delta_nll"] <= r["delta_nll_hi"] and math.isfinite(r["ppl"])
+    base = ["schedule", "--fit", str(single), "--blocks", "8", "--batch_size", "4"]
+    assert damage_probe.main([*base, "--split", "test", "--target", "0.75"]) == 2
+    assert damage_probe.main([*base, "--target", "1.5"]) == 2
+    assert damage_probe.main(["schedule", "--fit", str(multi), "--target", "0.75"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "not test" in err and "exactly one axis" in err

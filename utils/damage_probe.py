@@ -4,6 +4,7 @@
         --blocks 384 --save map_train.pt
     python -m utils.damage_probe collect --config official_configs/cpu_smollm2_prune.yml --split dev --save map_dev.pt
     python -m utils.damage_probe fit --fit map_train.pt --eval map_dev.pt
+    python -m utils.damage_probe schedule --fit map_train.pt --split dev --target 0.7
 
 The placement report (utils/placement.py) found that the trained policy's schedule is set by position and
 hardly by content. That has two possible causes: the content signal is not in what the policy sees, or it
@@ -25,6 +26,10 @@ is and GRPO does not extract it. This probe separates them without any RL.
    harmful steps). If `+hidden` beats `position` clearly, a content-aware schedule is learnable from the
    policy's inputs and the bottleneck is the training signal; if not, content-blind is about as good as
    these features allow.
+5. `schedule` checks the additive approximation end to end: a scheduler that makes a step cheap when the
+   probe's predicted damage is under a threshold (set on the fit map for the cheap fraction the requested
+   usage implies) decodes held-out blocks, and the fixed baseline runs at its realised usage on the same
+   blocks, as in `eval_perplexity.py`.
 
 Fit on train blocks and score on dev blocks: this is for understanding and choosing, not for reporting on test.
 """
@@ -92,20 +97,29 @@ def collect(lm, blocks: torch.Tensor, context_len: int, batch_size: int, probe_i
     return res
 
 
+def _design(onehot: torch.Tensor, surprisal: torch.Tensor, entropy: torch.Tensor, hidden: torch.Tensor,
+            embed: torch.Tensor, kind: str) -> torch.Tensor:
+    """Feature columns of one feature set from per-step inputs (any leading shape)."""
+    if kind not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {kind!r}; expected one of {', '.join(FEATURE_SETS)}")
+    parts = [onehot]  # position one-hot (carries the intercept)
+    if kind != "position":
+        s, e = surprisal, entropy
+        parts.append(torch.stack([s, e, s * s, e * e, s * e], -1))
+    if kind in ("+hidden", "+hidden+token"):
+        parts.append(hidden)
+    if kind == "+hidden+token":
+        parts.append(embed)
+    return torch.cat([x.double() for x in parts], -1)
+
+
 def features(data: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """Design matrix [S, T_eff, F] of one feature set, over the effective steps only."""
     eff = data["effective"]
-    S, T = data["damage"].shape
+    S = data["damage"].shape[0]
     n_eff = int(eff.sum())
-    parts = [torch.eye(n_eff).expand(S, n_eff, n_eff)]  # position one-hot (carries the intercept)
-    if kind != "position":
-        s, e = data["surprisal"][:, eff], data["entropy"][:, eff]
-        parts += [torch.stack([s, e, s * s, e * e, s * e], -1)]
-    if kind in ("+hidden", "+hidden+token"):
-        parts.append(data["hidden"][:, eff])
-    if kind == "+hidden+token":
-        parts.append(data["embed"][:, eff])
-    return torch.cat(parts, -1).double()
+    return _design(torch.eye(n_eff).expand(S, n_eff, n_eff), data["surprisal"][:, eff], data["entropy"][:, eff],
+                   data["hidden"][:, eff], data["embed"][:, eff], kind)
 
 
 def _fit_ridge(X: torch.Tensor, y: torch.Tensor, lam: float, n_pos: int) -> tuple[torch.Tensor, ...]:
@@ -144,11 +158,19 @@ def _clip(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def fit_feature_set(X: torch.Tensor, d: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
                     n_pos: int) -> tuple[torch.Tensor, float]:
     """Fit on the `train` sequences (λ by an inner 2-fold split of them), predict the `test` sequences."""
-    y = _clip(d, d[train].flatten())
-    a, b = train[::2], train[1::2]
+    m, lam = fit_probe(X[train], d[train], n_pos)
+    return _predict(X[test].reshape(-1, X.shape[-1]), m).reshape(len(test), -1), lam
 
-    def flat(idx):
-        return X[idx].reshape(-1, X.shape[-1]), y[idx].reshape(-1)
+
+def fit_probe(X: torch.Tensor, d: torch.Tensor, n_pos: int) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Ridge fit of damage `d` [S, T_eff] on `X` [S, T_eff, F]; λ by an inner 2-fold split over sequences.
+    Returns (model for `_predict`, λ)."""
+    y = _clip(d, d.flatten())
+    idx = torch.arange(X.shape[0])
+    a, b = idx[::2], idx[1::2]
+
+    def flat(i):
+        return X[i].reshape(-1, X.shape[-1]), y[i].reshape(-1)
 
     best, best_lam = -math.inf, LAMBDAS[0]
     for lam in LAMBDAS:
@@ -158,8 +180,39 @@ def fit_feature_set(X: torch.Tensor, d: torch.Tensor, train: torch.Tensor, test:
             score += _corr(_predict(X[val_idx].reshape(-1, X.shape[-1]), m), d[val_idx].reshape(-1))
         if score > best:
             best, best_lam = score, lam
-    m = _fit_ridge(*flat(train), best_lam, n_pos)
-    return _predict(X[test].reshape(-1, X.shape[-1]), m).reshape(len(test), -1), best_lam
+    return _fit_ridge(*flat(idx), best_lam, n_pos), best_lam
+
+
+class PredictedDamageScheduler(Scheduler):
+    """A supervised, content-aware schedule for a two-level grid: step t takes `cheap_idx` when the probe's
+    predicted damage is at most `threshold`, else the dense action. Sees exactly what the policy sees
+    (previous hidden state, input token, position); `threshold` sets the cheap fraction (see `schedule`)."""
+
+    name = "predicted-damage"
+
+    def __init__(self, model: tuple[torch.Tensor, ...], kind: str, effective: torch.Tensor, cheap_idx: int,
+                 threshold: float) -> None:
+        self.model, self.kind, self.cheap_idx, self.threshold = model, kind, int(cheap_idx), float(threshold)
+        self.pos_of = (effective.long().cumsum(0) - 1).tolist()  # step t -> effective-step index
+        self.n_eff = int(effective.sum())
+        self.predictions: list[torch.Tensor] = []  # [N] predicted damage of each effective step, in order
+
+    def choose(self, obs: StepObs) -> torch.Tensor:
+        dense = torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
+        if not obs.effective:
+            return dense
+        N = obs.input_ids.shape[0]
+        onehot = torch.zeros(N, self.n_eff, dtype=torch.float64)
+        onehot[:, self.pos_of[obs.t]] = 1.0
+        logp = F.log_softmax(obs.prev_logits.float(), dim=-1)
+        surprisal = -logp.gather(-1, obs.input_ids[:, None])[:, 0]
+        entropy = -(logp.exp() * logp).sum(-1)
+        X = _design(onehot, surprisal.cpu(), entropy.cpu(), obs.hidden.float().cpu(),
+                    self.lm.embed(obs.input_ids).float().cpu(), self.kind)
+        pred = _predict(X, self.model)
+        self.predictions.append(pred)
+        cheap = (pred <= self.threshold).to(obs.input_ids.device)
+        return torch.where(cheap, torch.full_like(dense, self.cheap_idx), dense)
 
 
 @dataclass
@@ -250,6 +303,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--frac", type=float, default=0.5, help="fraction of each sequence's steps made cheap (default 0.5)")
     f.add_argument("--seed", type=int, default=0, help="seed of the 2-fold split (without --eval)")
     f.add_argument("--json", dest="json_path", help="also write the report to this JSON file")
+    r = sub.add_parser("schedule", help="run predicted-damage schedules (fitted on a saved map) against the fixed "
+                                        "baseline at matched usage on held-out blocks")
+    r.add_argument("--fit", required=True, help="damage map to fit on (from collect; its config is used)")
+    r.add_argument("--split", default="dev", help="blocks to evaluate on (default dev)")
+    r.add_argument("--blocks", type=int, default=96, help="sequences (default 96)")
+    r.add_argument("--batch_size", type=int, default=16, help="sequences per batch (default 16)")
+    r.add_argument("--target", type=float, required=True,
+                   help="requested usage on the axis the probe action cuts, e.g. 0.7 = keep 70%% of MLP channels")
+    r.add_argument("--features", nargs="+", default=["position", "+hidden"], choices=FEATURE_SETS,
+                   help="feature sets to schedule with (default: position +hidden)")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    r.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
@@ -285,7 +350,8 @@ def _collect(a: argparse.Namespace) -> None:
     blocks = torch.as_tensor(load_blocks(cfg, tok, a.split)[: a.blocks].copy())
     with torch.inference_mode():
         data = collect(lm, blocks, cfg.context_len, a.batch_size, probe_idx)
-    _atomic_save({**data, "probe_tag": acts.tags[probe_idx], "split": a.split, "config": a.config}, a.save,
+    _atomic_save({**data, "probe_tag": acts.tags[probe_idx], "split": a.split, "config": a.config,
+                  "overrides": list(a.set)}, a.save,
                  as_json=False)
     d = data["damage"][:, data["effective"]]
     print(f"{a.split}: {d.shape[0]} sequences x {d.shape[1]} effective steps, probe {acts.tags[probe_idx]}: "
@@ -295,7 +361,7 @@ def _collect(a: argparse.Namespace) -> None:
 def _load_map(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     need(os.path.isfile(path), f"damage map not found: {path}")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    meta = {k: raw.pop(k) for k in ("probe_tag", "split", "config") if k in raw}
+    meta = {k: raw.pop(k) for k in ("probe_tag", "split", "config", "overrides") if k in raw}
     need(all(k in raw for k in ("damage", "hidden", "embed", "surprisal", "entropy", "effective")),
          f"{path} is not a damage map saved by `python -m utils.damage_probe collect`")
     return raw, meta
@@ -324,14 +390,84 @@ def _fit(a: argparse.Namespace) -> None:
                      as_json=True)
 
 
+def schedule_eval(lm, fit_map: dict[str, torch.Tensor], cheap_idx: int, blocks: torch.Tensor, context_len: int,
+                  batch_size: int, target: float, kinds: list[str], seed: int = 0) -> list[dict]:
+    """For each feature set: fit the probe on `fit_map`, set the threshold so that the cheap fraction the
+    requested `target` implies is met on the fit map, run that schedule and dense on `blocks`, then the fixed
+    baseline at the schedule's realised usage on the same blocks. Rows: PPLs, usage, ΔNLL and its interval."""
+    from utils.baselines import FixedScheduler
+    from utils.evaluation import evaluate_matched, paired_bootstrap_ci
+    from utils.schedulers import DenseScheduler
+
+    acts = lm.actions
+    net = lambda i: (float(acts.keep[i]), float(acts.prune[i] / acts.prune_max), float(acts.bits[i]) / 16.0)  # noqa: E731
+    lo, hi = net(cheap_idx), net(acts.dense_idx)
+    axes = [j for j in range(3) if abs(lo[j] - hi[j]) > 1e-9]
+    need(len(axes) == 1, f"the probe action {acts.tags[cheap_idx]} must differ from dense on exactly one axis")
+    ax = axes[0]
+    frac = (hi[ax] - target) / (hi[ax] - lo[ax])
+    need(0.0 < frac < 1.0, f"--target {target} is outside ({lo[ax]:g}, {hi[ax]:g}) on the probe's axis")
+    budgets = list(hi)
+    budgets[ax] = target
+    eff = fit_map["effective"]
+    d = fit_map["damage"][:, eff].double()
+    rows = []
+    for kind in kinds:
+        X = features(fit_map, kind)
+        model, lam = fit_probe(X, d, int(eff.sum()))
+        thr = float(torch.quantile(_predict(X.reshape(-1, X.shape[-1]), model), frac))
+        name = f"predicted[{kind}]"
+        sched = PredictedDamageScheduler(model, kind, eff, cheap_idx, thr)
+        res, tgt = evaluate_matched(lm, blocks, batch_size, None, {name: sched, "dense": DenseScheduler()},
+                                    lambda t: {"fixed": FixedScheduler(t)}, tuple(budgets), context_len=context_len,
+                                    match=name)
+        pr, fx, dn = res[name], res["fixed"], res["dense"]
+        ci = paired_bootstrap_ci(pr.nll, fx.nll, seed=seed, seq_len=pr.seq_len)
+        rows.append({"features": kind, "lambda": lam, "threshold": thr, "cheap_frac_requested": frac,
+                     "usage": pr.usage[ax], "fixed_usage": fx.usage[ax], "ppl": pr.ppl, "fixed_ppl": fx.ppl,
+                     "dense_ppl": dn.ppl, "delta_nll": pr.mean_nll - fx.mean_nll, "delta_nll_lo": ci[0],
+                     "delta_nll_hi": ci[1], "n_tokens": pr.n_tokens})
+    return rows
+
+
+def _schedule(a: argparse.Namespace) -> None:
+    from utils.config import load_config
+    from utils.data import load_blocks
+    from utils.lm import ControlledLM
+    from utils.model import load_lm
+
+    need(a.blocks >= 1 and a.batch_size >= 1, "--blocks and --batch_size must be >= 1")
+    need(a.split != "test", "schedule is for choosing and understanding: evaluate on train or dev, not test")
+    data, meta = _load_map(a.fit)
+    need(meta.get("config") and os.path.isfile(meta["config"]), f"the config of {a.fit} is not found: {meta.get('config')}")
+    cfg = load_config(meta["config"], meta.get("overrides", []))
+    model, tok = load_lm(cfg.model_name, cfg.dtype, cfg.device)
+    lm = ControlledLM.from_config(cfg, model, tok)
+    need(meta.get("probe_tag") in lm.actions.tags, f"the map's probe action {meta.get('probe_tag')} is not in the grid")
+    blocks = torch.as_tensor(load_blocks(cfg, tok, a.split)[: a.blocks].copy())
+    with torch.inference_mode():
+        rows = schedule_eval(lm, data, lm.actions.tags.index(meta["probe_tag"]), blocks, cfg.context_len,
+                             a.batch_size, a.target, list(a.features), a.seed)
+    print(f"fit on {meta.get('split', '?')} ({data['damage'].shape[0]} seq); {a.split}: {rows[0]['n_tokens']} tokens; "
+          f"target {a.target:g}; dense PPL {rows[0]['dense_ppl']:.3f}")
+    print(f"{'schedule':<24} {'usage':>6} {'PPL':>8} {'fixed PPL':>9} {'dNLL':>8}  95% interval")
+    for r in rows:
+        print(f"{'predicted[' + r['features'] + ']':<24} {r['usage']:>6.3f} {r['ppl']:>8.3f} {r['fixed_ppl']:>9.3f} "
+              f"{r['delta_nll']:>+8.4f}  [{r['delta_nll_lo']:+.4f}, {r['delta_nll_hi']:+.4f}]")
+    if a.json_path:
+        _atomic_save({"fit": a.fit, "split": a.split, "blocks": a.blocks, "target": a.target, "rows": rows},
+                     a.json_path, as_json=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from utils.config import ConfigError
     from utils.data import DataError
     from utils.model import ModelLoadError
 
+    run = {"collect": _collect, "fit": _fit, "schedule": _schedule}[a.command]
     try:
-        _collect(a) if a.command == "collect" else _fit(a)
+        run(a)
     except (UsageError, ConfigError, DataError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
