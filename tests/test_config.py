@@ -150,7 +150,7 @@ BAD_VALUES = [
     ("dev_fraction", 1.0), ("reward_agg", "mean"), ("reward_gamma", 1.1), ("grpo_level", "token"),
     ("grpo_norm", "rank"), ("algo", "ppo"), ("ppo_clip", 0), ("ppo_epochs", 0), ("ppo_minibatch_size", 0),
     ("ppo_target_batch_size", 0), ("grad_accum_steps", 0), ("lr", 0), ("lr", "fast"), ("max_grad_norm", -1),
-    ("pi_temperature", 0), ("entropy_coef", -0.01), ("task_w_kl", 1.5), ("policy_scalar_dim", 9),
+    ("pi_temperature", 0), ("entropy_coef", -0.01), ("task_w_kl", 1.5), ("policy_scalar_dim", 11),
     ("policy_max_len", 8), ("epochs", 0), ("budget_tolerance", -0.01), ("context_len", 2.5),
     ("adv_whiten_global", "yes"), ("keep_fracs", 0.5), ("model_name", ["a"]), ("seed", True),
 ]

@@ -101,7 +101,8 @@ def test_cli_fit_and_bad_input(tmp_path, capsys):
 
 def test_cli_collect_then_fit_on_the_tiny_model(tmp_path, capsys):
     path = tmp_path / "map.pt"
-    rc = damage_probe.main(["collect", "--config", "official_configs/tiny.yml", "--set", "device=cpu",
+    # the config's own `device: auto` (resolved like the other CLIs: cpu here)
+    rc = damage_probe.main(["collect", "--config", "official_configs/tiny.yml", "--set",
                             f"block_cache_dir={tmp_path}", "max_blocks=8", "--split", "test", "--blocks", "8",
                             "--batch_size", "4", "--save", str(path)])
     assert rc == 0 and path.is_file()

@@ -8,7 +8,7 @@ import torch
 
 from utils.config import Config
 from utils.policy import (
-    PolicyState, SOLPolicy, action_logit_bias, choose_actions, count_parameters,
+    N_SCALARS, PolicyState, SOLPolicy, action_logit_bias, choose_actions, count_parameters,
 )
 
 H, E, A, T, B = 24, 16, 5, 7, 3
@@ -28,7 +28,7 @@ def _inputs(t: int = T, b: int = B, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(t, b, H, generator=g)
     e = torch.randn(t, b, E, generator=g)
-    s = torch.rand(t, b, 8, generator=g)
+    s = torch.rand(t, b, N_SCALARS, generator=g)
     acts = torch.randint(0, A, (t, b), generator=g)
     prev = torch.cat([torch.full((1, b), A), acts[:-1]], dim=0)  # BOS at t = 0
     return h, e, s, acts, prev
@@ -117,7 +117,12 @@ def test_scalar_dim_ignores_trailing_scalars() -> None:
         torch.testing.assert_close(pol5(h, e, s, prev), pol5(h, e, s2, prev), atol=0, rtol=0)
         pol8 = _policy(scalar_dim=8)
         assert not torch.allclose(pol8(h, e, s, prev), pol8(h, e, s2, prev), atol=1e-4)
-    assert pol5.scalar_proj[0].in_features == 5
+        s3 = s.clone()
+        s3[..., 8:] += 1.0  # the LM-derived scalars: read only with scalar_dim 10
+        torch.testing.assert_close(pol8(h, e, s, prev), pol8(h, e, s3, prev), atol=0, rtol=0)
+        pol10 = _policy(scalar_dim=10)
+        assert not torch.allclose(pol10(h, e, s, prev), pol10(h, e, s3, prev), atol=1e-4)
+    assert pol5.scalar_proj[0].in_features == 5 and N_SCALARS == 10
 
 
 def test_action_logit_bias_hand_computed() -> None:

@@ -116,7 +116,11 @@ def test_refresh_every_episode_len_steps(tiny, monkeypatch):
         assert math.isclose(float(o.scalars[0, 0]), (i % E + 1) / E, rel_tol=1e-6)
         torch.testing.assert_close(o.scalars[0, 2:5], torch.tensor([0.3, 0.6, 0.5]))
         if i % E == 0:
-            assert torch.all(o.scalars[0, 5:] == 0)
+            assert torch.all(o.scalars[0, 5:8] == 0)
+        # the LM-derived columns: surprisal of the input token and entropy of its distribution, nats / 10
+        logp = torch.log_softmax(o.prev_logits[0].double(), -1)
+        assert math.isclose(float(o.scalars[0, 8]), -float(logp[o.input_ids[0]]) / 10, rel_tol=1e-4)
+        assert math.isclose(float(o.scalars[0, 9]), -float((logp.exp() * logp).sum()) / 10, rel_tol=1e-4)
 
 
 def test_policy_scoring_consistent(tiny):

@@ -119,7 +119,10 @@ class Config:
     policy_action_dim: int = _f(32, "previous-action embedding size")
     policy_dropout: float = _f(0.0, "policy dropout")
     policy_max_len: int = _f(1024, "max policy steps (position table size)")
-    policy_scalar_dim: int = _f(8, "how many of the 8 scalar features are used")
+    policy_scalar_dim: int = _f(8, "how many of the 10 scalar features are used: 8 = the reference's [t_frac, eff, "
+                                  "C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q]; 10 adds the surprisal of the "
+                                  "input token and the entropy it was drawn from (nats / 10, from the LM's "
+                                  "previous logits)")
     policy_use_hidden: bool = _f(True, "ours: feed the LM's hidden state to the policy (false = zeros: the "
                                  "hidden-state-blind ablation)")
     policy_use_token: bool = _f(True, "ours: feed the next token's embedding to the policy (false = zeros; with "
@@ -374,7 +377,7 @@ _RANGES = [
     (("dataset_pct",), "in (0, 100]", lambda v: 0 < v <= 100),
     (("train_fraction",), "in (0, 1]", lambda v: 0 < v <= 1),
     (("dev_fraction", "policy_dropout"), "in [0, 1)", lambda v: 0 <= v < 1),
-    (("policy_scalar_dim",), "in 1..8", lambda v: 1 <= v <= 8),
+    (("policy_scalar_dim",), "in 1..10", lambda v: 1 <= v <= 10),
 ]
 
 

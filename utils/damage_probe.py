@@ -50,7 +50,7 @@ from utils.engine import Scheduler, StepObs, prefill_blocks, run_episode
 from utils.placement import single_step_damage
 
 FEATURE_SETS = ("position", "+scalars", "+hidden", "+hidden+token")
-LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
 class DenseRecorder(Scheduler):
@@ -329,7 +329,7 @@ def _atomic_save(obj, path: str, as_json: bool) -> None:
 
 
 def _collect(a: argparse.Namespace) -> None:
-    from utils.config import load_config
+    from utils.config import default_device, load_config
     from utils.data import load_blocks
     from utils.lm import ControlledLM
     from utils.model import load_lm
@@ -338,7 +338,7 @@ def _collect(a: argparse.Namespace) -> None:
     need(os.path.isfile(a.config), f"config not found: {a.config}")
     need(os.path.isdir(os.path.dirname(os.path.abspath(a.save))), f"output directory not found: {a.save}")
     cfg = load_config(a.config, a.set)
-    model, tok = load_lm(cfg.model_name, cfg.dtype, cfg.device)
+    model, tok = load_lm(cfg.model_name, cfg.dtype, default_device(cfg))
     lm = ControlledLM.from_config(cfg, model, tok)
     acts = lm.actions
     if a.probe is None:
@@ -431,7 +431,7 @@ def schedule_eval(lm, fit_map: dict[str, torch.Tensor], cheap_idx: int, blocks: 
 
 
 def _schedule(a: argparse.Namespace) -> None:
-    from utils.config import load_config
+    from utils.config import default_device, load_config
     from utils.data import load_blocks
     from utils.lm import ControlledLM
     from utils.model import load_lm
@@ -441,7 +441,7 @@ def _schedule(a: argparse.Namespace) -> None:
     data, meta = _load_map(a.fit)
     need(meta.get("config") and os.path.isfile(meta["config"]), f"the config of {a.fit} is not found: {meta.get('config')}")
     cfg = load_config(meta["config"], meta.get("overrides", []))
-    model, tok = load_lm(cfg.model_name, cfg.dtype, cfg.device)
+    model, tok = load_lm(cfg.model_name, cfg.dtype, default_device(cfg))
     lm = ControlledLM.from_config(cfg, model, tok)
     need(meta.get("probe_tag") in lm.actions.tags, f"the map's probe action {meta.get('probe_tag')} is not in the grid")
     blocks = torch.as_tensor(load_blocks(cfg, tok, a.split)[: a.blocks].copy())

@@ -31,7 +31,7 @@ class StepObs:
     input_ids: torch.Tensor  # [N] token about to be processed
     hidden: torch.Tensor  # [N, H] final-norm hidden of the previous LM call
     prev_logits: torch.Tensor  # [N, V] logits of the previous LM call
-    scalars: torch.Tensor  # [N, 8] policy scalar features
+    scalars: torch.Tensor  # [N, 10] policy scalar features (`step_scalars`)
     effective: bool  # False: this step runs dense whatever is chosen
 
 
@@ -80,15 +80,27 @@ class Episode:
 
 
 def step_scalars(t: int, T: int, effective: bool, budgets: torch.Tensor, usage_sum: torch.Tensor,
-                 n_eff: int) -> torch.Tensor:
-    """The policy's 8 scalars [t_frac, eff, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q] for all rows.
+                 n_eff: int, prev_logits: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The policy's scalars [t_frac, eff, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q, surprisal/10,
+    entropy/10] for all rows.
 
     dev = running mean of the nominal usage over earlier effective steps minus the target (0 before any).
+    surprisal = −log p(x_t) and entropy of the distribution x_t was drawn from (the previous LM call's
+    logits), in nats / 10; zeros when `prev_logits` is not given. Policies read the first
+    `policy_scalar_dim` columns (default 8: the reference's scalars).
     """
     N = budgets.shape[0]
     dev = usage_sum / n_eff - budgets if n_eff > 0 else torch.zeros_like(budgets)
     head = torch.tensor([(t + 1) / T, float(effective)], device=budgets.device).expand(N, 2)
-    return torch.cat([head, budgets, dev], dim=-1).float()
+    if prev_logits is None or input_ids is None:
+        lm_feats = torch.zeros(N, 2, device=budgets.device)
+    else:
+        logp = F.log_softmax(prev_logits.float(), dim=-1)
+        surprisal = -logp.gather(-1, input_ids.reshape(N, 1).to(logp.device))[:, 0]
+        entropy = -(logp.exp() * logp).sum(-1)
+        lm_feats = torch.stack([surprisal, entropy], dim=-1).to(budgets.device) / 10.0
+    return torch.cat([head, budgets, dev, lm_feats.to(budgets.dtype)], dim=-1).float()
 
 
 @dataclass
@@ -152,8 +164,8 @@ def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Schedu
         y = labels[t].repeat_interleave(K)
         kv_len = C + t + 1
         effective = kv_len > lm.Ts + lm.Tw + 1
-        obs = StepObs(t, T, x, hidden, prev_logits, step_scalars(t, T, effective, row_budgets, usage_sum, n_eff),
-                      effective)
+        obs = StepObs(t, T, x, hidden, prev_logits,
+                      step_scalars(t, T, effective, row_budgets, usage_sum, n_eff, prev_logits, x), effective)
         a = scheduler.choose(obs)
         out = lm.step(cache, x, a)
         scheduler.observe(out)

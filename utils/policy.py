@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-N_SCALARS = 8  # [t_frac, eff_flag, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q]
+N_SCALARS = 10  # [t_frac, eff_flag, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q, surprisal/10, entropy/10]
 BUDGET_SLICE = slice(2, 5)  # C_tok, C_pru, C_q: always fed raw to the budget head
 SCALAR_PROJ_DIM = 64
 BUDGET_HIDDEN = 32

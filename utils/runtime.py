@@ -270,7 +270,8 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Se
         if scheduler is None:
             a = None
         else:
-            obs = StepObs(t, E, xin, h, logits, step_scalars(t, E, effective, b, usage_sum, n_eff), effective)
+            obs = StepObs(t, E, xin, h, logits, step_scalars(t, E, effective, b, usage_sum, n_eff, logits, xin),
+                          effective)
             a = scheduler.choose(obs).reshape(N)
         out = lm.step(cache, xin, a)
         if scheduler is not None:
