@@ -43,11 +43,10 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from utils.cli import OneLineErrorParser, UsageError, need
 from utils.engine import Scheduler, StepObs, prefill_blocks, run_episode
-from utils.placement import single_step_damage
+from utils.placement import _corr, _rank, cheapest_action, single_step_damage
 
 FEATURE_SETS = ("position", "+scalars", "+hidden", "+hidden+token")
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -63,11 +62,10 @@ class DenseRecorder(Scheduler):
         self.hidden, self.tokens, self.surprisal, self.entropy = [], [], [], []
 
     def choose(self, obs: StepObs) -> torch.Tensor:
-        logp = F.log_softmax(obs.prev_logits.float(), dim=-1)
         self.hidden.append(obs.hidden.float())
         self.tokens.append(obs.input_ids)
-        self.surprisal.append(-logp.gather(-1, obs.input_ids[:, None])[:, 0])
-        self.entropy.append(-(logp.exp() * logp).sum(-1))
+        self.surprisal.append(obs.scalars[:, 8] * 10.0)  # engine.step_scalars: nats / 10
+        self.entropy.append(obs.scalars[:, 9] * 10.0)
         return torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
 
 
@@ -138,17 +136,6 @@ def _predict(X: torch.Tensor, model: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return ((X - mu) / sd) @ w
 
 
-def _rank(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().double()
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
 def _clip(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Clip targets to the 1st..99th percentile of `ref` (the damage has heavy tails)."""
     lo, hi = torch.quantile(ref, 0.01), torch.quantile(ref, 0.99)
@@ -204,9 +191,7 @@ class PredictedDamageScheduler(Scheduler):
         N = obs.input_ids.shape[0]
         onehot = torch.zeros(N, self.n_eff, dtype=torch.float64)
         onehot[:, self.pos_of[obs.t]] = 1.0
-        logp = F.log_softmax(obs.prev_logits.float(), dim=-1)
-        surprisal = -logp.gather(-1, obs.input_ids[:, None])[:, 0]
-        entropy = -(logp.exp() * logp).sum(-1)
+        surprisal, entropy = obs.scalars[:, 8] * 10.0, obs.scalars[:, 9] * 10.0  # engine.step_scalars: nats / 10
         X = _design(onehot, surprisal.cpu(), entropy.cpu(), obs.hidden.float().cpu(),
                     self.lm.embed(obs.input_ids).float().cpu(), self.kind)
         pred = _predict(X, self.model)
@@ -342,7 +327,7 @@ def _collect(a: argparse.Namespace) -> None:
     lm = ControlledLM.from_config(cfg, model, tok)
     acts = lm.actions
     if a.probe is None:
-        probe_idx = int((acts.keep + acts.prune / acts.prune_max + acts.bits.float() / 16.0).argmin())
+        probe_idx = cheapest_action(acts)
     else:
         need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
         probe_idx = acts.tags.index(a.probe)

@@ -62,6 +62,11 @@ def single_step_damage(lm, prefill: Prefill, probe_idx: int) -> tuple[torch.Tens
     return torch.stack(local), torch.stack(total)
 
 
+def cheapest_action(actions) -> int:
+    """Index of the grid's cheapest action by net usage (κ + ρ/P_MAX + bits/16): the default probe."""
+    return int((actions.keep + actions.prune / actions.prune_max + actions.bits.float() / 16.0).argmin())
+
+
 def _rank(x: torch.Tensor) -> torch.Tensor:
     return x.argsort().argsort().double()
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode)
         acts = lm.actions
         if a.probe is None:
-            probe_idx = int(((acts.keep + acts.prune / acts.prune_max + acts.bits.float() / 16.0)).argmin())
+            probe_idx = cheapest_action(acts)
         else:
             need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
             probe_idx = acts.tags.index(a.probe)
