@@ -172,17 +172,29 @@ def fit_probe(X: torch.Tensor, d: torch.Tensor, n_pos: int) -> tuple[tuple[torch
 
 class PredictedDamageScheduler(Scheduler):
     """A supervised, content-aware schedule for a two-level grid: step t takes `cheap_idx` when the probe's
-    predicted damage is at most `threshold`, else the dense action. Sees exactly what the policy sees
-    (previous hidden state, input token, position); `threshold` sets the cheap fraction (see `schedule`)."""
+    predicted damage is at most the threshold, else the dense action. Sees exactly what the policy sees
+    (previous hidden state, input token, position, surprisal and entropy).
+
+    The threshold is either one number for all rows (`threshold`) or, with `calibration`, set per row from
+    its requested budget: the quantile of the probe's predictions on the fit map at the cheap fraction the
+    budget implies (`budget_thresholds`), so one fitted probe serves every budget."""
 
     name = "predicted-damage"
 
     def __init__(self, model: tuple[torch.Tensor, ...], kind: str, effective: torch.Tensor, cheap_idx: int,
-                 threshold: float) -> None:
-        self.model, self.kind, self.cheap_idx, self.threshold = model, kind, int(cheap_idx), float(threshold)
+                 threshold: float | None = None, calibration: "Calibration | None" = None) -> None:
+        if (threshold is None) == (calibration is None):
+            raise ValueError("give exactly one of threshold and calibration")
+        self.model, self.kind, self.cheap_idx = model, kind, int(cheap_idx)
+        self.threshold, self.calibration = threshold, calibration
         self.pos_of = (effective.long().cumsum(0) - 1).tolist()  # step t -> effective-step index
         self.n_eff = int(effective.sum())
         self.predictions: list[torch.Tensor] = []  # [N] predicted damage of each effective step, in order
+
+    def start(self, lm, budgets: torch.Tensor, group_size: int) -> None:
+        super().start(lm, budgets, group_size)
+        self.row_threshold = (torch.full((budgets.shape[0],), float(self.threshold), dtype=torch.float64)
+                              if self.calibration is None else budget_thresholds(self.calibration, budgets.cpu()))
 
     def choose(self, obs: StepObs) -> torch.Tensor:
         dense = torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
@@ -196,8 +208,49 @@ class PredictedDamageScheduler(Scheduler):
                     self.lm.embed(obs.input_ids).float().cpu(), self.kind)
         pred = _predict(X, self.model)
         self.predictions.append(pred)
-        cheap = (pred <= self.threshold).to(obs.input_ids.device)
+        cheap = (pred <= self.row_threshold).to(obs.input_ids.device)
         return torch.where(cheap, torch.full_like(dense, self.cheap_idx), dense)
+
+
+@dataclass
+class Calibration:
+    """What turns a requested budget into a probe threshold: the probe's predictions on its fit map, and
+    the one usage axis (0 tok, 1 prune, 2 bits) on which the cheap action sits at `lo` and dense at `hi`."""
+
+    fit_predictions: torch.Tensor  # [n] float64
+    axis: int
+    lo: float
+    hi: float
+
+    def cheap_fraction(self, target: torch.Tensor) -> torch.Tensor:
+        """Share of steps that must be cheap for the mean usage on the axis to equal `target` (clamped)."""
+        return ((self.hi - target.double()) / (self.hi - self.lo)).clamp(0.0, 1.0)
+
+
+def budget_thresholds(cal: Calibration, budgets: torch.Tensor) -> torch.Tensor:
+    """[N] thresholds for budgets [N, 3]: the cheap-fraction quantile of the fit predictions (−inf at 0)."""
+    frac = cal.cheap_fraction(budgets[:, cal.axis])
+    thr = torch.quantile(cal.fit_predictions, frac)
+    return torch.where(frac > 0, thr, torch.full_like(thr, -math.inf))
+
+
+def probe_axis(acts, cheap_idx: int) -> tuple[int, float, float]:
+    """(axis, cheap value, dense value) of the single usage axis on which `cheap_idx` differs from dense."""
+    net = lambda i: (float(acts.keep[i]), float(acts.prune[i] / acts.prune_max), float(acts.bits[i]) / 16.0)  # noqa: E731
+    lo, hi = net(cheap_idx), net(acts.dense_idx)
+    axes = [j for j in range(3) if abs(lo[j] - hi[j]) > 1e-9]
+    need(len(axes) == 1, f"the probe action {acts.tags[cheap_idx]} must differ from dense on exactly one axis")
+    return axes[0], lo[axes[0]], hi[axes[0]]
+
+
+def fit_scheduler(fit_map: dict[str, torch.Tensor], kind: str, acts, cheap_idx: int
+                  ) -> tuple[PredictedDamageScheduler, float]:
+    """Fit the `kind` probe on a damage map and wrap it as a budget-calibrated scheduler; returns it and λ."""
+    eff = fit_map["effective"]
+    X = features(fit_map, kind)
+    model, lam = fit_probe(X, fit_map["damage"][:, eff].double(), int(eff.sum()))
+    cal = Calibration(_predict(X.reshape(-1, X.shape[-1]), model), *probe_axis(acts, cheap_idx))
+    return PredictedDamageScheduler(model, kind, eff, cheap_idx, calibration=cal), lam
 
 
 @dataclass
@@ -384,25 +437,16 @@ def schedule_eval(lm, fit_map: dict[str, torch.Tensor], cheap_idx: int, blocks: 
     from utils.evaluation import evaluate_matched, paired_bootstrap_ci
     from utils.schedulers import DenseScheduler
 
-    acts = lm.actions
-    net = lambda i: (float(acts.keep[i]), float(acts.prune[i] / acts.prune_max), float(acts.bits[i]) / 16.0)  # noqa: E731
-    lo, hi = net(cheap_idx), net(acts.dense_idx)
-    axes = [j for j in range(3) if abs(lo[j] - hi[j]) > 1e-9]
-    need(len(axes) == 1, f"the probe action {acts.tags[cheap_idx]} must differ from dense on exactly one axis")
-    ax = axes[0]
-    frac = (hi[ax] - target) / (hi[ax] - lo[ax])
-    need(0.0 < frac < 1.0, f"--target {target} is outside ({lo[ax]:g}, {hi[ax]:g}) on the probe's axis")
-    budgets = list(hi)
+    ax, lo, hi = probe_axis(lm.actions, cheap_idx)
+    frac = (hi - target) / (hi - lo)
+    need(0.0 < frac < 1.0, f"--target {target} is outside ({lo:g}, {hi:g}) on the probe's axis")
+    budgets = [1.0, 1.0, 1.0]
     budgets[ax] = target
-    eff = fit_map["effective"]
-    d = fit_map["damage"][:, eff].double()
     rows = []
     for kind in kinds:
-        X = features(fit_map, kind)
-        model, lam = fit_probe(X, d, int(eff.sum()))
-        thr = float(torch.quantile(_predict(X.reshape(-1, X.shape[-1]), model), frac))
+        sched, lam = fit_scheduler(fit_map, kind, lm.actions, cheap_idx)
+        thr = float(budget_thresholds(sched.calibration, torch.tensor([budgets]))[0])
         name = f"predicted[{kind}]"
-        sched = PredictedDamageScheduler(model, kind, eff, cheap_idx, thr)
         res, tgt = evaluate_matched(lm, blocks, batch_size, None, {name: sched, "dense": DenseScheduler()},
                                     lambda t: {"fixed": FixedScheduler(t)}, tuple(budgets), context_len=context_len,
                                     match=name)

@@ -136,7 +136,8 @@ def prefill_blocks(lm: ControlledLM, blocks: torch.Tensor, context_len: int, kee
 def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Scheduler, budgets: torch.Tensor,
                 context_len: int, group_size: int = 1, need_kl: bool = False,
                 prefill: Prefill | None = None) -> Episode:
-    """Run one batch of teacher-forced episodes. blocks [B, C + T + 1]; budgets [B, 3] (per input).
+    """Run one batch of teacher-forced episodes. blocks [B, C + T + 1]; budgets [B, 3] (per input, shared by
+    its K rows) or [B·K, 3] (per row).
 
     Pass `prefill` (from `prefill_blocks`) to share one dense prefill between several schedulers.
     """
@@ -152,7 +153,11 @@ def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Schedu
     cache = lm.expand_cache(prefill.cache, K) if K > 1 else lm.clone_cache(prefill.cache)
     hidden = prefill.hidden.repeat_interleave(K, dim=0)
     prev_logits = lm.logits(hidden)
-    row_budgets = budgets.to(lm.device).float().repeat_interleave(K, dim=0)
+    row_budgets = budgets.to(lm.device).float()
+    if row_budgets.shape[0] != N:
+        if row_budgets.shape[0] != B:
+            raise ValueError(f"budgets for {row_budgets.shape[0]} rows; expected {B} (per input) or {N} (per row)")
+        row_budgets = row_budgets.repeat_interleave(K, dim=0)
     scheduler.start(lm, row_budgets, K)
 
     usage_sum = torch.zeros(N, 3, device=lm.device)
