@@ -161,3 +161,14 @@ def test_cli_schedule_matches_fixed_usage_and_refuses_test(tmp_path, capsys):
     assert damage_probe.main(["schedule", "--fit", str(multi), "--target", "0.75"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "not test" in err and "exactly one axis" in err
+
+
+def test_budget_thresholds_give_the_requested_cheap_share_on_the_fit_predictions():
+    preds = torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cal = damage_probe.Calibration(preds, axis=1, lo=0.4, hi=1.0)
+    budgets = torch.tensor([[1.0, r, 1.0] for r in (1.0, 0.9, 0.7, 0.5, 0.4, 0.2)])
+    thr = damage_probe.budget_thresholds(cal, budgets)
+    share = (preds[None, :] <= thr[:, None]).double().mean(1)
+    want = torch.tensor([0.0, 1 / 6, 0.5, 5 / 6, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(share, want, atol=2e-3, rtol=0)
+    assert thr[0] == -math.inf
