@@ -196,6 +196,7 @@ def _run(a: argparse.Namespace) -> dict:
                                progress=not a.no_progress)
     R = a.budgets_per_block
     n_val = int(round(a.holdout * len(blocks)))
+    need(n_val < len(blocks), f"--holdout {a.holdout} leaves no training block out of {len(blocks)}")
     order = torch.randperm(len(blocks), generator=gen)
     rows_of = lambda b: (b[:, None] * R + torch.arange(R)).reshape(-1)  # noqa: E731  block -> its R rows
     val_rows, train_rows = rows_of(order[:n_val]), rows_of(order[n_val:])
