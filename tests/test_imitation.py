@@ -122,6 +122,9 @@ def test_cli_writes_a_loadable_run_or_nothing(tmp_path, capsys):
     assert imitation.main([*base, "--teacher", str(tmp_path / "nope.pt"), "--output_dir", str(bad)]) == 2
     assert imitation.main([*base, "--set", "rollout_len=4", "--teacher", str(fit), "--output_dir", str(bad)]) == 2
     assert imitation.main([*args, "--holdout", "1.5", "--output_dir", str(bad)]) == 2
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a tensor file")
+    assert imitation.main([*base, "--teacher", str(junk), "--output_dir", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 4 and "already holds" in err and "not found" in err and "rollout_len" in err
+    assert err.count("error:") == 5 and "cannot read damage map" in err and "already holds" in err and "not found" in err and "rollout_len" in err
     assert not bad.exists()

@@ -398,7 +398,12 @@ def _collect(a: argparse.Namespace) -> None:
 
 def _load_map(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     need(os.path.isfile(path), f"damage map not found: {path}")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # corrupt or foreign file
+        raise UsageError(f"cannot read damage map {path}: not a file saved by "
+                         "`python -m utils.damage_probe collect`") from None
+    need(isinstance(raw, dict), f"{path} is not a damage map saved by `python -m utils.damage_probe collect`")
     meta = {k: raw.pop(k) for k in ("probe_tag", "split", "config", "overrides") if k in raw}
     need(all(k in raw for k in ("damage", "hidden", "embed", "surprisal", "entropy", "effective")),
          f"{path} is not a damage map saved by `python -m utils.damage_probe collect`")
