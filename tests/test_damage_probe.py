@@ -172,3 +172,41 @@ def test_budget_thresholds_give_the_requested_cheap_share_on_the_fit_predictions
     want = torch.tensor([0.0, 1 / 6, 0.5, 5 / 6, 1.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(share, want, atol=2e-3, rtol=0)
     assert thr[0] == -math.inf
+
+
+def test_quantile_level_inverts_the_measured_share_curve():
+    """With a correction, a requested cheap fraction maps to the level whose measured share it is, linearly
+    between measured points; fraction 1 is exact (+inf threshold) even where the top level fell short."""
+    preds = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    cal = damage_probe.Calibration(preds, axis=1, lo=0.4, hi=1.0)
+    cor = cal.corrected(torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.6]))
+    lv = cor.quantile_level(torch.tensor([0.0, 0.125, 0.25, 0.425, 0.6, 0.9], dtype=torch.float64))
+    torch.testing.assert_close(lv, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.0], dtype=torch.float64))
+    thr = damage_probe.budget_thresholds(cor, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.4, 1.0], [1.0, 0.85, 1.0]]))
+    assert thr[0] == -math.inf and thr[1] == math.inf and abs(float(thr[2]) - 0.5) < 1e-6  # float32 budgets
+    # a non-monotone measurement is made non-decreasing
+    assert damage_probe.Calibration(preds, 1, 0.4, 1.0).corrected(
+        torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.125])).shares.tolist() == [0.25, 0.25]
+
+
+def test_in_episode_calibration_reproduces_its_measured_share(tiny):
+    """Asking the corrected teacher for a cheap fraction it measured at some level reruns that level's
+    thresholds, so on the same blocks it realises exactly that share (an independent end-to-end check)."""
+    cfg, lm, blocks = tiny
+    cheap = _prune_only_probe(lm)
+    with torch.inference_mode():
+        data = damage_probe.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
+    sched, _ = damage_probe.fit_scheduler(data, "+scalars", lm.actions, cheap)
+    levels = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    cor = damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels, batch_size=2,
+                                            progress=False)
+    assert cor.levels.tolist() == levels.tolist() and cor.fit_predictions is sched.calibration.fit_predictions
+    j = int(torch.nonzero(cor.shares > 0).min())
+    sched.calibration = cor
+    budget = damage_probe.level_budgets(cor, torch.tensor([float(cor.shares[j])], dtype=torch.float64))
+    with torch.inference_mode():
+        ep = damage_probe.run_episode(lm, blocks, sched, budget.repeat(len(blocks), 1), cfg.context_len)
+    realised = (ep.actions[ep.effective] == cheap).double().mean()
+    assert abs(float(realised) - float(cor.shares[j])) < 1e-9
+    with pytest.raises(ValueError):
+        damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels)

@@ -2,6 +2,8 @@
 makes the policy act like the teacher inside real episodes, and the CLI writes a loadable run or nothing."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,20 +113,24 @@ def test_cli_writes_a_loadable_run_or_nothing(tmp_path, capsys):
                               f"block_cache_dir={tmp_path}", "max_blocks=8", "--split", "train", "--blocks", "8", "--batch_size", "4", "--probe", "k100-s050-q16",
                               "--save", str(fit)]) == 0
     out = tmp_path / "run"
-    args = [*base, "--teacher", str(fit), "--blocks", "8", "--epochs", "2", "--minibatch", "8", "--no_progress"]
+    args = [*base, "--teacher", str(fit), "--blocks", "6", "--calibrate_blocks", "2", "--epochs", "2", "--minibatch", "8",
+            "--no_progress"]
     assert imitation.main([*args, "--output_dir", str(out)]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt["imitation"]["features"] == "+scalars" and ckpt["cfg"]["policy_scalar_dim"] == 10
     assert (out / "config.yaml").is_file() and (out / "imitation.json").is_file()
+    cal = json.loads((out / "imitation.json").read_text())["in_episode_calibration"]
+    assert cal["blocks"] == 2 and len(cal["levels"]) == len(cal["cheap_shares"]) == 10
     capsys.readouterr()
     assert imitation.main([*args, "--output_dir", str(out)]) == 2  # refuses to overwrite
     bad = tmp_path / "bad"
     assert imitation.main([*base, "--teacher", str(tmp_path / "nope.pt"), "--output_dir", str(bad)]) == 2
     assert imitation.main([*base, "--set", "rollout_len=4", "--teacher", str(fit), "--output_dir", str(bad)]) == 2
     assert imitation.main([*args, "--holdout", "1.5", "--output_dir", str(bad)]) == 2
+    assert imitation.main([*args, "--blocks", "8", "--output_dir", str(bad)]) == 2  # nothing left to calibrate on
     junk = tmp_path / "junk.pt"
     junk.write_text("not a tensor file")
     assert imitation.main([*base, "--teacher", str(junk), "--output_dir", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 5 and "cannot read damage map" in err and "already holds" in err and "not found" in err and "rollout_len" in err
+    assert err.count("error:") == 6 and "calibration" in err and "cannot read damage map" in err and "already holds" in err and "not found" in err and "rollout_len" in err
     assert not bad.exists()

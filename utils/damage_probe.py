@@ -42,6 +42,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from utils.cli import OneLineErrorParser, UsageError, need
@@ -215,23 +216,77 @@ class PredictedDamageScheduler(Scheduler):
 @dataclass
 class Calibration:
     """What turns a requested budget into a probe threshold: the probe's predictions on its fit map, and
-    the one usage axis (0 tok, 1 prune, 2 bits) on which the cheap action sits at `lo` and dense at `hi`."""
+    the one usage axis (0 tok, 1 prune, 2 bits) on which the cheap action sits at `lo` and dense at `hi`.
+
+    Optionally an in-episode correction (`calibrate_in_episode`): the quantile `levels` of the fit
+    predictions tried as thresholds and the cheap `shares` they gave in the scheduler's own episodes. The fit
+    predictions come from dense episodes; once earlier steps were cheap the input's surprisal is higher, fewer
+    steps fall under a threshold, and the schedule overspends. With the correction a requested cheap fraction
+    is first mapped through the measured share → level curve."""
 
     fit_predictions: torch.Tensor  # [n] float64
     axis: int
     lo: float
     hi: float
+    levels: torch.Tensor | None = None  # [L] increasing quantile levels in (0, 1]
+    shares: torch.Tensor | None = None  # [L] non-decreasing realised cheap share at each level
 
     def cheap_fraction(self, target: torch.Tensor) -> torch.Tensor:
         """Share of steps that must be cheap for the mean usage on the axis to equal `target` (clamped)."""
         return ((self.hi - target.double()) / (self.hi - self.lo)).clamp(0.0, 1.0)
 
+    def quantile_level(self, frac: torch.Tensor) -> torch.Tensor:
+        """The quantile level of the fit predictions whose threshold gives the cheap fraction `frac`."""
+        if self.levels is None:
+            return frac
+        xp = torch.cat([torch.zeros(1, dtype=torch.float64), self.shares.double()]).numpy()
+        fp = torch.cat([torch.zeros(1, dtype=torch.float64), self.levels.double()]).numpy()
+        xp = xp + 1e-12 * np.arange(len(xp))  # np.interp needs increasing abscissae; ties stay ties in effect
+        return torch.from_numpy(np.interp(frac.double().numpy(), xp, fp))
+
+    def corrected(self, levels: torch.Tensor, shares: torch.Tensor) -> "Calibration":
+        """A copy with the in-episode correction `levels` → `shares` (made non-decreasing)."""
+        return Calibration(self.fit_predictions, self.axis, self.lo, self.hi, levels.double().clone(),
+                           torch.cummax(shares.double(), 0).values)
+
 
 def budget_thresholds(cal: Calibration, budgets: torch.Tensor) -> torch.Tensor:
-    """[N] thresholds for budgets [N, 3]: the cheap-fraction quantile of the fit predictions (−inf at 0)."""
+    """[N] thresholds for budgets [N, 3]: the fit predictions' quantile at the level the cheap fraction maps to
+    (−inf at fraction 0, +inf at 1, so those two ends are exact)."""
     frac = cal.cheap_fraction(budgets[:, cal.axis])
-    thr = torch.quantile(cal.fit_predictions, frac)
+    thr = torch.quantile(cal.fit_predictions, cal.quantile_level(frac).clamp(0.0, 1.0))
+    thr = torch.where(frac >= 1 - 1e-6, torch.full_like(thr, math.inf), thr)  # float32 budgets: 0.4 -> 0.99999
     return torch.where(frac > 0, thr, torch.full_like(thr, -math.inf))
+
+
+def level_budgets(cal: Calibration, levels: torch.Tensor) -> torch.Tensor:
+    """[L, 3] budgets whose uncorrected cheap fraction is each of `levels` (dense on the other two axes)."""
+    b = torch.ones(len(levels), 3)
+    b[:, cal.axis] = (cal.hi - levels.double() * (cal.hi - cal.lo)).float()
+    return b
+
+
+def calibrate_in_episode(lm, sched: PredictedDamageScheduler, blocks: torch.Tensor, context_len: int,
+                         levels: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Calibration:
+    """Measure the cheap share `sched` realises in its own episodes at each quantile level (every block is
+    decoded once per level, one level per row) and return its calibration with that correction."""
+    from tqdm import tqdm
+
+    cal = sched.calibration
+    if cal is None or cal.levels is not None:
+        raise ValueError("calibrate_in_episode needs a scheduler with an uncorrected calibration")
+    L = len(levels)
+    per_row = level_budgets(cal, levels)
+    cheap, n = torch.zeros(L, dtype=torch.float64), 0
+    for i in tqdm(range(0, len(blocks), batch_size), desc="in-episode calibration", disable=not progress):
+        b = blocks[i: i + batch_size]
+        with torch.inference_mode():
+            ep = run_episode(lm, b, sched, per_row.repeat(b.shape[0], 1), context_len, L)
+        eff = ep.effective.to(ep.actions.device)
+        share = (ep.actions[eff] == sched.cheap_idx).double().mean(0).cpu()  # [B·L], block-major
+        cheap += share.view(b.shape[0], L).sum(0)
+        n += b.shape[0]
+    return cal.corrected(levels, cheap / max(1, n))
 
 
 def probe_axis(acts, cheap_idx: int) -> tuple[int, float, float]:

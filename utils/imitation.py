@@ -13,7 +13,10 @@ policy the probe's schedule directly; GRPO can then refine it with the true rewa
 1. Teacher episodes through the shared engine (`run_episode`): train blocks, each decoded under
    `budgets_per_block` budgets drawn as in training (`sample_budgets`, one per row), with the teacher (the
    budget-calibrated predicted-damage scheduler fitted on the teacher map) choosing every action and the
-   policy's inputs recorded exactly as `PolicyScheduler(record=True)` records them.
+   policy's inputs recorded exactly as `PolicyScheduler(record=True)` records them. Before that, the
+   teacher's budget -> threshold map is corrected in its own episodes (`calibrate_in_episode`, on train blocks
+   after the cloning blocks): thresholds set on dense-episode predictions make it overspend, most at loose
+   budgets, and the clone would inherit that.
 2. Cross-entropy of the policy's teacher-forced logits against the teacher's actions on effective steps
    (AdamW, `epochs` passes in shuffled minibatches of rows), with a held-out share of blocks for the agreement.
 3. A run directory in the trainer's format (`policy_latest.pt` + `config.yaml` + `imitation.json`) that
@@ -147,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets_per_block", type=int, default=4,
                    help="budgets (rows) per block, drawn as in training (default 4)")
     p.add_argument("--batch_blocks", type=int, default=4, help="blocks per batched episode (default 4)")
+    p.add_argument("--calibrate_blocks", type=int, default=64,
+                   help="train blocks (after the cloning blocks) on which the teacher's budget -> threshold map is "
+                        "corrected in its own episodes at 10 quantile levels; 0 keeps the dense-episode map "
+                        "(default 64)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of the blocks held out for the agreement with the teacher (default 0.1)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the recorded steps (default 30)")
@@ -160,12 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _run(a: argparse.Namespace) -> dict:
     from utils.checkpoint import save_checkpoint
     from utils.config import config_to_dict, default_device, load_config, save_config
-    from utils.damage_probe import _load_map, fit_scheduler
+    from utils.damage_probe import _load_map, calibrate_in_episode, fit_scheduler
     from utils.data import load_blocks
     from utils.lm import ControlledLM
     from utils.model import load_lm
     from utils.policy import SOLPolicy, count_parameters
 
+    need(a.calibrate_blocks >= 0, f"--calibrate_blocks must be >= 0, got {a.calibrate_blocks}")
     need(a.blocks >= 2 and a.budgets_per_block >= 1 and a.batch_blocks >= 1 and a.epochs >= 1 and a.minibatch >= 1,
          "--blocks must be >= 2 and --budgets_per_block, --batch_blocks, --epochs, --minibatch >= 1")
     need(0.0 <= a.holdout < 1.0, f"--holdout must be in [0, 1), got {a.holdout}")
@@ -188,7 +196,16 @@ def _run(a: argparse.Namespace) -> dict:
     teacher, lam = fit_scheduler(fit_map, a.features, acts, acts.tags.index(meta["probe_tag"]))
     blocks = load_blocks(cfg, tok, "train")
     need(len(blocks) >= 2, "the train split has fewer than 2 blocks")
-    blocks = blocks[: a.blocks]
+    cal_blocks, blocks = blocks[a.blocks: a.blocks + a.calibrate_blocks], blocks[: a.blocks]
+    calibration = None
+    if a.calibrate_blocks:
+        need(len(cal_blocks) >= 1, f"the train split has no blocks left after --blocks {a.blocks} for calibration")
+        levels = torch.linspace(0.1, 1.0, 10, dtype=torch.float64)
+        teacher.calibration = calibrate_in_episode(
+            lm, teacher, torch.from_numpy(np.asarray(cal_blocks, dtype=np.int64)), cfg.context_len, levels,
+            a.batch_blocks, progress=not a.no_progress)
+        calibration = {"blocks": len(cal_blocks), "levels": teacher.calibration.levels.tolist(),
+                       "cheap_shares": teacher.calibration.shares.tolist()}
     torch.manual_seed(cfg.seed)
     policy = SOLPolicy.from_config(cfg, lm.hidden_size, model.get_input_embeddings().embedding_dim, len(acts))
     gen = torch.Generator().manual_seed(a.seed)
@@ -206,6 +223,7 @@ def _run(a: argparse.Namespace) -> dict:
     cheap = (tr["actions"][eff] != acts.dense_idx).float().mean()
     summary = {"teacher": a.teacher, "features": a.features, "probe": meta.get("probe_tag"), "ridge_lambda": lam,
                "blocks": len(blocks), "budgets_per_block": R, "held_out_blocks": n_val,
+               "in_episode_calibration": calibration,
                "teacher_cheap_share": float(cheap), "epochs": log}
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
