@@ -210,3 +210,29 @@ def test_in_episode_calibration_reproduces_its_measured_share(tiny):
     assert abs(float(realised) - float(cor.shares[j])) < 1e-9
     with pytest.raises(ValueError):
         damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels)
+
+
+def test_budget_tracking_teacher_meets_every_row_budget_to_within_one_step(tiny):
+    """Closed loop: whatever the content, each row ends within one cheap step of what its budget asks for
+    (none at the dense budget, all at the cheapest); and tracking needs a calibration."""
+    cfg, lm, blocks = tiny
+    cheap = _prune_only_probe(lm)
+    with torch.inference_mode():
+        data = damage_probe.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
+    sched, _ = damage_probe.fit_scheduler(data, "+scalars", lm.actions, cheap)
+    cal = sched.calibration
+    rho = torch.tensor([1.0, 0.95, 0.85, 0.75, 0.62, 0.5], dtype=torch.float64)
+    rho = rho * (cal.hi - cal.lo) + cal.lo  # cheap fractions 0 .. 1 on the grid's prune axis
+    budgets = torch.ones(len(rho), 3)
+    budgets[:, cal.axis] = rho.float()
+    rows = budgets.repeat(len(blocks), 1)
+    sched.track = True
+    with torch.inference_mode():
+        ep = damage_probe.run_episode(lm, blocks, sched, rows, cfg.context_len, len(rho))
+    eff = ep.effective
+    taken = (ep.actions[eff] == cheap).double().sum(0).cpu()
+    wanted = cal.cheap_fraction(rows[:, cal.axis]) * int(eff.sum())
+    assert ((taken - wanted).abs() < 1 + 1e-4).all()
+    assert (taken[wanted == 0] == 0).all() and (taken[wanted == int(eff.sum())] == int(eff.sum())).all()
+    with pytest.raises(ValueError):
+        damage_probe.PredictedDamageScheduler(sched.model, "+scalars", eff, cheap, threshold=0.0, track=True)

@@ -178,16 +178,26 @@ class PredictedDamageScheduler(Scheduler):
 
     The threshold is either one number for all rows (`threshold`) or, with `calibration`, set per row from
     its requested budget: the quantile of the probe's predictions on the fit map at the cheap fraction the
-    budget implies (`budget_thresholds`), so one fitted probe serves every budget."""
+    budget implies (`budget_thresholds`), so one fitted probe serves every budget.
+
+    With `track=True` (needs `calibration`) the fraction is re-set before every effective step to what the
+    row still needs: (cheap steps the budget asks for − cheap steps taken) / effective steps left. An
+    open-loop threshold overspends wherever the text is harder than the fit map (the predictions run
+    higher); tracking closes the loop, so the realised budget meets the request up to the rounding of the
+    last step, and content still decides which steps are cheap. The policy sees the same running deviation
+    (`step_scalars`' dev columns), so a clone can learn the feedback."""
 
     name = "predicted-damage"
 
     def __init__(self, model: tuple[torch.Tensor, ...], kind: str, effective: torch.Tensor, cheap_idx: int,
-                 threshold: float | None = None, calibration: "Calibration | None" = None) -> None:
+                 threshold: float | None = None, calibration: "Calibration | None" = None,
+                 track: bool = False) -> None:
         if (threshold is None) == (calibration is None):
             raise ValueError("give exactly one of threshold and calibration")
+        if track and calibration is None:
+            raise ValueError("track needs a calibration")
         self.model, self.kind, self.cheap_idx = model, kind, int(cheap_idx)
-        self.threshold, self.calibration = threshold, calibration
+        self.threshold, self.calibration, self.track = threshold, calibration, bool(track)
         self.pos_of = (effective.long().cumsum(0) - 1).tolist()  # step t -> effective-step index
         self.n_eff = int(effective.sum())
         self.predictions: list[torch.Tensor] = []  # [N] predicted damage of each effective step, in order
@@ -196,6 +206,9 @@ class PredictedDamageScheduler(Scheduler):
         super().start(lm, budgets, group_size)
         self.row_threshold = (torch.full((budgets.shape[0],), float(self.threshold), dtype=torch.float64)
                               if self.calibration is None else budget_thresholds(self.calibration, budgets.cpu()))
+        if self.track:
+            self.cheap_wanted = self.calibration.cheap_fraction(budgets[:, self.calibration.axis].cpu()) * self.n_eff
+            self.cheap_taken = torch.zeros(budgets.shape[0], dtype=torch.float64)
 
     def choose(self, obs: StepObs) -> torch.Tensor:
         dense = torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
@@ -209,7 +222,14 @@ class PredictedDamageScheduler(Scheduler):
                     self.lm.embed(obs.input_ids).float().cpu(), self.kind)
         pred = _predict(X, self.model)
         self.predictions.append(pred)
-        cheap = (pred <= self.row_threshold).to(obs.input_ids.device)
+        if self.track:
+            left = self.n_eff - self.pos_of[obs.t]
+            thr = fraction_thresholds(self.calibration, (self.cheap_wanted - self.cheap_taken) / left)
+            cheap_cpu = pred <= thr
+            self.cheap_taken += cheap_cpu.double()
+            cheap = cheap_cpu.to(obs.input_ids.device)
+        else:
+            cheap = (pred <= self.row_threshold).to(obs.input_ids.device)
         return torch.where(cheap, torch.full_like(dense, self.cheap_idx), dense)
 
 
@@ -251,9 +271,14 @@ class Calibration:
 
 
 def budget_thresholds(cal: Calibration, budgets: torch.Tensor) -> torch.Tensor:
-    """[N] thresholds for budgets [N, 3]: the fit predictions' quantile at the level the cheap fraction maps to
-    (−inf at fraction 0, +inf at 1, so those two ends are exact)."""
-    frac = cal.cheap_fraction(budgets[:, cal.axis])
+    """[N] thresholds for budgets [N, 3]: those of the cheap fractions the budgets imply."""
+    return fraction_thresholds(cal, cal.cheap_fraction(budgets[:, cal.axis]))
+
+
+def fraction_thresholds(cal: Calibration, frac: torch.Tensor) -> torch.Tensor:
+    """[N] thresholds for cheap fractions [N]: the fit predictions' quantile at the level each fraction maps to
+    (−inf at fraction ≤ 0, +inf at ≥ 1, so those two ends are exact)."""
+    frac = frac.double()
     thr = torch.quantile(cal.fit_predictions, cal.quantile_level(frac).clamp(0.0, 1.0))
     thr = torch.where(frac >= 1 - 1e-6, torch.full_like(thr, math.inf), thr)  # float32 budgets: 0.4 -> 0.99999
     return torch.where(frac > 0, thr, torch.full_like(thr, -math.inf))

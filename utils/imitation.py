@@ -154,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train blocks (after the cloning blocks) on which the teacher's budget -> threshold map is "
                         "corrected in its own episodes at 10 quantile levels; 0 keeps the dense-episode map "
                         "(default 64)")
+    p.add_argument("--track_budget", action="store_true",
+                   help="closed-loop teacher: before each step its cheap fraction is re-set to what the row still "
+                        "needs to meet its budget (PredictedDamageScheduler track=True)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of the blocks held out for the agreement with the teacher (default 0.1)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the recorded steps (default 30)")
@@ -206,6 +209,7 @@ def _run(a: argparse.Namespace) -> dict:
             a.batch_blocks, progress=not a.no_progress)
         calibration = {"blocks": len(cal_blocks), "levels": teacher.calibration.levels.tolist(),
                        "cheap_shares": teacher.calibration.shares.tolist()}
+    teacher.track = a.track_budget
     torch.manual_seed(cfg.seed)
     policy = SOLPolicy.from_config(cfg, lm.hidden_size, model.get_input_embeddings().embedding_dim, len(acts))
     gen = torch.Generator().manual_seed(a.seed)
@@ -221,10 +225,16 @@ def _run(a: argparse.Namespace) -> dict:
     log = clone(policy, tr, eff, train_rows, val_rows, a.epochs, a.minibatch, a.lr, cfg.weight_decay, a.seed,
                 progress=not a.no_progress)
     cheap = (tr["actions"][eff] != acts.dense_idx).float().mean()
+    cal = teacher.calibration
+    cheap_rows = (tr["actions"][eff] != acts.dense_idx).double().mean(0)  # [N]
+    realised = cal.hi - cheap_rows * (cal.hi - cal.lo)
+    requested = tr["scalars"][0, :, 2 + cal.axis].double()  # step_scalars: the row's budget on the axis
+    teacher_gap = float((realised - requested).abs().mean())
     summary = {"teacher": a.teacher, "features": a.features, "probe": meta.get("probe_tag"), "ridge_lambda": lam,
                "blocks": len(blocks), "budgets_per_block": R, "held_out_blocks": n_val,
                "in_episode_calibration": calibration,
-               "teacher_cheap_share": float(cheap), "epochs": log}
+               "track_budget": a.track_budget, "teacher_cheap_share": float(cheap),
+               "teacher_mean_abs_budget_gap": teacher_gap, "epochs": log}
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -255,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     last = s["epochs"][-1]
     held = (f", held-out CE {last['val_ce']:.4f}, agreement {last['val_agreement']:.3f}"
             if "val_ce" in last else "")
-    print(f"cloned the {s['features']} probe teacher ({s['teacher_cheap_share']:.3f} of steps cheap) over "
+    print(f"cloned the {s['features']} probe teacher ({s['teacher_cheap_share']:.3f} of steps cheap, mean |budget "
+          f"gap| {s['teacher_mean_abs_budget_gap']:.3f}) over "
           f"{s['blocks']} blocks x {s['budgets_per_block']} budgets: train CE {last['train_ce']:.4f}{held}; "
           f"saved {a.output_dir}/policy_latest.pt")
     return 0
