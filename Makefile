@@ -40,27 +40,25 @@ headline-prune:  ## the prune-only policy: results/ckpt_prune and results/headli
 	  HEADLINE_CKPT=results/ckpt_prune HEADLINE_DIR=results/headline_prune \
 	  HEADLINE_POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16"
 
-# The cloned-then-GRPO prune policy: damage map of 256 train blocks (14 min) -> behaviour cloning of the
-# surprisal/entropy probe schedule (11 min) -> 225 GRPO updates from it (14 min) -> results/ckpt_prune_bc and
-# the test sweep in results/headline_prune_bc (45 min).
+# The cloned prune policy (the headline): damage map of 256 train blocks (14 min) -> behaviour cloning of the
+# surprisal/entropy probe schedule, its budget map corrected in its own episodes (9 min) -> results/ckpt_prune_bc_cal
+# and the test sweep in results/headline_prune_bc_cal (45 min). The earlier cloned-then-GRPO policy
+# (results/ckpt_prune_bc) is results/prune_bc/run.sh.
 BC_CONFIG ?= official_configs/cpu_smollm2_prune_lmfeats.yml
-headline-prune-bc: install  ## prune policy cloned from the damage-probe schedule, then GRPO: results/ckpt_prune_bc
+headline-prune-bc: install  ## prune policy cloned from the in-episode-corrected damage-probe schedule: results/ckpt_prune_bc_cal
 	mkdir -p results/damage_probe
 	test -f results/damage_probe/map_train256.pt || $(PYTHON) -m utils.damage_probe collect \
 	  --config official_configs/cpu_smollm2_prune.yml --split train --blocks 256 --save results/damage_probe/map_train256.pt
 	$(PYTHON) -m utils.imitation --config $(BC_CONFIG) --teacher results/damage_probe/map_train256.pt \
-	  --features +scalars --blocks 512 --output_dir checkpoints/headline_prune_bc_clone
-	$(PYTHON) train.py --config $(BC_CONFIG) --checkpoint_path checkpoints/headline_prune_bc_clone/policy_latest.pt \
-	  --total_updates 225 --output_dir checkpoints/headline_prune_bc
-	$(PYTHON) -m utils.checkpoint export checkpoints/headline_prune_bc results/ckpt_prune_bc
-	mkdir -p results/headline_prune_bc && rm -f results/headline_prune_bc/test_ppl.csv
-	CKPT_DIR=results/ckpt_prune_bc CSV_PATH=results/headline_prune_bc/test_ppl.csv SPLIT=test EVAL_BATCHES=8 \
+	  --features +scalars --blocks 512 --output_dir checkpoints/headline_prune_bc_cal
+	$(PYTHON) -m utils.checkpoint export checkpoints/headline_prune_bc_cal results/ckpt_prune_bc_cal
+	mkdir -p results/headline_prune_bc_cal && rm -f results/headline_prune_bc_cal/test_ppl.csv
+	CKPT_DIR=results/ckpt_prune_bc_cal CSV_PATH=results/headline_prune_bc_cal/test_ppl.csv SPLIT=test EVAL_BATCHES=8 \
 	  BATCH_SIZE=32 NUM_TRIALS=8 EMC_DAC=1 POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" PYTHON=$(PYTHON) \
 	  EXTRA="--keep_prefill_mb 4096" ./eval_perplexity.sh
-	$(PYTHON) -m utils.plots pareto results/headline_prune_bc/test_ppl.csv --out results/headline_prune_bc/pareto.png
-	$(PYTHON) -m utils.plots adherence results/headline_prune_bc/test_ppl.csv --out results/headline_prune_bc/adherence.png
-	$(PYTHON) -m utils.plots curve checkpoints/headline_prune_bc --out results/headline_prune_bc/learning_curve.png
-	$(PYTHON) -m utils.plots table results/headline_prune_bc/test_ppl.csv --out results/headline_prune_bc/table.md
+	$(PYTHON) -m utils.plots pareto results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/pareto.png
+	$(PYTHON) -m utils.plots adherence results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/adherence.png
+	$(PYTHON) -m utils.plots table results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/table.md
 
 test: install  ## the test suite
 	$(PYTHON) -m pytest -q
