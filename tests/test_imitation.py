@@ -119,8 +119,10 @@ def test_cli_writes_a_loadable_run_or_nothing(tmp_path, capsys):
     ckpt = load_checkpoint(out)
     assert ckpt["imitation"]["features"] == "+scalars" and ckpt["cfg"]["policy_scalar_dim"] == 10
     assert (out / "config.yaml").is_file() and (out / "imitation.json").is_file()
-    cal = json.loads((out / "imitation.json").read_text())["in_episode_calibration"]
+    summary = json.loads((out / "imitation.json").read_text())
+    cal = summary["in_episode_calibration"]
     assert cal["blocks"] == 2 and len(cal["levels"]) == len(cal["cheap_shares"]) == 10
+    assert summary["track_budget"] is False and 0.0 <= summary["teacher_mean_abs_budget_gap"] <= 1.0
     capsys.readouterr()
     assert imitation.main([*args, "--output_dir", str(out)]) == 2  # refuses to overwrite
     bad = tmp_path / "bad"

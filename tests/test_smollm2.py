@@ -94,3 +94,26 @@ def test_shipped_prune_checkpoint_follows_its_budget():
         got[rho] = float(ep.usage_means()[:, 1].mean())
     assert got[0.5] < got[0.9]
     assert abs(got[0.5] - 0.5) < 0.1 and abs(got[0.9] - 0.9) < 0.1
+
+
+def test_shipped_cloned_prune_checkpoint_follows_its_budget_on_real_text():
+    """results/ckpt_prune_bc_cal (the headline: reads surprisal and entropy) loads and, on real dev text,
+    a tight request prunes more steps than a loose one, each near its target."""
+    from pathlib import Path
+
+    from utils.data import load_blocks
+    from utils.engine import run_episode
+    from utils.evaluation import load_policy_eval
+    from utils.schedulers import PolicyScheduler
+
+    ckpt = Path(__file__).resolve().parents[1] / "results" / "ckpt_prune_bc_cal"
+    cfg, lm, policy = load_policy_eval(str(ckpt), device="cpu")
+    assert lm.actions.tags == ("k100-s040-q16", "k100-s100-q16") and cfg.policy_scalar_dim == 10
+    blocks = torch.from_numpy(load_blocks(cfg, lm.tokenizer, "dev")[:8].astype("int64"))
+    got = {}
+    for rho in (0.5, 0.9):
+        ep = run_episode(lm, blocks, PolicyScheduler(policy), torch.tensor([[1.0, rho, 1.0]] * len(blocks)),
+                         context_len=cfg.context_len)
+        got[rho] = float(ep.usage_means()[:, 1].mean())
+    assert got[0.5] < got[0.9]
+    assert abs(got[0.5] - 0.5) < 0.1 and abs(got[0.9] - 0.9) < 0.1

@@ -1,12 +1,13 @@
 # The commands behind results/prune_bc (cloning only) and results/prune_bc_grpo (cloning, then GRPO), as run
-# on the 2-core CPU machine. `make headline-prune-bc` runs the same chain into checkpoints/headline_prune_bc_*.
+# on the 2-core CPU machine. The clone predates the in-episode budget correction, hence --calibrate_blocks 0
+# (the default now corrects it; `make headline-prune-bc` runs the corrected clone, results/prune_bc_cal/run.sh).
 set -e
 CFG=official_configs/cpu_smollm2_prune_lmfeats.yml
 # damage map of 256 train blocks (see results/damage_probe/run.sh; 14 min)
 # python -m utils.damage_probe collect --config official_configs/cpu_smollm2_prune.yml --split train --blocks 256 \
 #   --save results/damage_probe/map_train256.pt
 python -m utils.imitation --config $CFG --teacher results/damage_probe/map_train256.pt --features +scalars \
-  --output_dir checkpoints/prune_bc --blocks 512 --no_progress                                  # 11 min
+  --output_dir checkpoints/prune_bc --blocks 512 --calibrate_blocks 0 --no_progress                                  # 11 min
 python train.py --config $CFG --checkpoint_path checkpoints/prune_bc/policy_latest.pt \
   --output_dir checkpoints/prune_bc_grpo --total_updates 225                                    # 14 min
 for run in prune_bc prune_bc_grpo; do                                                           # 3 min each

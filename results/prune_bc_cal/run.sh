@@ -21,3 +21,7 @@ python -m utils.checkpoint export checkpoints/prune_bc_cal results/ckpt_prune_bc
 CKPT_DIR=results/ckpt_prune_bc_cal CSV_PATH=results/headline_prune_bc_cal/test_ppl.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 \
   NUM_TRIALS=8 EMC_DAC=1 POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" \
   EXTRA="--keep_prefill_mb 4096 --no_progress" ./eval_perplexity.sh > results/headline_prune_bc_cal/test_log.txt 2>&1
+# is the GRPO stage's overspend on dev argmax against sampling? sample at the training temperature (3 min)
+CKPT_DIR=checkpoints/prune_bc_cal_grpo CSV_PATH=results/prune_bc_cal_grpo/dev96_sampled_t1.3_ppl.csv SPLIT=dev EVAL_BATCHES=6 \
+  BATCH_SIZE=16 NUM_TRIALS=0 POINTS="1,0.5,16 1,0.9,16" EXTRA="--no_progress --stochastic_policy --policy_temperature 1.3" \
+  ./eval_perplexity.sh > results/prune_bc_cal_grpo/dev96_sampled_t1.3_log.txt 2>&1
