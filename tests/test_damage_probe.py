@@ -236,3 +236,5 @@ def test_budget_tracking_teacher_meets_every_row_budget_to_within_one_step(tiny)
     assert (taken[wanted == 0] == 0).all() and (taken[wanted == int(eff.sum())] == int(eff.sum())).all()
     with pytest.raises(ValueError):
         damage_probe.PredictedDamageScheduler(sched.model, "+scalars", eff, cheap, threshold=0.0, track=True)
+    with pytest.raises(ValueError):  # the correction must be measured open-loop
+        damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, torch.tensor([0.5, 1.0]))

@@ -298,8 +298,8 @@ def calibrate_in_episode(lm, sched: PredictedDamageScheduler, blocks: torch.Tens
     from tqdm import tqdm
 
     cal = sched.calibration
-    if cal is None or cal.levels is not None:
-        raise ValueError("calibrate_in_episode needs a scheduler with an uncorrected calibration")
+    if cal is None or cal.levels is not None or sched.track:
+        raise ValueError("calibrate_in_episode needs an open-loop scheduler with an uncorrected calibration")
     L = len(levels)
     per_row = level_budgets(cal, levels)
     cheap, n = torch.zeros(L, dtype=torch.float64), 0
