@@ -117,6 +117,8 @@ def budget_matched_targets(episodes: Iterable[Episode]) -> tuple[float, float, f
 class _TwoLevelScheduler(Scheduler):
     """Shared set-up: per-axis level tables and the targets' two-level brackets for the LM's action grid."""
 
+    uses_lm_scalars = False  # content-blind, or (EMC) reads the previous logits itself
+
     def __init__(self, targets: Sequence[float]) -> None:
         self.targets = _check_targets(targets)
         self._grid_key = None

@@ -64,6 +64,11 @@ class Config:
     batch_size: int = _f(32, "input sequences per rollout batch (per rank)")
     grpo_rollouts_per_input: int = _f(16, "K counterfactual schedules per input sequence")
     epochs: int = _f(1, "passes over the training blocks")
+    rollout_rows_per_forward: int = _f(128, "ours: memory knob, decode rows per batched forward. Training decodes "
+                                       "as many rollout batches (batch_size x K rows each) of one update cycle "
+                                       "together as fit (0 or < batch_size x K: one batch at a time); the "
+                                       "research tools (placement, damage probe, imitation) batch their "
+                                       "episodes up to it. Does not change what is learned")
 
     # ---- budgets ------------------------------------------------------------------------------------
     C_target: float = _f(0.5, "default token keep target (aliases keep_target, C_target_token)")
@@ -368,7 +373,7 @@ _RANGES = [
       "quest_page_size", "max_blocks", "policy_d_model", "policy_n_heads", "policy_n_layers", "policy_mlp_ratio",
       "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
-      "kl_pi_ref_coef", "eval_every_updates"), ">= 0", lambda v: v >= 0),
+      "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward"), ">= 0", lambda v: v >= 0),
     (("ppo_clip", "lr", "max_grad_norm", "pi_temperature"), "> 0", lambda v: v > 0),
     (("C_target", "C_target_prune", "eval_C_tok", "eval_C_pru", "task_w_kl", "reward_gamma", "budget_tok_min",
       "budget_tok_max", "budget_prune_min", "budget_prune_max", "budget_q_ratio_min", "budget_q_ratio_max"),

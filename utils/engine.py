@@ -39,6 +39,7 @@ class Scheduler:
     """Chooses one action index per row per decode step. Subclasses override `choose`."""
 
     name = "scheduler"
+    uses_lm_scalars = True  # reads the surprisal/entropy scalars; False skips their full-vocabulary softmax
 
     def start(self, lm: ControlledLM, budgets: torch.Tensor, group_size: int) -> None:
         """Called once per episode before step 0; budgets [N, 3] = requested (κ, ρ, bits/16) per row."""
@@ -65,6 +66,18 @@ class Episode:
     dense_flops: torch.Tensor  # [T] FLOPs of a dense step at each position
     group_size: int = 1
     extras: dict = field(default_factory=dict)
+
+    def rows(self, start: int, stop: int) -> "Episode":
+        """The episodes of rows start..stop−1 (whole groups: both multiples of `group_size`), e.g. one rollout
+        batch out of several decoded together."""
+        K = self.group_size
+        if start % K or stop % K:
+            raise ValueError(f"rows {start}:{stop} split a group of {K} rollouts")
+        return Episode(
+            actions=self.actions[:, start:stop], logp=self.logp[:, start:stop],
+            usage={k: v[:, start:stop] for k, v in self.usage.items()}, effective=self.effective,
+            budgets=self.budgets[start:stop], dense_logp=self.dense_logp[:, start // K: stop // K],
+            kl=None if self.kl is None else self.kl[:, start:stop], dense_flops=self.dense_flops, group_size=K)
 
     def usage_means(self) -> torch.Tensor:
         """[N, 3] nominal (κ, ρ/P_MAX, bits/16) averaged over effective steps (dense if none)."""
@@ -169,8 +182,10 @@ def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Schedu
         y = labels[t].repeat_interleave(K)
         kv_len = C + t + 1
         effective = kv_len > lm.Ts + lm.Tw + 1
+        lm_feats = scheduler.uses_lm_scalars
         obs = StepObs(t, T, x, hidden, prev_logits,
-                      step_scalars(t, T, effective, row_budgets, usage_sum, n_eff, prev_logits, x), effective)
+                      step_scalars(t, T, effective, row_budgets, usage_sum, n_eff, prev_logits if lm_feats else None,
+                                   x), effective)
         a = scheduler.choose(obs)
         out = lm.step(cache, x, a)
         scheduler.observe(out)

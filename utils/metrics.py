@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,18 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path | None, total_updates: int, enabled: bool = True,
                  wandb_project: str | None = None, wandb_entity: str | None = None,
-                 wandb_run_name: str | None = None, config: dict | None = None, initial_update: int = 0) -> None:
+                 wandb_run_name: str | None = None, config: dict | None = None, initial_update: int = 0,
+                 resume_at: tuple[int, int] | None = None) -> None:
+        """`resume_at` = (batches done, updates done) of the checkpoint a resumed run starts from: records
+        logged after it (by the run that was stopped) are dropped, so every batch appears once. A fresh run
+        (None) starts the file anew, dropping what a run killed before its first checkpoint left."""
         self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled and run_dir is not None else None
+        self.file = None
+        if enabled and run_dir is not None:
+            path = run_dir / "metrics.jsonl"
+            if resume_at is not None and path.exists():
+                truncate_metrics(path, *resume_at)
+            self.file = open(path, "a" if resume_at is not None else "w")
         self.bar = tqdm(total=total_updates, initial=initial_update, desc="updates", unit="upd",
                         dynamic_ncols=True, disable=not enabled)
         self.wandb = None
@@ -48,3 +58,21 @@ class MetricsLogger:
         self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def truncate_metrics(path: Path, batches: int, updates: int) -> None:
+    """Keep the records of `path` up to the first one past (batches, updates); rewrite it atomically."""
+    keep = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            break
+        if rec.get("batch", 0) > batches or rec.get("update", 0) > updates:
+            break
+        keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)

@@ -17,6 +17,7 @@ from utils.policy import SOLPolicy, action_logit_bias, choose_actions
 
 class DenseScheduler(Scheduler):
     name = "dense"
+    uses_lm_scalars = False
 
     def choose(self, obs: StepObs) -> torch.Tensor:
         return torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
@@ -32,6 +33,7 @@ class PolicyScheduler(Scheduler):
                  actions: ActionSpace | None = None, record: bool = False) -> None:
         self.policy, self.temperature, self.greedy, self.generator = policy, temperature, greedy, generator
         self.record = record
+        self.uses_lm_scalars = getattr(policy, "scalar_dim", 10) > 8  # the surprisal/entropy columns are read only then
         self.bias = None
         if any(b != 0.0 for b in biases):
             if actions is None:

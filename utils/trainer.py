@@ -5,6 +5,7 @@ episode engine, turn log-likelihoods and budget misses into group-relative advan
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import shutil
@@ -112,6 +113,16 @@ def mean_update_stats(step_stats: list[dict]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class BatchRecord:
+    """What one rollout batch produced in the training loop."""
+
+    batch: int  # 1-based count of rollout batches done
+    metrics: dict[str, float]  # `episode_metrics` + time/batch_s
+    step_stats: list[dict]  # one dict per optimizer step this batch triggered
+    updates: int  # optimizer updates done after this batch
+
+
 class GRPOTrainer:
     """Sets up everything from a Config, then `train()` runs the loop."""
 
@@ -173,6 +184,9 @@ class GRPOTrainer:
             stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
             path = Path(self.cfg.output_dir) / f"{self.cfg.run_name}-{stamp}"
         self._created_dir = False
+        if self.dist.is_main and resuming:
+            for stale in [*path.glob("policy_*.pt.*.tmp"), *path.glob(".config-*.yml.tmp"), *path.glob(".metrics.jsonl.*.tmp")]:
+                stale.unlink(missing_ok=True)  # temporary files of writes a kill interrupted
         if self.dist.is_main and not resuming:
             self._created_dir = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
@@ -217,26 +231,72 @@ class GRPOTrainer:
             self.save_stride = max(1, self.total_updates // 10)
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def rollout_batch(self, idx: np.ndarray) -> tuple[RolloutBatch, dict[str, float]]:
-        """K policy rollouts for each of the B blocks `idx`, scored into a RolloutBatch."""
+    def batches_per_forward(self) -> int:
+        """Rollout batches to decode together next: as many as `rollout_rows_per_forward` rows allow, but no more
+        than the current update cycle still needs (so a chunk never spans an update and every batch of a chunk
+        is sampled with the same policy weights)."""
         cfg = self.cfg
-        blocks = torch.from_numpy(np.asarray(self.blocks[idx], dtype=np.int64))
-        budgets = sample_budgets(cfg, len(idx), self.budget_gen)
-        sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True)
-        ep = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, cfg.grpo_rollouts_per_input,
-                         need_kl=cfg.task_w_kl > 0)
+        rows = cfg.batch_size * cfg.grpo_rollouts_per_input
+        per_batch = rows * cfg.rollout_len
+        need = max(1, math.ceil((cfg.ppo_target_batch_size - self.updater.pool_size) / per_batch))
+        return max(1, min(need, cfg.rollout_rows_per_forward // rows))
+
+    def score(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advantages [T, N] of one rollout batch's episodes, with its task rewards [T, N] and penalties [N]."""
+        cfg = self.cfg
         r_task = task_reward(ep.logp, ep.kl, cfg.task_w_kl)
         penalty = budget_penalty(ep.usage_means(), ep.budgets, self.alphas, cfg.budget_tolerance)
         charge = penalty
         if cfg.budget_credit == "step":
             usage = torch.stack([ep.usage[k] for k in ("keep", "prune", "qratio")], dim=-1)
             charge = step_budget_costs(usage, ep.budgets, ep.effective, self.alphas, cfg.budget_tolerance,
-                                       cfg.grpo_rollouts_per_input)
-        adv = grpo_advantages(r_task, charge, cfg, cfg.grpo_rollouts_per_input)
-        tr = sched.rollout_tensors()
-        batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
-                             actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
-        return batch, episode_metrics(ep, r_task, penalty, self.actions.tags)
+                                       ep.group_size)
+        return grpo_advantages(r_task, charge, cfg, ep.group_size), r_task, penalty
+
+    def rollout_batches(self, idxs: list[np.ndarray]) -> list[tuple[RolloutBatch, dict[str, float]]]:
+        """K policy rollouts for each block of every batch in `idxs`, decoded in ONE batched episode (one
+        prefill, one forward per step over all rows), then split back and scored batch by batch exactly as if
+        each had been decoded alone: returns, group normalisation and whitening are per rollout batch.
+
+        Budgets are drawn batch by batch in order (the same draws as one batch at a time); the policy samples
+        all rows of a step in one call, so the action RNG is consumed in a different order than with one
+        batch per forward (deterministic for a fixed seed and knob)."""
+        cfg, K = self.cfg, self.cfg.grpo_rollouts_per_input
+        blocks = torch.from_numpy(np.concatenate([np.asarray(self.blocks[i], dtype=np.int64) for i in idxs]))
+        budgets = torch.cat([sample_budgets(cfg, len(i), self.budget_gen) for i in idxs])
+        sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True)
+        ep_all = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, K, need_kl=cfg.task_w_kl > 0)
+        tr_all = sched.rollout_tensors()
+        out, start = [], 0
+        for i in idxs:
+            stop = start + len(i) * K
+            ep = ep_all.rows(start, stop)
+            tr = {k: v[:, start:stop] for k, v in tr_all.items()}
+            adv, r_task, penalty = self.score(ep)
+            batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
+                                 actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
+            out.append((batch, episode_metrics(ep, r_task, penalty, self.actions.tags)))
+            start = stop
+        return out
+
+    def rollout_batch(self, idx: np.ndarray) -> tuple[RolloutBatch, dict[str, float]]:
+        """K policy rollouts for each of the B blocks `idx`, scored into a RolloutBatch (one batch alone)."""
+        return self.rollout_batches([idx])[0]
+
+    def step_chunk(self, chunk: list[np.ndarray]) -> list["BatchRecord"]:
+        """Decode the rollout batches of `chunk` together, then pool them into the updater one by one, in
+        order (an update cycle runs when the pool fills). One record per batch."""
+        t0 = time.time()
+        rolled = self.rollout_batches(chunk)
+        decode_s = (time.time() - t0) / len(chunk)
+        out = []
+        for batch, m in rolled:
+            t1 = time.time()
+            self.batches_done += 1
+            step_stats = self.updater.add(batch)
+            m["time/batch_s"] = decode_s + time.time() - t1
+            out.append(BatchRecord(self.batches_done, m, step_stats, self.updater.num_updates))
+        return out
 
     def dev_eval(self) -> dict[str, float]:
         """Policy (argmax) on the dev split at the default targets vs dense and the fixed baseline matched to
@@ -269,25 +329,26 @@ class GRPOTrainer:
         cfg, is_main = self.cfg, self.dist.is_main
         logger = MetricsLogger(self.run_dir, self.total_updates, is_main, self.args.wandb_project,
                                self.args.wandb_entity, self.args.wandb_run_name or self.cfg.run_name,
-                               config_to_dict(cfg), initial_update=self.updater.num_updates)
+                               config_to_dict(cfg), initial_update=self.updater.num_updates,
+                               resume_at=(self.batches_done, self.updater.num_updates) if self.args.resume else None)
         saved_any = self.args.resume is not None
         last_saved = self.updater.num_updates if saved_any else None  # update count of the newest checkpoint
         try:
-            for idx in self.sampler:
-                if self.updater.num_updates >= self.total_updates:
+            batches = iter(self.sampler)
+            while self.updater.num_updates < self.total_updates:
+                chunk = list(itertools.islice(batches, self.batches_per_forward()))
+                if not chunk:  # the data ran out
+                    self.updater.flush()
                     break
-                t0 = time.time()
-                batch, m = self.rollout_batch(idx)
-                self.batches_done += 1
                 before = self.updater.num_updates
-                step_stats = self.updater.add(batch)
-                m["time/batch_s"] = time.time() - t0
-                if self.batches_done % cfg.log_every == 0 or step_stats:
-                    logger.log({"batch": self.batches_done, **m, **mean_update_stats(step_stats)},
-                               self.updater.num_updates)
-                logger.progress(self.updater.num_updates - before, reward=m["reward/total_mean"],
-                                gap_tok=m["budgets/abs_gap_tok"], gap_prune=m["budgets/abs_gap_prune"],
-                                gap_q=m["budgets/abs_gap_qratio"])
+                for rec in self.step_chunk(chunk):
+                    m = rec.metrics
+                    if rec.batch % cfg.log_every == 0 or rec.step_stats:
+                        logger.log({"batch": rec.batch, **m, **mean_update_stats(rec.step_stats)}, rec.updates)
+                    logger.progress(len(rec.step_stats), reward=m["reward/total_mean"],
+                                    gap_tok=m["budgets/abs_gap_tok"], gap_prune=m["budgets/abs_gap_prune"],
+                                    gap_q=m["budgets/abs_gap_qratio"])
+                # a chunk ends at an update at the latest (batches_per_forward), so this is the batch that made it
                 every = cfg.eval_every_updates
                 if every > 0 and is_main and before // every != self.updater.num_updates // every:
                     logger.log(self.dev_eval(), self.updater.num_updates)
@@ -295,8 +356,6 @@ class GRPOTrainer:
                 if crossed or self.updater.num_updates >= self.total_updates:
                     self.save()
                     saved_any, last_saved = True, self.updater.num_updates
-            else:
-                self.updater.flush()
             # The data can run out before total_updates (and between two save strides): the last updates
             # must still reach policy_latest.pt. A run that saved nothing saves its (initial) policy.
             if last_saved != self.updater.num_updates:
