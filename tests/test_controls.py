@@ -626,6 +626,12 @@ def test_expand_and_clone_cache(base):
     assert clone.get_seq_length() == CTX + 1 and cache.get_seq_length() == CTX
     out = lm.step(cache, ids[:2, CTX], None)
     _close(out.logits, full[:2, CTX])
+    # a copy with room for one token keeps decoding correctly past it (the buffers grow)
+    src, _, _ = lm.prefill(ids[:2, :CTX])
+    tight = lm.expand_cache(src, 2, spare=1)
+    for t in range(3):
+        out = lm.step(tight, ids[:2, CTX + t].repeat_interleave(2), None)
+        _close(out.logits, full[:2, CTX + t].repeat_interleave(2, dim=0))
 
 
 @pytest.mark.parametrize("crit", CRIT, ids=CRIT_IDS)

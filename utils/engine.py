@@ -163,7 +163,7 @@ def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Schedu
     labels, dense_logp, dense_logprobs = prefill.labels, prefill.dense_logp, prefill.dense_logprobs
 
     N = B * K
-    cache = lm.expand_cache(prefill.cache, K) if K > 1 else lm.clone_cache(prefill.cache)
+    cache = lm.expand_cache(prefill.cache, K, spare=T)
     hidden = prefill.hidden.repeat_interleave(K, dim=0)
     prev_logits = lm.logits(hidden)
     row_budgets = budgets.to(lm.device).float()

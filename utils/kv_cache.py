@@ -53,9 +53,43 @@ class GrowableLayer(DynamicLayer):
         return self.keys, self.values
 
 
+    @classmethod
+    def repeated(cls, src: DynamicLayer, k: int, spare: int = SPARE_TOKENS) -> "GrowableLayer":
+        """A layer holding every row of `src` k times in a row (rows b·k … b·k+k−1 from row b), written straight
+        into buffers with room for `spare` more tokens: one copy, where deepcopy + batch_repeat_interleave and
+        the first append after it make three."""
+        keys, values = src.keys, src.values
+        out = cls()
+        if keys is None or keys.dim() != 4:  # a layer that holds nothing yet
+            if keys is not None:
+                out.lazy_initialization(keys, values)
+            return out
+        B, H, L, D = keys.shape
+        Dv, cap = values.shape[-1], L + max(1, spare)
+        out.lazy_initialization(keys, values)
+        out._kbuf = keys.new_empty(B * k, H, cap, D)
+        out._vbuf = values.new_empty(B * k, H, cap, Dv)
+        out._kbuf.view(B, k, H, cap, D)[..., :L, :].copy_(keys[:, None].expand(B, k, H, L, D))
+        out._vbuf.view(B, k, H, cap, Dv)[..., :L, :].copy_(values[:, None].expand(B, k, H, L, Dv))
+        out.keys, out.values = out._kbuf[:, :, :L], out._vbuf[:, :, :L]
+        return out
+
+
 class GrowableCache(DynamicCache):
     """A DynamicCache whose layers are GrowableLayer (full attention only, as in Llama)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer_class_to_replicate = GrowableLayer
+
+    @classmethod
+    def repeated(cls, cache: DynamicCache, k: int = 1, spare: int = SPARE_TOKENS) -> "GrowableCache":
+        """An independent copy of `cache` with each row repeated k times, room for `spare` appended tokens."""
+        out = cls()
+        with torch.inference_mode(torch.is_inference_mode_enabled() or _any_inference(cache)):
+            out.layers = [GrowableLayer.repeated(layer, k, spare) for layer in cache.layers]
+        return out
+
+
+def _any_inference(cache: DynamicCache) -> bool:
+    return any(layer.keys is not None and layer.keys.is_inference() for layer in cache.layers)

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from utils.actions import DENSE_BITS, ActionSpace
 from utils.attention import is_effective
 from utils.controls import Controls, install_controls
-from utils.kv_cache import GrowableCache
+from utils.kv_cache import SPARE_TOKENS, GrowableCache
 
 # transformers 5.x renamed past_key_values -> cache (the old name still works with a warning until 5.40).
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -166,16 +166,14 @@ class ControlledLM:
 
     # ---- caches -------------------------------------------------------------------------------------
     @staticmethod
-    def clone_cache(cache: DynamicCache) -> DynamicCache:
-        """An independent copy (decode steps append to caches in place)."""
-        return copy.deepcopy(cache)
+    def clone_cache(cache: DynamicCache, spare: int = SPARE_TOKENS) -> DynamicCache:
+        """An independent copy (decode steps append to caches in place) with room for `spare` more tokens."""
+        return GrowableCache.repeated(cache, 1, spare)
 
     @staticmethod
-    def expand_cache(cache: DynamicCache, k: int) -> DynamicCache:
+    def expand_cache(cache: DynamicCache, k: int, spare: int = SPARE_TOKENS) -> DynamicCache:
         """A copy with each row repeated k times (rows b*k .. b*k+k-1 come from row b)."""
-        out = copy.deepcopy(cache)
-        out.batch_repeat_interleave(k)
-        return out
+        return GrowableCache.repeated(cache, k, spare)
 
     @staticmethod
     def select_cache(cache: DynamicCache, idx: torch.Tensor) -> DynamicCache:
