@@ -50,6 +50,19 @@ def test_damage_map_is_zero_for_the_dense_probe_and_consistent(tiny):
     assert tot.abs().sum() > 0
 
 
+def test_damage_map_batched_over_steps_equals_one_step_per_forward(tiny):
+    """Probed episodes decoded side by side (rows_per_forward: 3 or all 8 steps per forward) give the damage of
+    one probed episode per forward."""
+    cfg, lm, blocks = tiny
+    with torch.inference_mode():
+        pf = prefill_blocks(lm, blocks, cfg.context_len)
+        ref = placement.single_step_damage(lm, pf, _cheapest(lm))
+        for rows in (12, 10 ** 6):
+            got = placement.single_step_damage(lm, pf, _cheapest(lm), rows_per_forward=rows)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_report_bounds(tiny):
     cfg, lm, blocks = tiny
     torch.manual_seed(0)

@@ -143,15 +143,17 @@ def quest_keep(
     Ts: int = 0,
     Tw: int = 0,
     kappa_levels: Sequence[float] | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[B, Hq, K] mask: the top ceil(ceil(κ·K)/page) pages by Quest bound, pages aligned to position 0.
 
     As in the reference nothing is protected unless `keep_sink_window` is set, in which case the Ts sinks,
-    the Tw window tokens and the current token are always kept as well.
+    the Tw window tokens and the current token are always kept as well. `bounds`: the keys' page max/min if
+    already known (`GrowableLayer.page_bounds`), else computed here.
     """
     B, Hq, _ = query.shape
     K = keys.shape[2]
-    kmax, kmin = quest_page_bounds(keys, page)
+    kmax, kmin = bounds if bounds is not None else quest_page_bounds(keys, page)
     scores = quest_page_scores(query, kmax, kmin)  # [B, Hq, P]
     n_pages = scores.shape[-1]
     def n_keep_pages(frac: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ class DenseRecorder(Scheduler):
 
 
 def collect(lm, blocks: torch.Tensor, context_len: int, batch_size: int, probe_idx: int,
-            progress: bool = True) -> dict[str, torch.Tensor]:
+            progress: bool = True, rows_per_forward: int = 0) -> dict[str, torch.Tensor]:
     """Damage map and policy-visible features of `blocks` [S, C+T+1]; every tensor is [S, T, ...] on CPU."""
     from tqdm import tqdm
 
@@ -79,7 +79,7 @@ def collect(lm, blocks: torch.Tensor, context_len: int, batch_size: int, probe_i
     effective = None
     for i in tqdm(range(0, blocks.shape[0], batch_size), desc="damage map", disable=not progress):
         pf = prefill_blocks(lm, blocks[i: i + batch_size], context_len)
-        loc, tot = single_step_damage(lm, pf, probe_idx)
+        loc, tot = single_step_damage(lm, pf, probe_idx, rows_per_forward)
         rec = DenseRecorder()
         B = tot.shape[1]
         ep = run_episode(lm, None, rec, torch.ones(B, 3), context_len, prefill=pf)
@@ -467,7 +467,8 @@ def _collect(a: argparse.Namespace) -> None:
     need(probe_idx != acts.dense_idx, "the probe action is the dense action: nothing to measure")
     blocks = torch.as_tensor(load_blocks(cfg, tok, a.split)[: a.blocks].copy())
     with torch.inference_mode():
-        data = collect(lm, blocks, cfg.context_len, a.batch_size, probe_idx)
+        data = collect(lm, blocks, cfg.context_len, a.batch_size, probe_idx,
+                       rows_per_forward=cfg.rollout_rows_per_forward)
     _atomic_save({**data, "probe_tag": acts.tags[probe_idx], "split": a.split, "config": a.config,
                   "overrides": list(a.set)}, a.save,
                  as_json=False)

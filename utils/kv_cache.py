@@ -27,6 +27,7 @@ class GrowableLayer(DynamicLayer):
 
     def _adopt(self, extra: int) -> None:
         """Copy the current keys/values into fresh buffers with room for `extra` more tokens."""
+        self._pages = None
         B, H, L, D = self.keys.shape
         cap = L + max(extra, SPARE_TOKENS)
         self._kbuf = self.keys.new_empty(B, H, cap, D)
@@ -52,6 +53,47 @@ class GrowableLayer(DynamicLayer):
         self.values = self._vbuf[:, :, :new_len]
         return self.keys, self.values
 
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        pages = getattr(self, "_pages", None)
+        if pages is not None:  # page summaries past the new end are stale
+            page, pmax, pmin, done = pages
+            self._pages = (page, pmax, pmin, min(done, self.keys.shape[-2] // page))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._pages = None
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._pages = None
+        super().batch_select_indices(indices)
+
+    def page_bounds(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elementwise max and min of the keys of each page of `page` tokens, aligned to position 0: two
+        [B, H, P, D], the last page partial if the length is not a multiple (what `quest_page_bounds` computes).
+
+        Kept up to date as tokens arrive: a page is reduced once, when it is complete, so a decode step reads
+        the newest page instead of the whole cache (QUEST's page metadata)."""
+        keys = self.keys
+        B, H, L, D = keys.shape
+        n_full, pages = L // page, getattr(self, "_pages", None)
+        if (pages is None or pages[0] != page or not self._owns() or pages[1].shape[0] != B
+                or pages[1].shape[2] * page < L):
+            cap = -(-max(L, self._kbuf.shape[-2] if self._owns() else L) // page) + 1
+            pmax, pmin, done = keys.new_empty(B, H, cap, D), keys.new_empty(B, H, cap, D), 0
+        else:
+            _, pmax, pmin, done = pages
+        if n_full > done:
+            blk = keys[:, :, done * page: n_full * page].reshape(B, H, n_full - done, page, D)
+            pmax[:, :, done:n_full], pmin[:, :, done:n_full] = blk.amax(dim=3), blk.amin(dim=3)
+        P = n_full
+        if L % page:  # the partial last page changes every step: not kept
+            tail = keys[:, :, n_full * page:]
+            pmax[:, :, n_full], pmin[:, :, n_full] = tail.amax(dim=2), tail.amin(dim=2)
+            P += 1
+        self._pages = (page, pmax, pmin, n_full)
+        return pmax[:, :, :P], pmin[:, :, :P]
 
     @classmethod
     def repeated(cls, src: DynamicLayer, k: int, spare: int = SPARE_TOKENS) -> "GrowableLayer":

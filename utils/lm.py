@@ -125,7 +125,7 @@ class ControlledLM:
         if effective:
             kt, pt, bt = self._act_tables
             kappa, rho, bits = kt[actions], pt[actions], bt[actions]
-            self.controls.set(kappa, rho, bits, kv_len)
+            self.controls.set(kappa, rho, bits, kv_len, cache)
         else:
             self.controls.clear()
             kappa, rho, bits = ones, ones, torch.full((B,), DENSE_BITS, device=input_ids.device)

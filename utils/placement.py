@@ -36,30 +36,41 @@ from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episod
 
 
 class ProbeScheduler(Scheduler):
-    """Dense everywhere except decode step `step`, where every row takes `probe_idx`."""
+    """Dense everywhere except one decode step per row: row r takes `probe_idx` at step `step[r]` (an int
+    probes the same step in every row)."""
 
     name = "probe"
+    uses_lm_scalars = False
 
-    def __init__(self, step: int, probe_idx: int) -> None:
-        self.step, self.probe_idx = int(step), int(probe_idx)
+    def __init__(self, step: int | torch.Tensor, probe_idx: int) -> None:
+        self.step, self.probe_idx = torch.as_tensor(step), int(probe_idx)
 
     def choose(self, obs: StepObs) -> torch.Tensor:
         a = torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
-        return a.fill_(self.probe_idx) if obs.t == self.step else a
+        return a.masked_fill_(self.step.to(a.device) == obs.t, self.probe_idx)
 
 
-def single_step_damage(lm, prefill: Prefill, probe_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(damage_local, damage) `[T, B]` of taking `probe_idx` at one step s (rows s), dense elsewhere."""
+def single_step_damage(lm, prefill: Prefill, probe_idx: int, rows_per_forward: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(damage_local, damage) `[T, B]` of taking `probe_idx` at one step s (rows s), dense elsewhere.
+
+    The T probed episodes of each block are decoded side by side, as many steps per forward as
+    `rows_per_forward` rows allow (at least one step: B rows)."""
     T, B = prefill.labels.shape
-    dense_nll = -prefill.dense_logp
-    local, total = [], []
-    ones = torch.ones(B, 3)
-    for s in range(T):
-        ep = run_episode(lm, None, ProbeScheduler(s, probe_idx), ones, prefill.context_len, prefill=prefill)
-        d = (ep.nll - dense_nll).double()
-        local.append(d[s])
-        total.append(d[s:].sum(0))
-    return torch.stack(local), torch.stack(total)
+    dense_nll = -prefill.dense_logp.double()
+    per = max(1, min(T, rows_per_forward // B))
+    local = torch.empty(T, B, dtype=torch.float64, device=dense_nll.device)
+    total = torch.empty_like(local)
+    for s0 in range(0, T, per):
+        S = min(per, T - s0)
+        steps = torch.arange(s0, s0 + S).repeat(B)  # row b·S + j probes step s0 + j
+        ep = run_episode(lm, None, ProbeScheduler(steps, probe_idx), torch.ones(B, 3), prefill.context_len, S,
+                         prefill=prefill)
+        d = (ep.nll.double() - dense_nll.repeat_interleave(S, dim=1)).view(T, B, S)
+        for j in range(S):
+            s = s0 + j
+            local[s], total[s] = d[s, :, j], d[s:, :, j].sum(0)
+    return local, total
 
 
 def cheapest_action(actions) -> int:
@@ -98,7 +109,7 @@ class PlacementReport:
 
 
 def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets: tuple[float, float, float],
-                     batch_size: int, probe_idx: int) -> PlacementReport:
+                     batch_size: int, probe_idx: int, rows_per_forward: int = 0) -> PlacementReport:
     """Damage map and policy schedule on `blocks` `[S, C+T+1]` (all batches), then the summary above."""
     from utils.schedulers import PolicyScheduler
 
@@ -107,7 +118,7 @@ def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets
     dmg, loc, spend, cheap = [], [], [], []
     for i in range(0, blocks.shape[0], batch_size):
         pf = prefill_blocks(lm, blocks[i: i + batch_size], context_len)
-        d_loc, d = single_step_damage(lm, pf, probe_idx)
+        d_loc, d = single_step_damage(lm, pf, probe_idx, rows_per_forward)
         sched = PolicyScheduler(policy, greedy=True, record=True)
         B = d.shape[1]
         ep = run_episode(lm, None, sched, torch.tensor(targets).expand(B, 3), context_len, prefill=pf)
@@ -182,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                    (a.tgt_quant_bits if a.tgt_quant_bits is not None else cfg.C_target_quant_bits) / 16.0)
         blocks = torch.as_tensor(load_blocks(cfg, lm.tokenizer, a.split)[: a.blocks].copy())
         with torch.inference_mode():
-            rep = placement_report(lm, policy, blocks, cfg.context_len, targets, a.batch_size, probe_idx)
+            rep = placement_report(lm, policy, blocks, cfg.context_len, targets, a.batch_size, probe_idx,
+                                   cfg.rollout_rows_per_forward)
     except (UsageError, CheckpointError, ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
