@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal strength (default 0.35)")
     p.add_argument("--csv_path", help="append one row of results to this CSV")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the checkpoint config's device, auto)")
+    p.add_argument("--rows_per_forward", type=int,
+                   help="decode this many rows per batched forward: methods (policy, dense, each baseline) run "
+                        "side by side, floor(N / batch_size) at a time; 0 = one method per forward (default: the "
+                        "checkpoint config's rollout_rows_per_forward, 128). Same numbers to float rounding")
     p.add_argument("--keep_prefill_mb", type=float, default=2048.0,
                    help="memory for reusing the policy's prefills in the baseline phase (others are recomputed)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -73,6 +77,8 @@ def _check_args(a: argparse.Namespace) -> None:
          f"--policy_temperature must be > 0, got {a.policy_temperature}")
     need(a.gamma >= 0, f"--gamma must be >= 0, got {a.gamma}")
     need(a.keep_prefill_mb >= 0, f"--keep_prefill_mb must be >= 0, got {a.keep_prefill_mb}")
+    need(a.rows_per_forward is None or a.rows_per_forward >= 0,
+         f"--rows_per_forward must be >= 0, got {a.rows_per_forward}")
     need(a.mode == "latest" or a.mode.isdigit(), f"--mode must be latest or an update number, got {a.mode!r}")
     need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
 
@@ -139,7 +145,8 @@ def run(a: argparse.Namespace) -> int:
     try:
         res, targets = evaluate_matched(
             lm, blocks, a.batch_size, n_batches, {"policy": policy_sched, "dense": DenseScheduler()}, baselines,
-            (tk, tp, tb / 16.0), context_len=cfg.context_len, keep_prefill_mb=a.keep_prefill_mb, on_episode=tick)
+            (tk, tp, tb / 16.0), context_len=cfg.context_len, keep_prefill_mb=a.keep_prefill_mb, on_episode=tick,
+            rows_per_forward=cfg.rollout_rows_per_forward if a.rows_per_forward is None else a.rows_per_forward)
     finally:
         bar.close()
 

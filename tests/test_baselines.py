@@ -229,3 +229,36 @@ def test_engine_usage_and_budget_matched_targets(tiny):
                                ep.usage_means().mean(0), rtol=1e-6, atol=1e-6)
     dense = run_episode(lm, None, DenseScheduler(), torch.ones(4, 3), cfg.context_len, prefill=pf)
     assert budget_matched_targets([dense]) == (1.0, 1.0, 1.0)
+
+
+def test_methods_side_by_side_equal_one_method_per_forward(tiny_test_split):
+    """evaluate_matched with rows_per_forward (3 methods, then all 7, per forward via StackedScheduler) gives
+    each method the NLLs, usage and action counts of one method per forward, and the same matched targets."""
+    from utils.evaluation import evaluate_matched
+    from utils.policy import SOLPolicy
+    from utils.schedulers import PolicyScheduler
+
+    cfg, lm, blocks = tiny_test_split
+    torch.manual_seed(0)
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions)).eval()
+
+    def run(rows):
+        def baselines(t):
+            return {"fixed": FixedScheduler(t), "random_1": RandomScheduler(t, seed=1),
+                    "random_2": RandomScheduler(t, seed=2), "emc": EMCScheduler(t), "dac": DACScheduler(t)}
+        first = {"policy": PolicyScheduler(policy, 1.0, greedy=True), "dense": DenseScheduler()}
+        with torch.inference_mode():
+            return evaluate_matched(lm, blocks, 4, 2, first, baselines, (0.5, 0.75, 0.5),
+                                    context_len=cfg.context_len, rows_per_forward=rows)
+
+    ref, ref_t = run(0)
+    for rows in (12, 1000):
+        got, got_t = run(rows)
+        assert got.keys() == ref.keys()
+        torch.testing.assert_close(torch.tensor(got_t), torch.tensor(ref_t), atol=1e-6, rtol=0)
+        for name, r in ref.items():
+            torch.testing.assert_close(got[name].nll, r.nll, atol=1e-5, rtol=0, msg=name)
+            assert torch.equal(got[name].action_hist, r.action_hist), name
+            for a, b in zip(got[name].usage, r.usage):
+                assert abs(a - b) < 1e-6, name
+    assert len(set(ref["random_1"].nll.tolist()) ^ set(ref["random_2"].nll.tolist())) > 0  # the seeds differ

@@ -92,3 +92,24 @@ def test_episode_on_a_bf16_base(tmp_path):
     assert (ep16.logp - ep32.logp).abs().mean() < 0.05
     eff = ep16.effective
     assert (ep16.usage["channel_keep"][eff] >= ep16.usage["prune"][eff] - 1e-6).all()  # ties only add channels
+
+
+def test_decode_attention_over_a_padded_buffer_equals_the_prefix():
+    """Low-precision decode attention multiplies by the whole (contiguous) cache buffer and masks the tail:
+    the result is attention over the filled prefix."""
+    from utils.controls import decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, grp, K, cap, D = 3, 2, 2, 21, 30, 16
+    kbuf = torch.zeros(B, Hkv, cap, D, dtype=torch.bfloat16)
+    vbuf = torch.zeros_like(kbuf)
+    kbuf[:, :, :K] = torch.randn(B, Hkv, K, D, generator=g).to(torch.bfloat16)
+    vbuf[:, :, :K] = torch.randn(B, Hkv, K, D, generator=g).to(torch.bfloat16)
+    kbuf[:, :, K:] = 50.0  # whatever the tail holds must not leak in
+    q = torch.randn(B, Hkv * grp, 1, D, generator=g).to(torch.bfloat16)
+    keep_half = lambda q_, k_, logits: torch.arange(K)[None, None] % 2 == 0  # noqa: E731
+    for keep_fn in (None, keep_half):
+        ref, keep_ref = decode_attention(q, kbuf[:, :, :K], vbuf[:, :, :K], None, D ** -0.5, keep_fn)
+        got, keep = decode_attention(q, kbuf[:, :, :K], vbuf[:, :, :K], None, D ** -0.5, keep_fn, (kbuf, vbuf))
+        assert torch.equal(keep, keep_ref)
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0)

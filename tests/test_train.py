@@ -254,11 +254,13 @@ def test_warm_start_starts_from_checkpoint_weights(tmp_path, tiny_run, block_cac
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
-    """No --output_dir: each rank derives the run directory name from rank 0's broadcast timestamp."""
+    """No --output_dir: each rank derives the run directory name from rank 0's broadcast timestamp. Each rank
+    decodes its share of the update cycle (2 rollout batches per rank) in one batched forward."""
     parent = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "train.py"), "--config", TINY, "--total_updates", "2",
-           "--set", f"block_cache_dir={block_cache}", "--set", f"output_dir={parent}", "--set", "run_name=ddp"]
+           str(REPO / "train.py"), "--config", TINY, "--total_updates", "4",
+           "--set", f"block_cache_dir={block_cache}", "--set", f"output_dir={parent}", "--set", "run_name=ddp",
+           "--set", "ppo_target_batch_size=128"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -266,14 +268,14 @@ def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
     run_dirs = list(parent.iterdir())
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith("ddp-"), run_dirs
     run = run_dirs[0]
-    assert sorted(x.name for x in run.iterdir()) == ["config.yaml", "metrics.jsonl", "policy_2.pt", "policy_latest.pt"]
+    assert sorted(x.name for x in run.iterdir()) == ["config.yaml", "metrics.jsonl", "policy_4.pt", "policy_latest.pt"]
     assert p.stdout.count("run directory:") == 1, p.stdout
     assert sorted(x.name for x in tmp_path.iterdir()) == ["runs"]  # nothing else written (e.g. ./checkpoints)
     ckpt = load_ckpt(run / "policy_latest.pt")
-    assert ckpt["update_step"] == 2 and ckpt["sampler"]["world_size"] == 2
+    assert ckpt["update_step"] == 4 and ckpt["sampler"]["world_size"] == 2
     assert not any(k.startswith("module.") for k in ckpt["policy_state_dict"])  # the unwrapped policy is saved
     records = read_metrics(run)
-    assert len(records) == ckpt["batches_done"] == 1  # rank 0's lines only, once each
+    assert len(records) == ckpt["batches_done"] == 2  # rank 0's lines only, once each
     assert len({r["batch"] for r in records}) == len(records)
 
 

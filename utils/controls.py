@@ -29,31 +29,45 @@ ATTN_IMPL = "sol"
 def _sol_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     ctl: Controls | None = getattr(module, "_sol_controls", None)
     decode = ctl is not None and query.shape[2] == 1
+    padded = None
+    if decode and query.dtype != torch.float32 and ctl.cache is not None:
+        layer = ctl.cache.layers[module.layer_idx]
+        if getattr(layer, "keys", None) is key and hasattr(layer, "padded"):
+            padded = layer.padded()
     if decode and ctl.active:
-        return ctl.sparse_decode_attention(query, key, value, attention_mask, scaling, module.layer_idx)
+        return ctl.sparse_decode_attention(query, key, value, attention_mask, scaling, module.layer_idx, padded)
     if decode and query.dtype != torch.float32:
         # SDPA's CPU kernel for one query token in bfloat16 is ~2x slower than matmul-softmax-matmul
         # (SmolLM2, 128 rows, 272 keys: 0.69 vs 0.31 s per step), so dense decode steps take the same path
-        return decode_attention(query, key, value, attention_mask, scaling, None)
+        return decode_attention(query, key, value, attention_mask, scaling, None, padded)[0], None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def decode_attention(query, key, value, attention_mask, scaling, keep_fn):
+def decode_attention(query, key, value, attention_mask, scaling, keep_fn, padded=None):
     """Attention of one query token [B, Hq, 1, D] over all keys [B, Hkv, K, D] (GQA groups shared), restricted
     to the keys `keep_fn(q, key, logits)` keeps ([B, Hq or 1, K] bool; None keeps all) and the mask allows.
+    `padded`: contiguous key/value buffers whose first K positions are `key`/`value` (`GrowableLayer.padded`);
+    the products then run over the whole buffer, the tail getting probability 0.
     Returns (output [B, 1, Hq, D], kept-key mask [B, Hq, K])."""
     B, Hq, _, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     g = Hq // Hkv
     q = query[:, :, 0]
-    logits = (q.reshape(B, Hkv, g, D) @ key.transpose(-1, -2)).reshape(B, Hq, K) * scaling
+    kmat = key if padded is None else padded[0]
+    logits = (q.reshape(B, Hkv, g, D) @ kmat.transpose(-1, -2)).reshape(B, Hq, -1)[..., :K] * scaling
     keep = torch.ones(1, 1, K, dtype=torch.bool, device=q.device) if keep_fn is None else keep_fn(q, key, logits)
     if attention_mask is not None:
         allowed = attention_mask[:, :, -1, :K]
         keep = keep & (allowed if allowed.dtype == torch.bool else allowed == 0)
     keep = keep.expand(B, Hq, K)
     probs = torch.softmax(logits.masked_fill(~keep, float("-inf")).float(), dim=-1).to(value.dtype)
-    out = probs.reshape(B, Hkv, g, K) @ value  # [B, Hkv, g, D]
+    if padded is None:
+        out = probs.reshape(B, Hkv, g, K) @ value  # [B, Hkv, g, D]
+    else:
+        vbuf = padded[1]
+        full = probs.new_zeros(B, Hq, vbuf.shape[2])
+        full[..., :K] = probs
+        out = full.reshape(B, Hkv, g, -1) @ vbuf
     return out.reshape(B, 1, Hq, D), keep
 
 
@@ -120,9 +134,9 @@ class Controls:
         return quest_keep(q, keys, self.kappa, self.page_size, self.quest_keep_sink_window, self.Ts, self.Tw,
                           self.keep_levels, bounds)
 
-    def sparse_decode_attention(self, query, key, value, attention_mask, scaling, layer_idx=None):
+    def sparse_decode_attention(self, query, key, value, attention_mask, scaling, layer_idx=None, padded=None):
         out, keep = decode_attention(query, key, value, attention_mask, scaling,
-                                     lambda q, k, logits: self.token_keep(q, k, logits, layer_idx))
+                                     lambda q, k, logits: self.token_keep(q, k, logits, layer_idx), padded)
         self.key_frac_sum += keep.float().mean(dim=(1, 2))
         return out, None
 

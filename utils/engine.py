@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from utils.lm import ControlledLM, StepOutput
+from utils.lm import ControlledLM, StepOutput, StepUsage
 
 USAGE_FIELDS = ("keep", "prune", "qratio", "attn_keep", "channel_keep", "flops")
 
@@ -52,6 +52,45 @@ class Scheduler:
         """Called after each decode step with its output (default: nothing)."""
 
 
+class StackedScheduler(Scheduler):
+    """Several schedulers decoded in ONE batched episode: over a prefill of B blocks repeated M = len(parts)
+    times (`run_episode(..., group_size=M)`), rows b·M + m belong to part m. Each part sees only its own B
+    rows, in block order, exactly as if it ran alone on the B blocks (its state, e.g. the fixed baseline's
+    residual, carries across episodes as usual); `Episode.select(rows(m))` gives its episode back."""
+
+    name = "stacked"
+
+    def __init__(self, parts: list[Scheduler]) -> None:
+        self.parts = list(parts)
+        self.uses_lm_scalars = any(p.uses_lm_scalars for p in self.parts)
+
+    def rows(self, m: int, n_blocks: int) -> torch.Tensor:
+        return torch.arange(n_blocks) * len(self.parts) + m
+
+    def start(self, lm: ControlledLM, budgets: torch.Tensor, group_size: int) -> None:
+        super().start(lm, budgets, group_size)
+        M = len(self.parts)
+        if group_size != M:
+            raise ValueError(f"a StackedScheduler of {M} parts needs group_size={M}, got {group_size}")
+        self._idx = [self.rows(m, budgets.shape[0] // M).to(budgets.device) for m in range(M)]
+        for part, idx in zip(self.parts, self._idx):
+            part.start(lm, budgets[idx], 1)
+
+    def choose(self, obs: StepObs) -> torch.Tensor:
+        a = torch.empty_like(obs.input_ids)
+        for part, idx in zip(self.parts, self._idx):
+            a[idx] = part.choose(StepObs(obs.t, obs.T, obs.input_ids[idx], obs.hidden[idx], obs.prev_logits[idx],
+                                         obs.scalars[idx], obs.effective))
+        return a
+
+    def observe(self, out: StepOutput) -> None:
+        u = out.usage
+        for part, idx in zip(self.parts, self._idx):
+            part.observe(StepOutput(out.logits[idx], out.hidden[idx], StepUsage(
+                u.keep[idx], u.prune[idx], u.qratio[idx], u.attn_keep[idx], u.channel_keep[idx], u.flops[idx],
+                u.effective)))
+
+
 @dataclass
 class Episode:
     """Per-step records of one batch of episodes, time-major [T, N]."""
@@ -78,6 +117,16 @@ class Episode:
             usage={k: v[:, start:stop] for k, v in self.usage.items()}, effective=self.effective,
             budgets=self.budgets[start:stop], dense_logp=self.dense_logp[:, start // K: stop // K],
             kl=None if self.kl is None else self.kl[:, start:stop], dense_flops=self.dense_flops, group_size=K)
+
+    def select(self, idx: torch.Tensor) -> "Episode":
+        """The episodes of rows `idx` as episodes of their own (group size 1), e.g. one method's rows out of a
+        `StackedScheduler` episode."""
+        idx = idx.to(self.actions.device)
+        blocks = torch.div(idx, self.group_size, rounding_mode="floor").to(self.dense_logp.device)
+        return Episode(
+            actions=self.actions[:, idx], logp=self.logp[:, idx], usage={k: v[:, idx] for k, v in self.usage.items()},
+            effective=self.effective, budgets=self.budgets[idx], dense_logp=self.dense_logp[:, blocks],
+            kl=None if self.kl is None else self.kl[:, idx], dense_flops=self.dense_flops, group_size=1)
 
     def usage_means(self) -> torch.Tensor:
         """[N, 3] nominal (κ, ρ/P_MAX, bits/16) averaged over effective steps (dense if none)."""

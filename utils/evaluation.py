@@ -29,7 +29,7 @@ import torch
 
 from utils.baselines import budget_matched_targets
 from utils.data import eval_batches
-from utils.engine import Episode, Prefill, Scheduler, prefill_blocks, run_episode
+from utils.engine import Episode, Prefill, Scheduler, StackedScheduler, prefill_blocks, run_episode
 from utils.lm import ControlledLM
 
 SchedulerSpec = Union[Scheduler, Callable[[], Scheduler]]
@@ -147,20 +147,32 @@ def _batches(blocks: np.ndarray | torch.Tensor, batch_size: int, n_batches: int 
 def _run(lm: ControlledLM, batches: list[torch.Tensor], schedulers: Mapping[str, Scheduler],
          budgets: Budgets | Mapping[str, Budgets], context_len: int, prefills: list[Prefill | None] | None,
          keep_prefill_mb: float, on_episode: Callable[[str], None] | None, keep_episodes: bool,
-         ) -> tuple[dict[str, MethodResult], list[Prefill | None]]:
+         rows_per_forward: int = 0) -> tuple[dict[str, MethodResult], list[Prefill | None]]:
     accs = {name: _Accumulator(name, len(lm.actions), keep_episodes) for name in schedulers}
+    names = list(schedulers)
     kept: list[Prefill | None] = []
     used = 0
     for i, blocks in enumerate(batches):
         pf = prefills[i] if prefills is not None and i < len(prefills) else None
         if pf is None:
             pf = prefill_blocks(lm, blocks, context_len)
-        for name, sched in schedulers.items():
-            b = budgets[name] if isinstance(budgets, Mapping) else budgets
-            ep = run_episode(lm, None, sched, _budget_rows(b, blocks.shape[0], lm.device), context_len, prefill=pf)
-            accs[name].add(ep)
-            if on_episode is not None:
-                on_episode(name)
+        B = blocks.shape[0]
+        rows = {n: _budget_rows(budgets[n] if isinstance(budgets, Mapping) else budgets, B, lm.device) for n in names}
+        per = max(1, rows_per_forward // B)  # methods decoded side by side in one forward
+        for j in range(0, len(names), per):
+            group = names[j: j + per]
+            if len(group) == 1:
+                eps = [run_episode(lm, None, schedulers[group[0]], rows[group[0]], context_len, prefill=pf)]
+            else:
+                stack = StackedScheduler([schedulers[n] for n in group])
+                M = len(group)
+                ep = run_episode(lm, None, stack, torch.stack([rows[n] for n in group], 1).reshape(B * M, 3),
+                                 context_len, M, prefill=pf)
+                eps = [ep.select(stack.rows(m, B)) for m in range(M)]
+            for name, ep in zip(group, eps):
+                accs[name].add(ep)
+                if on_episode is not None:
+                    on_episode(name)
         size = prefill_nbytes(pf)
         if used + size <= keep_prefill_mb * 2 ** 20:
             kept.append(pf)
@@ -173,16 +185,18 @@ def _run(lm: ControlledLM, batches: list[torch.Tensor], schedulers: Mapping[str,
 def evaluate_methods(lm: ControlledLM, blocks: np.ndarray | torch.Tensor, batch_size: int, n_batches: int | None,
                      methods: Mapping[str, SchedulerSpec], budgets: Budgets | Mapping[str, Budgets], *,
                      context_len: int, on_episode: Callable[[str], None] | None = None,
-                     keep_episodes: bool = False) -> dict[str, MethodResult]:
+                     keep_episodes: bool = False, rows_per_forward: int = 0) -> dict[str, MethodResult]:
     """Run every method on the first `n_batches` full batches of `blocks` [N, C + T + 1].
 
     `methods`: name -> Scheduler (used as is, its state spans all batches) or a zero-argument factory
     (called once). `budgets`: the requested (κ, ρ, bits/16) each row's scheduler sees (in the policy's
     scalars), one tuple for all methods or a dict per method. Each batch is prefilled once for all methods.
-    `on_episode(name)` is called after each (batch, method) episode (progress bars).
+    `on_episode(name)` is called after each (batch, method) episode (progress bars). With `rows_per_forward`
+    >= 2·batch_size, several methods decode side by side in one batched forward (`StackedScheduler`); the
+    results equal one method per forward to float rounding.
     """
     results, _ = _run(lm, _batches(blocks, batch_size, n_batches), _materialise(methods), budgets, context_len,
-                      None, 0.0, on_episode, keep_episodes)
+                      None, 0.0, on_episode, keep_episodes, rows_per_forward)
     return results
 
 
@@ -190,7 +204,7 @@ def evaluate_matched(lm: ControlledLM, blocks: np.ndarray | torch.Tensor, batch_
                      first: Mapping[str, SchedulerSpec], make_baselines: Callable[[tuple[float, float, float]],
                                                                                  Mapping[str, SchedulerSpec]],
                      budgets: Budgets, *, context_len: int, match: str = "policy", keep_prefill_mb: float = 2048.0,
-                     on_episode: Callable[[str], None] | None = None,
+                     on_episode: Callable[[str], None] | None = None, rows_per_forward: int = 0,
                      ) -> tuple[dict[str, MethodResult], tuple[float, float, float]]:
     """Two phases: run `first` (must contain `match`, e.g. policy and dense) at the requested `budgets`, take
     `match`'s realised global usage (κ̄, ρ̄/P_MAX, q̄) as targets, then run `make_baselines(targets)` on the same
@@ -199,14 +213,15 @@ def evaluate_matched(lm: ControlledLM, blocks: np.ndarray | torch.Tensor, batch_
         raise ValueError(f"match={match!r} is not among the first-phase methods {list(first)}")
     batches = _batches(blocks, batch_size, n_batches)
     res1, kept = _run(lm, batches, _materialise(first), budgets, context_len, None, keep_prefill_mb, on_episode,
-                      keep_episodes=False)
+                      keep_episodes=False, rows_per_forward=rows_per_forward)
     m = res1[match]
     targets = (float(m.usage[0]), float(m.usage[1]), float(m.usage[2]))
     baselines = _materialise(make_baselines(targets))
     clash = set(baselines) & set(res1)
     if clash:
         raise ValueError(f"baseline names clash with first-phase methods: {sorted(clash)}")
-    res2, _ = _run(lm, batches, baselines, targets, context_len, kept, 0.0, on_episode, keep_episodes=False)
+    res2, _ = _run(lm, batches, baselines, targets, context_len, kept, 0.0, on_episode, keep_episodes=False,
+                   rows_per_forward=rows_per_forward)
     return {**res1, **res2}, targets
 
 

@@ -149,7 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=512, help="train blocks to decode under the teacher (default 512)")
     p.add_argument("--budgets_per_block", type=int, default=4,
                    help="budgets (rows) per block, drawn as in training (default 4)")
-    p.add_argument("--batch_blocks", type=int, default=4, help="blocks per batched episode (default 4)")
+    p.add_argument("--batch_blocks", type=int, default=0,
+                   help="blocks per batched episode (default 0: as many as the config's rollout_rows_per_forward "
+                        "rows allow, budgets_per_block rows per block when cloning, 10 per block when calibrating)")
     p.add_argument("--calibrate_blocks", type=int, default=64,
                    help="train blocks (after the cloning blocks) on which the teacher's budget -> threshold map is "
                         "corrected in its own episodes at 10 quantile levels; 0 keeps the dense-episode map "
@@ -177,14 +179,15 @@ def _run(a: argparse.Namespace) -> dict:
     from utils.policy import SOLPolicy, count_parameters
 
     need(a.calibrate_blocks >= 0, f"--calibrate_blocks must be >= 0, got {a.calibrate_blocks}")
-    need(a.blocks >= 2 and a.budgets_per_block >= 1 and a.batch_blocks >= 1 and a.epochs >= 1 and a.minibatch >= 1,
-         "--blocks must be >= 2 and --budgets_per_block, --batch_blocks, --epochs, --minibatch >= 1")
+    need(a.blocks >= 2 and a.budgets_per_block >= 1 and a.batch_blocks >= 0 and a.epochs >= 1 and a.minibatch >= 1,
+         "--blocks must be >= 2, --batch_blocks >= 0 and --budgets_per_block, --epochs, --minibatch >= 1")
     need(0.0 <= a.holdout < 1.0, f"--holdout must be in [0, 1), got {a.holdout}")
     need(os.path.isfile(a.config), f"config not found: {a.config}")
     out = Path(a.output_dir)
     need(not (out / "policy_latest.pt").exists(), f"{out} already holds a policy; pick another --output_dir")
     fit_map, meta = _load_map(a.teacher)
     cfg = load_config(a.config, a.set)
+    blocks_for = lambda rows_per_block: a.batch_blocks or max(1, cfg.rollout_rows_per_forward // rows_per_block)  # noqa: E731
     if a.features != "position" and cfg.policy_scalar_dim < 10:
         print(f"warning: the teacher reads surprisal and entropy but policy_scalar_dim={cfg.policy_scalar_dim} "
               "hides them from the policy (set 10)", file=sys.stderr)
@@ -206,14 +209,15 @@ def _run(a: argparse.Namespace) -> dict:
         levels = torch.linspace(0.1, 1.0, 10, dtype=torch.float64)
         teacher.calibration = calibrate_in_episode(
             lm, teacher, torch.from_numpy(np.asarray(cal_blocks, dtype=np.int64)), cfg.context_len, levels,
-            a.batch_blocks, progress=not a.no_progress)
+            blocks_for(len(levels)), progress=not a.no_progress)
         calibration = {"blocks": len(cal_blocks), "levels": teacher.calibration.levels.tolist(),
                        "cheap_shares": teacher.calibration.shares.tolist()}
     teacher.track = a.track_budget
     torch.manual_seed(cfg.seed)
     policy = SOLPolicy.from_config(cfg, lm.hidden_size, model.get_input_embeddings().embedding_dim, len(acts))
     gen = torch.Generator().manual_seed(a.seed)
-    tr, eff = teacher_episodes(lm, teacher, policy.bos_id, blocks, cfg, a.budgets_per_block, a.batch_blocks, gen,
+    tr, eff = teacher_episodes(lm, teacher, policy.bos_id, blocks, cfg, a.budgets_per_block,
+                               blocks_for(a.budgets_per_block), gen,
                                progress=not a.no_progress)
     R = a.budgets_per_block
     n_val = int(round(a.holdout * len(blocks)))

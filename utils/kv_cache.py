@@ -30,8 +30,8 @@ class GrowableLayer(DynamicLayer):
         self._pages = None
         B, H, L, D = self.keys.shape
         cap = L + max(extra, SPARE_TOKENS)
-        self._kbuf = self.keys.new_empty(B, H, cap, D)
-        self._vbuf = self.values.new_empty(B, H, cap, self.values.shape[-1])
+        self._kbuf = self.keys.new_zeros(B, H, cap, D)  # zeros: `padded` exposes the unfilled tail
+        self._vbuf = self.values.new_zeros(B, H, cap, self.values.shape[-1])
         self._kbuf[:, :, :L] = self.keys
         self._vbuf[:, :, :L] = self.values
 
@@ -53,6 +53,15 @@ class GrowableLayer(DynamicLayer):
         self.values = self._vbuf[:, :, :new_len]
         return self.keys, self.values
 
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole key and value buffers [B, H, capacity, D], contiguous, positions >= the filled length
+        finite (zeros or cropped-away entries), or None when keys/values are not this layer's buffers.
+
+        Low-precision CPU matmuls copy a strided operand (the filled prefix of a buffer) to a contiguous one
+        first: for bf16 that copy costs 3-4x the product, so decode attention may multiply by the whole
+        buffer and mask the tail instead."""
+        return (self._kbuf, self._vbuf) if self._owns() else None
 
     def crop(self, max_length: int) -> None:
         super().crop(max_length)
@@ -109,8 +118,8 @@ class GrowableLayer(DynamicLayer):
         B, H, L, D = keys.shape
         Dv, cap = values.shape[-1], L + max(1, spare)
         out.lazy_initialization(keys, values)
-        out._kbuf = keys.new_empty(B * k, H, cap, D)
-        out._vbuf = values.new_empty(B * k, H, cap, Dv)
+        out._kbuf = keys.new_zeros(B * k, H, cap, D)
+        out._vbuf = values.new_zeros(B * k, H, cap, Dv)
         out._kbuf.view(B, k, H, cap, D)[..., :L, :].copy_(keys[:, None].expand(B, k, H, L, D))
         out._vbuf.view(B, k, H, cap, Dv)[..., :L, :].copy_(values[:, None].expand(B, k, H, L, Dv))
         out.keys, out.values = out._kbuf[:, :, :L], out._vbuf[:, :, :L]

@@ -110,7 +110,8 @@ class ControlledLM:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits (float32) of final-norm hidden states."""
         with torch.inference_mode():
-            return self.model.lm_head(h).float()
+            # as rows of one 2-D product: a 3-D bf16 input makes the CPU matmul copy the head once per batch row
+            return self.model.lm_head(h.reshape(-1, h.shape[-1])).float().reshape(*h.shape[:-1], -1)
 
     def step(self, cache: DynamicCache, input_ids: torch.Tensor, actions: torch.Tensor | None = None) -> StepOutput:
         """One batched decode step: token `input_ids` [B] under action index `actions` [B] (None = dense).
@@ -128,6 +129,7 @@ class ControlledLM:
             self.controls.set(kappa, rho, bits, kv_len, cache)
         else:
             self.controls.clear()
+            self.controls.cache = cache  # dense low-precision decode attention reads its padded buffers
             kappa, rho, bits = ones, ones, torch.full((B,), DENSE_BITS, device=input_ids.device)
         try:
             cache, hidden = self._forward(input_ids[:, None], cache)

@@ -308,13 +308,14 @@ class GRPOTrainer:
         cfg = self.cfg
         targets = (cfg.C_target, cfg.C_target_prune, cfg.C_target_quant_bits / 16)
         n = min(len(self.dev_blocks), cfg.dev_eval_blocks)
-        bs = min(n, 16)
+        bs = min(n, max(16, cfg.rollout_rows_per_forward // 2))  # policy and dense side by side
         self.policy.eval()
         try:
             res, matched = evaluate_matched(
                 self.lm, self.dev_blocks[:n], bs, n // bs,
                 {"policy": PolicyScheduler(self.policy, 1.0, greedy=True), "dense": DenseScheduler()},
-                lambda t: {"fixed": FixedScheduler(t)}, targets, context_len=cfg.context_len)
+                lambda t: {"fixed": FixedScheduler(t)}, targets, context_len=cfg.context_len,
+                rows_per_forward=cfg.rollout_rows_per_forward)
         finally:
             self.policy.train()
         pol, fix, den = res["policy"], res["fixed"], res["dense"]
