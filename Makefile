@@ -24,8 +24,10 @@ HEADLINE_RUN ?= checkpoints/headline
 HEADLINE_CKPT ?= results/ckpt_joint
 HEADLINE_DIR ?= results/headline
 HEADLINE_POINTS ?= 0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12
+# The shipped results were trained and measured with a float32 base (the CPU configs now default to bfloat16).
+REPRO_DTYPE ?= --set dtype=float32
 headline: install  ## full joint run -> results/ckpt_joint -> test-split sweep, plots and table in results/headline
-	$(PYTHON) train.py --config $(CONFIG) --output_dir $(HEADLINE_RUN)
+	$(PYTHON) train.py --config $(CONFIG) $(REPRO_DTYPE) --output_dir $(HEADLINE_RUN)
 	$(PYTHON) -m utils.checkpoint export $(HEADLINE_RUN) $(HEADLINE_CKPT)
 	mkdir -p $(HEADLINE_DIR) && rm -f $(HEADLINE_DIR)/test_ppl.csv
 	CKPT_DIR=$(HEADLINE_CKPT) CSV_PATH=$(HEADLINE_DIR)/test_ppl.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 \
@@ -48,8 +50,8 @@ BC_CONFIG ?= official_configs/cpu_smollm2_prune_lmfeats.yml
 headline-prune-bc: install  ## prune policy cloned from the in-episode-corrected damage-probe schedule: results/ckpt_prune_bc_cal
 	mkdir -p results/damage_probe
 	test -f results/damage_probe/map_train256.pt || $(PYTHON) -m utils.damage_probe collect \
-	  --config official_configs/cpu_smollm2_prune.yml --split train --blocks 256 --save results/damage_probe/map_train256.pt
-	$(PYTHON) -m utils.imitation --config $(BC_CONFIG) --teacher results/damage_probe/map_train256.pt \
+	  --config official_configs/cpu_smollm2_prune.yml $(REPRO_DTYPE) --split train --blocks 256 --save results/damage_probe/map_train256.pt
+	$(PYTHON) -m utils.imitation --config $(BC_CONFIG) $(REPRO_DTYPE) --teacher results/damage_probe/map_train256.pt \
 	  --features +scalars --blocks 512 --output_dir checkpoints/headline_prune_bc_cal
 	$(PYTHON) -m utils.checkpoint export checkpoints/headline_prune_bc_cal results/ckpt_prune_bc_cal
 	mkdir -p results/headline_prune_bc_cal && rm -f results/headline_prune_bc_cal/test_ppl.csv

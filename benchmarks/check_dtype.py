@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.baselines import FixedScheduler  # noqa: E402
@@ -39,7 +40,7 @@ PRUNE = "official_configs/cpu_smollm2_prune.yml"
 JOINT = "official_configs/cpu_smollm2_joint.yml"
 
 
-def run_dtype(dtype: str, blocks, a) -> dict:
+def run_dtype(dtype: str, blocks, a, tick) -> dict:
     """method -> MethodResult, for one LM dtype (the prune methods share each batch's prefill)."""
     if a.ckpt_dir:  # the policy's own config (same s40/s100 grid as the prune config) drives the prune methods
         prune_cfg, lm, policy = load_policy_eval(a.ckpt_dir, overrides={"dtype": dtype}, device="cpu")
@@ -52,12 +53,13 @@ def run_dtype(dtype: str, blocks, a) -> dict:
     if policy is not None:
         methods["policy_prune"] = PolicyScheduler(policy, 1.0, greedy=True)
         budgets["policy_prune"] = (1.0, a.rho, 1.0)
-    out = evaluate_methods(lm, blocks, a.batch_size, None, methods, budgets, context_len=prune_cfg.context_len)
+    out = evaluate_methods(lm, blocks, a.batch_size, None, methods, budgets, context_len=prune_cfg.context_len,
+                           rows_per_forward=len(methods) * a.batch_size, on_episode=tick)  # side by side, one forward per step
     joint_cfg = load_config(JOINT, [f"dtype={dtype}"])
     jlm = ControlledLM.from_config(joint_cfg, *load_lm(joint_cfg.model_name, dtype, "cpu"))  # its own hooks
     k, r, b = a.joint
     out.update(evaluate_methods(jlm, blocks, a.batch_size, None, {"fixed_joint": FixedScheduler((k, r, b / 16))},
-                                (k, r, b / 16), context_len=joint_cfg.context_len))
+                                (k, r, b / 16), context_len=joint_cfg.context_len, on_episode=tick))
     return out
 
 
@@ -81,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     blocks = blocks[:n]
     dtypes = a.dtypes.split(",")
     res, secs = {}, {}
-    for d in dtypes:
-        t0 = time.perf_counter()
-        res[d] = run_dtype(d, blocks, a)
-        secs[d] = time.perf_counter() - t0
+    per_dtype = n // a.batch_size * (3 + bool(a.ckpt_dir))
+    with tqdm(total=per_dtype * len(dtypes), desc="episodes", unit="episode", file=sys.stderr) as bar:
+        for d in dtypes:
+            t0 = time.perf_counter()
+            res[d] = run_dtype(d, blocks, a, lambda name: bar.update(1))
+            secs[d] = time.perf_counter() - t0
     ref = dtypes[0]
     T = res[ref]["dense"].seq_len
     print(f"\n{n} WikiText-2 test blocks x {T} scored positions = {n * T} tokens; batch {a.batch_size}; "

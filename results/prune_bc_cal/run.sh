@@ -4,11 +4,11 @@
 set -e
 CFG=official_configs/cpu_smollm2_prune_lmfeats.yml
 # damage map of 256 train blocks (see results/damage_probe/run.sh; 14 min)
-# python -m utils.damage_probe collect --config official_configs/cpu_smollm2_prune.yml --split train --blocks 256 \
+# python -m utils.damage_probe collect --config official_configs/cpu_smollm2_prune.yml --set dtype=float32 --split train --blocks 256 \
 #   --save results/damage_probe/map_train256.pt
-python -m utils.imitation --config $CFG --teacher results/damage_probe/map_train256.pt --features +scalars \
+python -m utils.imitation --config $CFG --set dtype=float32 --teacher results/damage_probe/map_train256.pt --features +scalars \
   --output_dir checkpoints/prune_bc_cal --blocks 512                                    # 9 min (64 calibration blocks)
-python train.py --config $CFG --checkpoint_path checkpoints/prune_bc_cal/policy_latest.pt \
+python train.py --config $CFG --set dtype=float32 --checkpoint_path checkpoints/prune_bc_cal/policy_latest.pt \
   --output_dir checkpoints/prune_bc_cal_grpo --total_updates 225                        # 14 min
 for run in prune_bc_cal_grpo prune_bc_cal; do                                           # 6 min each
   CKPT_DIR=checkpoints/$run CSV_PATH=results/$run/dev96_ppl.csv SPLIT=dev EVAL_BATCHES=6 BATCH_SIZE=16 NUM_TRIALS=0 \
