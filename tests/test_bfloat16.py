@@ -16,7 +16,8 @@ import torch
 
 from utils.config import load_config
 from utils.data import load_blocks
-from utils.engine import Scheduler, run_episode
+from test_imitation import _Replay
+from utils.engine import run_episode
 from utils.lm import ControlledLM
 from utils.mlp_controls import fake_quantize, prune_channels
 from utils.model import load_lm
@@ -57,14 +58,6 @@ def test_channel_topk_keeps_bf16_ties_at_the_threshold(rho):
         expect = x[r, 0].float().abs() >= thr
         assert torch.equal(out[r, 0] != 0, expect)
         assert int(kept[r]) == int(expect.sum()) >= count
-
-
-class _Replay(Scheduler):
-    def __init__(self, actions: torch.Tensor) -> None:
-        self.actions = actions
-
-    def choose(self, obs):
-        return self.actions[obs.t]
 
 
 def test_episode_on_a_bf16_base(tmp_path):
