@@ -4,7 +4,9 @@
   inputs and advantages of the same rows decoded one batch at a time with the same actions;
 * knob 0 is the one-batch-at-a-time trainer: a hand-written per-batch loop gives the same parameters;
 * a chunked run is deterministic, and it really decodes several batches per forward;
-* a chunked run killed with SIGKILL inside a cycle resumes to the parameters and metrics of a straight run.
+* a chunked run killed with SIGKILL inside a cycle resumes to the parameters and metrics of a straight run
+  (metrics.jsonl cut back to the checkpoint, temporary files removed); a fresh run into a killed run's
+  directory starts its metrics anew.
 """
 from __future__ import annotations
 
@@ -161,6 +163,17 @@ def test_resume_after_sigkill_inside_a_chunked_cycle(tmp_path, block_cache):
     assert train_main_resume(killed, 12) == 0
     _check_resume_exact(straight, killed)
     assert not list(killed.glob("*.tmp")) and not list(killed.glob(".*.tmp"))
+
+
+def test_fresh_run_into_a_killed_directory_drops_its_stale_metrics(tmp_path, block_cache):
+    """A run killed before its first checkpoint leaves metrics.jsonl behind; a fresh run there starts it anew."""
+    run = tmp_path / "again"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"update": 0, "batch": 1, "stale": true}\n{"update": 1, "batch"')
+    run_main(run, block_cache, updates=2)
+    records = read_metrics(run)
+    assert records and not any("stale" in r for r in records)
+    assert [r["batch"] for r in records] == list(range(1, len(records) + 1))
 
 
 def train_main_resume(run: Path, updates: int) -> int:
