@@ -207,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             for knob in knobs:
                 r = _child("train", config, sets + [f"dtype={dtype}", f"rollout_rows_per_forward={knob}"],
                            a.warmup, a.cycles)
-                rows_fw = int(r["seq_per_cycle"] / r["forwards_per_cycle"] * load_config(config, sets).grpo_rollouts_per_input)
+                K = load_config(config, sets).grpo_rollouts_per_input
+                rows_fw = int(r["seq_per_cycle"] / r["forwards_per_cycle"] * K)
                 sh = " | ".join(f"{100 * r[f'share_{b}']:.0f}%" for b in (*BUCKETS, "other"))
                 speedup = f"{ref / r['s_per_seq']:.2f}x" if ref else "-"
-                print(f"| {Path(config).name} | {dtype} | {rows_fw} | {r['s_per_seq']:.3f} | {speedup} | {r['s_per_update']:.2f} | "
+                print(f"| {Path(config).name} | {dtype} | {rows_fw} | {r['s_per_seq']:.3f} | {speedup} | "
+                      f"{r['s_per_update']:.2f} | "
                       f"{r['row_steps_per_s']:.0f} | {r['s_per_seq'] / floors[dtype]['s_per_seq']:.2f} | {sh} | "
                       f"{r['peak_rss_mib'] / 1024:.2f} GiB |", flush=True)
     print()

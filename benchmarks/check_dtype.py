@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,7 +53,7 @@ def run_dtype(dtype: str, blocks, a, tick) -> dict:
         methods["policy_prune"] = PolicyScheduler(policy, 1.0, greedy=True)
         budgets["policy_prune"] = (1.0, a.rho, 1.0)
     out = evaluate_methods(lm, blocks, a.batch_size, None, methods, budgets, context_len=prune_cfg.context_len,
-                           rows_per_forward=len(methods) * a.batch_size, on_episode=tick)  # side by side, one forward per step
+                           rows_per_forward=len(methods) * a.batch_size, on_episode=tick)  # all in one forward
     joint_cfg = load_config(JOINT, [f"dtype={dtype}"])
     jlm = ControlledLM.from_config(joint_cfg, *load_lm(joint_cfg.model_name, dtype, "cpu"))  # its own hooks
     k, r, b = a.joint

@@ -93,8 +93,8 @@ def test_cycle_in_one_forward_equals_batch_by_batch(tmp_path, block_cache):
 def test_episode_rows_refuses_to_split_a_group(tmp_path, block_cache):
     tr = _trainer(tmp_path, block_cache)
     idx = next(iter(tr.sampler))
-    ep = run_episode(tr.lm, torch.from_numpy(tr.blocks[idx].astype("int64")), Replay(torch.zeros(8, 8, dtype=torch.long)),
-                     torch.ones(2, 3), tr.cfg.context_len, 4)
+    blocks = torch.from_numpy(tr.blocks[idx].astype("int64"))
+    ep = run_episode(tr.lm, blocks, Replay(torch.zeros(8, 8, dtype=torch.long)), torch.ones(2, 3), tr.cfg.context_len, 4)
     assert ep.rows(4, 8).dense_logp.shape == (8, 1)
     with pytest.raises(ValueError, match="split a group"):
         ep.rows(2, 6)

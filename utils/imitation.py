@@ -187,7 +187,10 @@ def _run(a: argparse.Namespace) -> dict:
     need(not (out / "policy_latest.pt").exists(), f"{out} already holds a policy; pick another --output_dir")
     fit_map, meta = _load_map(a.teacher)
     cfg = load_config(a.config, a.set)
-    blocks_for = lambda rows_per_block: a.batch_blocks or max(1, cfg.rollout_rows_per_forward // rows_per_block)  # noqa: E731
+
+    def blocks_for(rows_per_block: int) -> int:  # blocks per batched episode
+        return a.batch_blocks or max(1, cfg.rollout_rows_per_forward // rows_per_block)
+
     if a.features != "position" and cfg.policy_scalar_dim < 10:
         print(f"warning: the teacher reads surprisal and entropy but policy_scalar_dim={cfg.policy_scalar_dim} "
               "hides them from the policy (set 10)", file=sys.stderr)

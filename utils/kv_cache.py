@@ -53,7 +53,6 @@ class GrowableLayer(DynamicLayer):
         self.values = self._vbuf[:, :, :new_len]
         return self.keys, self.values
 
-
     def padded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole key and value buffers [B, H, capacity, D], contiguous, positions >= the filled length
         finite (zeros or cropped-away entries), or None when keys/values are not this layer's buffers.

@@ -185,8 +185,9 @@ class GRPOTrainer:
             path = Path(self.cfg.output_dir) / f"{self.cfg.run_name}-{stamp}"
         self._created_dir = False
         if self.dist.is_main and resuming:
-            for stale in [*path.glob("policy_*.pt.*.tmp"), *path.glob(".config-*.yml.tmp"), *path.glob(".metrics.jsonl.*.tmp")]:
-                stale.unlink(missing_ok=True)  # temporary files of writes a kill interrupted
+            for pattern in ("policy_*.pt.*.tmp", ".config-*.yml.tmp", ".metrics.jsonl.*.tmp"):
+                for stale in path.glob(pattern):  # temporary files of writes a kill interrupted
+                    stale.unlink(missing_ok=True)
         if self.dist.is_main and not resuming:
             self._created_dir = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,7 @@ class GRPOTrainer:
         for i in idxs:
             stop = start + len(i) * K
             ep = ep_all.rows(start, stop)
-            tr = {k: v[:, start:stop] for k, v in tr_all.items()}
+            tr = {k: v[:, start:stop].clone() for k, v in tr_all.items()}  # own storage: the pool may be saved
             adv, r_task, penalty = self.score(ep)
             batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
                                  actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
