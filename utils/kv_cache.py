@@ -30,10 +30,11 @@ class GrowableLayer(DynamicLayer):
         self._pages = None
         B, H, L, D = self.keys.shape
         cap = L + max(extra, SPARE_TOKENS)
-        self._kbuf = self.keys.new_zeros(B, H, cap, D)  # zeros: `padded` exposes the unfilled tail
-        self._vbuf = self.values.new_zeros(B, H, cap, self.values.shape[-1])
+        self._kbuf = self.keys.new_empty(B, H, cap, D)
+        self._vbuf = self.values.new_empty(B, H, cap, self.values.shape[-1])
         self._kbuf[:, :, :L] = self.keys
         self._vbuf[:, :, :L] = self.values
+        _zero_tail(self._kbuf, self._vbuf, L)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
@@ -117,10 +118,11 @@ class GrowableLayer(DynamicLayer):
         B, H, L, D = keys.shape
         Dv, cap = values.shape[-1], L + max(1, spare)
         out.lazy_initialization(keys, values)
-        out._kbuf = keys.new_zeros(B * k, H, cap, D)
-        out._vbuf = values.new_zeros(B * k, H, cap, Dv)
+        out._kbuf = keys.new_empty(B * k, H, cap, D)
+        out._vbuf = values.new_empty(B * k, H, cap, Dv)
         out._kbuf.view(B, k, H, cap, D)[..., :L, :].copy_(keys[:, None].expand(B, k, H, L, D))
         out._vbuf.view(B, k, H, cap, Dv)[..., :L, :].copy_(values[:, None].expand(B, k, H, L, Dv))
+        _zero_tail(out._kbuf, out._vbuf, L)
         out.keys, out.values = out._kbuf[:, :, :L], out._vbuf[:, :, :L]
         return out
 
@@ -139,6 +141,13 @@ class GrowableCache(DynamicCache):
         with torch.inference_mode(torch.is_inference_mode_enabled() or _any_inference(cache)):
             out.layers = [GrowableLayer.repeated(layer, k, spare) for layer in cache.layers]
         return out
+
+
+def _zero_tail(kbuf: torch.Tensor, vbuf: torch.Tensor, L: int) -> None:
+    """Zero the unfilled positions >= L of fresh buffers (`GrowableLayer.padded` exposes them to matmuls, where
+    uninitialised memory could hold NaN); the filled part is written by a copy, not zeroed first."""
+    kbuf[:, :, L:].zero_()
+    vbuf[:, :, L:].zero_()
 
 
 def _any_inference(cache: DynamicCache) -> bool:
