@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_ALIAS = "smollm2-135m"
 TINY_ALIAS = "tiny-random-llama"
@@ -65,7 +65,10 @@ def _gguf_to_hf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF Llama and save it in HF format (save_pretrained refuses GGUF-loaded models, so copy the weights)."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    fresh = LlamaForCausalLM(src.config)
+    config = src.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now: no GGUF marker in the copy
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(src.state_dict())
     fresh.save_pretrained(out)
     tok.save_pretrained(out)
@@ -144,7 +147,13 @@ def load_lm(model_name: str, dtype: str = "float32", device: str = "cpu"):
                 raise ModelLoadError(f"model directory not found: {model_name}")
         try:
             tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
+            extra = {}
+            if model_name == SMOLLM2_ALIAS:  # caches converted before the marker was dropped still carry it
+                config = AutoConfig.from_pretrained(path)
+                if getattr(config, "quantization_config", None) is not None:
+                    del config.quantization_config  # else a bf16 load warns that GGUF weights stay packed
+                extra["config"] = config
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype, **extra)
         except OSError as e:
             raise ModelLoadError(
                 f"cannot load model {model_name!r} ({str(e).splitlines()[0]}); offline machines can use "
