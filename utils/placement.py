@@ -45,9 +45,13 @@ class ProbeScheduler(Scheduler):
     def __init__(self, step: int | torch.Tensor, probe_idx: int) -> None:
         self.step, self.probe_idx = torch.as_tensor(step), int(probe_idx)
 
+    def start(self, lm, budgets: torch.Tensor, group_size: int) -> None:
+        super().start(lm, budgets, group_size)
+        self._step = self.step.to(budgets.device)  # once per episode, not per decode step
+
     def choose(self, obs: StepObs) -> torch.Tensor:
         a = torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
-        return a.masked_fill_(self.step.to(a.device) == obs.t, self.probe_idx)
+        return a.masked_fill_(self._step == obs.t, self.probe_idx)
 
 
 def single_step_damage(lm, prefill: Prefill, probe_idx: int, rows_per_forward: int = 0
