@@ -4,8 +4,8 @@
         --tgt_quant_bits 8 --num_trials 4 --csv_path results/ppl_eval.csv
 
 Flow (reference §2): the policy (argmax, temperature 0.6) decodes the held-out blocks at the requested
-targets; then dense, fixed (deterministic two-level dither), random (count-matched random placement, N
-trials with seeds seed+i) and optionally the EMC/DAC heuristics run on the same blocks at the policy's
+targets; then dense, fixed (deterministic two-level dither), fixed_ref (the reference's row pattern for the
+same counts), random (count-matched random placement, N trials with seeds seed+i) and optionally the EMC/DAC heuristics run on the same blocks at the policy's
 *realised* average usage (κ̄, ρ̄/P_MAX, q̄ = bits/16). One line per method on stdout, one CSV row per
 invocation (appended; header written once). The logic lives in utils/evaluation.py and utils/baselines.py.
 """
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quant_bias", type=float,
                    help="policy logit bias against high bits (default: cfg eval_quant_bias, 0)")
     p.add_argument("--policy_temperature", type=float, default=0.6, help="policy logit temperature (reference 0.6)")
+    p.add_argument("--budget_feedback_gain", type=float,
+                   help="the policy's integral budget feedback gain (default: the checkpoint config's; 0 = off)")
     p.add_argument("--stochastic_policy", action="store_true",
                    help="sample the policy's actions at --policy_temperature (seeded by --seed) instead of argmax")
     p.add_argument("--do_emc_and_driftaware", action="store_true",
@@ -76,6 +78,8 @@ def _check_args(a: argparse.Namespace) -> None:
     need(a.policy_temperature > 0 and math.isfinite(a.policy_temperature),
          f"--policy_temperature must be > 0, got {a.policy_temperature}")
     need(a.gamma >= 0, f"--gamma must be >= 0, got {a.gamma}")
+    need(a.budget_feedback_gain is None or (a.budget_feedback_gain >= 0 and math.isfinite(a.budget_feedback_gain)),
+         f"--budget_feedback_gain must be a finite number >= 0, got {a.budget_feedback_gain}")
     need(a.keep_prefill_mb >= 0, f"--keep_prefill_mb must be >= 0, got {a.keep_prefill_mb}")
     need(a.rows_per_forward is None or a.rows_per_forward >= 0,
          f"--rows_per_forward must be >= 0, got {a.rows_per_forward}")
@@ -93,7 +97,7 @@ def run(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from utils.baselines import DACScheduler, EMCScheduler, FixedScheduler, RandomScheduler
+    from utils.baselines import DACScheduler, EMCScheduler, FixedRefScheduler, FixedScheduler, RandomScheduler
     from utils.data import load_blocks
     from utils.evaluation import (append_csv_row, check_csv_header, evaluate_matched, fmt, load_policy_eval,
                                   method_cells, paired_bootstrap_ci)
@@ -103,7 +107,8 @@ def run(a: argparse.Namespace) -> int:
     if a.csv_path:
         check_csv_header(a.csv_path)  # fail before any work, not after
     cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dataset_name": a.dataset_name,
-                                                           "dataset_config": a.dataset_config}, a.device)
+                                                           "dataset_config": a.dataset_config,
+                                                           "budget_feedback_gain": a.budget_feedback_gain}, a.device)
     tk = a.tgt_keep if a.tgt_keep is not None else (cfg.eval_C_tok if cfg.eval_C_tok is not None else cfg.C_target)
     tp = a.tgt_prune_keep if a.tgt_prune_keep is not None else (
         cfg.eval_C_pru if cfg.eval_C_pru is not None else cfg.C_target_prune)
@@ -122,12 +127,12 @@ def run(a: argparse.Namespace) -> int:
               file=sys.stderr)
 
     seeds = [a.seed + i for i in range(a.num_trials)]
-    per_batch = 2 + 1 + len(seeds) + (2 if a.do_emc_and_driftaware else 0)
+    per_batch = 2 + 2 + len(seeds) + (2 if a.do_emc_and_driftaware else 0)
     bar = tqdm(total=n_batches * per_batch, desc="eval", unit="episode", file=sys.stderr, disable=a.no_progress,
                dynamic_ncols=True)
 
     def baselines(targets):
-        m = {"fixed": FixedScheduler(targets)}
+        m = {"fixed": FixedScheduler(targets), "fixed_ref": FixedRefScheduler(targets)}
         for s in seeds:
             m[f"random_{s}"] = RandomScheduler(targets, seed=s)
         if a.do_emc_and_driftaware:
@@ -159,6 +164,7 @@ def run(a: argparse.Namespace) -> int:
           "(baselines run at the policy's realised usage)")
     print(_line("dense", dense))
     print(_line("fixed", fixed))
+    print(_line("fixed_ref", res["fixed_ref"]))
     for s, r in zip(seeds, rand):
         print(_line(f"random@{s}", r))
     for name in ("emc", "dac"):
@@ -168,6 +174,10 @@ def run(a: argparse.Namespace) -> int:
     d_mean = float((pol.nll - fixed.nll).mean())
     print(f"delta NLL policy - fixed: {d_mean:+.4f} nats/token, 95% CI [{lo:+.4f}, {hi:+.4f}] "
           f"(paired bootstrap over sequences)")
+    ref = res["fixed_ref"]
+    ref_lo, ref_hi = paired_bootstrap_ci(pol.nll, ref.nll, seed=a.seed, seq_len=pol.seq_len)
+    ref_mean = float((pol.nll - ref.nll).mean())
+    print(f"delta NLL policy - fixed_ref: {ref_mean:+.4f} nats/token, 95% CI [{ref_lo:+.4f}, {ref_hi:+.4f}]")
     if rand:
         best = min(rand, key=lambda r: r.ppl)
         print(f"random     PPL mean {sum(r.ppl for r in rand) / len(rand):.4f}  best {best.ppl:.4f} "
@@ -182,6 +192,8 @@ def run(a: argparse.Namespace) -> int:
             **method_cells("policy", pol, realised=True),
             "policy_action_probs": "|".join(f"{p:.4f}" for p in pol.action_probs.tolist()),
             **method_cells("fixed", fixed, realised=True),
+            **method_cells("fixed_ref", ref),
+            "delta_nll_ref_mean": fmt(ref_mean), "delta_nll_ref_lo": fmt(ref_lo), "delta_nll_ref_hi": fmt(ref_hi),
             "dense_ppl": fmt(dense.ppl),
             "random_ppl_mean": fmt(sum(r.ppl for r in rand) / len(rand)) if rand else "",
             "random_ppl_best": fmt(min(r.ppl for r in rand)) if rand else "",

@@ -278,6 +278,8 @@ PPL_CSV_COLUMNS: tuple[str, ...] = (
     "policy_attn_keep_realised", "policy_channel_keep_realised", "policy_flops_ratio", "policy_action_probs",
     "fixed_ppl", "fixed_keep", "fixed_prune_keep", "fixed_quant_ratio", "fixed_net_keep",
     "fixed_attn_keep_realised", "fixed_channel_keep_realised", "fixed_flops_ratio",
+    "fixed_ref_ppl", "fixed_ref_keep", "fixed_ref_prune_keep", "fixed_ref_quant_ratio", "fixed_ref_net_keep",
+    "fixed_ref_flops_ratio", "delta_nll_ref_mean", "delta_nll_ref_lo", "delta_nll_ref_hi",
     "dense_ppl",
     "random_ppl_mean", "random_ppl_best", "random_ppl_trials", "random_seeds", "random_keep", "random_prune_keep",
     "random_quant_ratio", "random_net_keep", "random_flops_ratio",
@@ -370,7 +372,7 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     model, tok = load_lm(cfg.model_name, cfg.dtype, dev)
     lm = ControlledLM.from_config(cfg, model, tok)
     policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.get_input_embeddings().embedding_dim,
-                                   len(lm.actions))
+                                   lm.actions)
     try:
         policy.load_state_dict(ckpt["policy_state_dict"])
     except RuntimeError as e:
