@@ -36,6 +36,6 @@ def tiny_ckpt_dir(tiny_test_split, tmp_path_factory):
     cfg, lm, _ = tiny_test_split
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     save_checkpoint({"policy_state_dict": policy.state_dict(), "cfg": config_to_dict(cfg)}, d / "policy_latest.pt")
     return d

@@ -70,7 +70,7 @@ def test_episode_on_a_bf16_base(tmp_path):
     lm16 = out["bfloat16"]
     assert next(lm16.model.parameters()).dtype == torch.bfloat16
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm16.hidden_size, lm16.hidden_size, len(lm16.actions))
+    policy = SOLPolicy.from_config(cfg, lm16.hidden_size, lm16.hidden_size, lm16.actions)
     sched = PolicyScheduler(policy, 1.0, greedy=False, generator=torch.Generator().manual_seed(2), record=True)
     budgets = torch.tensor([[0.5, 0.75, 0.5], [0.8, 0.6, 0.9]])
     with torch.no_grad():

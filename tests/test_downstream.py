@@ -38,7 +38,7 @@ def tiny():
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("sdpa")
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, len(lm.actions)).eval()
+    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, lm.actions).eval()
     return cfg, lm, ref, policy
 
 

@@ -51,7 +51,7 @@ def test_dense_equals_plain_forward_and_fixed_at_one_equals_dense(tiny):
 
 def test_matched_two_phase_uses_policy_usage_and_prefill_reuse_is_exact(tiny, ckpt_dir):
     cfg, lm, blocks = tiny
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     policy.load_state_dict(torch.load(ckpt_dir / "policy_latest.pt", weights_only=False)["policy_state_dict"])
     policy.eval()
     runs = []

@@ -39,7 +39,7 @@ class _Replay(Scheduler):
 def test_recorder_traces_equal_the_policy_scheduler_traces(tiny):
     cfg, lm, blocks = tiny
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     b = torch.from_numpy(blocks[:2])
     budgets = torch.tensor([[0.5, 0.75, 0.5], [0.8, 0.6, 0.9]])
     ps = PolicyScheduler(policy, 1.0, greedy=False, generator=torch.Generator().manual_seed(1), record=True)
@@ -84,7 +84,7 @@ def test_cloned_policy_acts_like_the_teacher_in_its_own_episodes(tiny):
         fit_map = damage_probe.collect(lm, torch.from_numpy(blocks[:8]), cfg.context_len, 4, cheap, progress=False)
     teacher, _ = damage_probe.fit_scheduler(fit_map, "position", lm.actions, cheap)
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions))
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     gen = torch.Generator().manual_seed(0)
     tr, eff = imitation.teacher_episodes(lm, teacher, policy.bos_id, blocks[:8], cfg, 4, 4, gen, progress=False)
     assert tr["actions"].shape == (cfg.rollout_len, 32)

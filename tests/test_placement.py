@@ -66,7 +66,7 @@ def test_damage_map_batched_over_steps_equals_one_step_per_forward(tiny):
 def test_report_bounds(tiny):
     cfg, lm, blocks = tiny
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, len(lm.actions)).eval()
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions).eval()
     with torch.inference_mode():
         rep = placement.placement_report(lm, policy, blocks, cfg.context_len, (0.5, 0.75, 0.5), 2, _cheapest(lm))
     assert rep.n_sequences == 4 and rep.probe == lm.actions.tags[_cheapest(lm)]

@@ -29,7 +29,7 @@ def tiny():
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("sdpa")
     torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, len(lm.actions)).eval()
+    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, lm.actions).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 5000, (40,), generator=g).tolist()
     return cfg, lm, ref, policy, ids

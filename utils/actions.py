@@ -79,6 +79,10 @@ class ActionSpace:
         _, n_p, n_q = self.axis_sizes()
         return (i_k * n_p + i_p) * n_q + i_q
 
+    def nominal_usage(self) -> torch.Tensor:
+        """[A, 3] each action's nominal usage (κ, ρ / P_MAX, bits / 16): the units of budgets and penalties."""
+        return torch.stack([self.keep, self.prune / self.prune_max, self.bits.float() / DENSE_BITS], dim=-1)
+
     def lookup(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(κ, ρ, bits) per row for action indices `idx` (any device)."""
         dev = idx.device

@@ -95,6 +95,12 @@ class Config:
     budget_credit: str = _f("episode", "ours: how the budget penalty reaches each step's advantage: episode (the "
                             "reference: every step of a rollout pays its whole-episode penalty) or step (each step "
                             "pays its own usage at the marginal price of its group's penalty; lower variance)")
+    budget_feedback_gain: float = _f(0.0, "ours: integral budget feedback inside the policy (0 = off, the "
+                                     "reference). Before each step the policy's raw logits get -g * S . u(a), S the "
+                                     "row's cumulative usage surplus over its budget so far (per axis, in budget "
+                                     "units), u(a) an action's nominal usage: an over-spent row is pushed to cheaper "
+                                     "actions in proportion to how much it overspent, so the budget holds by "
+                                     "construction whatever the text, and the network only ranks the steps")
     task_w_kl: float = _f(0.0, "reward = (1-w) log p(y) - w KL(dense || sparse)")
     reward_agg: Optional[str] = _f(None, "null (immediate), sum (discounted return) or max")
     reward_gamma: float = _f(0.82, "discount of reward_agg (1.0 disables aggregation, as the reference)")
@@ -143,6 +149,9 @@ class Config:
     log_every: int = _f(1, "log metrics every N rollout batches")
     eval_every_updates: int = _f(0, "dev-split evaluation every N optimizer updates (0 = off)")
     dev_eval_blocks: int = _f(16, "ours: blocks used by the in-training dev evaluation")
+    dev_placement_blocks: int = _f(4, "ours: dev blocks of the placement check at each dev evaluation (the policy's "
+                                      "expected spend correlated with the damage of one cheap step; T + 1 episodes "
+                                      "per block; 0 = off)")
 
     # ---- reference SFT-path fields: accepted so official configs load, they have no effect ---------
     value_coef: float = _f(0.3, "no effect (critic-free GRPO)", inert=True)
@@ -373,7 +382,8 @@ _RANGES = [
       "quest_page_size", "max_blocks", "policy_d_model", "policy_n_heads", "policy_n_layers", "policy_mlp_ratio",
       "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
-      "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward"), ">= 0", lambda v: v >= 0),
+      "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain",
+      "dev_placement_blocks"), ">= 0", lambda v: v >= 0),
     (("ppo_clip", "lr", "max_grad_norm", "pi_temperature"), "> 0", lambda v: v > 0),
     (("C_target", "C_target_prune", "eval_C_tok", "eval_C_pru", "task_w_kl", "reward_gamma", "budget_tok_min",
       "budget_tok_max", "budget_prune_min", "budget_prune_max", "budget_q_ratio_min", "budget_q_ratio_max"),

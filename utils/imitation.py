@@ -217,7 +217,7 @@ def _run(a: argparse.Namespace) -> dict:
                        "cheap_shares": teacher.calibration.shares.tolist()}
     teacher.track = a.track_budget
     torch.manual_seed(cfg.seed)
-    policy = SOLPolicy.from_config(cfg, lm.hidden_size, model.get_input_embeddings().embedding_dim, len(acts))
+    policy = SOLPolicy.from_config(cfg, lm.hidden_size, model.get_input_embeddings().embedding_dim, acts)
     gen = torch.Generator().manual_seed(a.seed)
     tr, eff = teacher_episodes(lm, teacher, policy.bos_id, blocks, cfg, a.budgets_per_block,
                                blocks_for(a.budgets_per_block), gen,

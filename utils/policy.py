@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 N_SCALARS = 10  # [t_frac, eff_flag, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q, surprisal/10, entropy/10]
+EFF_COL = 1  # 1.0 when the step is effective (its usage counts towards the budget)
 BUDGET_SLICE = slice(2, 5)  # C_tok, C_pru, C_q: always fed raw to the budget head
+DEV_SLICE = slice(5, 8)  # running mean usage minus budget over earlier effective steps
 SCALAR_PROJ_DIM = 64
 BUDGET_HIDDEN = 32
 
@@ -32,6 +34,7 @@ class PolicyState:
     `past_k` / `past_v` hold, per layer, the keys/values of all earlier steps, `[B, n_heads, t, d_head]`.
     `step_idx` is the policy-local step about to be processed (the position-embedding index).
     `last_action` is the action chosen at the previous step (`n_actions`, the BOS id, at t = 0).
+    `n_eff` counts, per row, the effective steps already taken (what turns the mean deviation into a surplus).
     `step()` never changes `last_action`: after choosing actions `a`, call `state = state.with_action(a)`.
     States are treated as immutable: the methods return new objects (tensors are shared, not copied).
     """
@@ -40,6 +43,7 @@ class PolicyState:
     past_v: list[Tensor]
     step_idx: int
     last_action: Tensor
+    n_eff: Tensor  # [B] float
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +67,7 @@ class PolicyState:
             past_v=[v.index_select(0, idx) for v in self.past_v],
             step_idx=self.step_idx,
             last_action=self.last_action.index_select(0, idx),
+            n_eff=self.n_eff.index_select(0, idx),
         )
 
     def repeat_interleave(self, k: int) -> "PolicyState":
@@ -135,6 +140,8 @@ class SOLPolicy(nn.Module):
         dropout: float = 0.0,
         use_hidden: bool = True,
         use_token: bool = True,
+        budget_feedback_gain: float = 0.0,
+        action_usage: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -159,12 +166,26 @@ class SOLPolicy(nn.Module):
         self.budget_head = nn.Sequential(
             nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_actions)
         )
+        self.budget_feedback_gain = float(budget_feedback_gain)
+        if self.budget_feedback_gain < 0:
+            raise ValueError(f"budget_feedback_gain must be >= 0, got {budget_feedback_gain}")
+        if action_usage is None:
+            if self.budget_feedback_gain > 0:
+                raise ValueError("budget feedback needs the actions' nominal usage (action_usage [A, 3])")
+            action_usage = torch.zeros(n_actions, 3)
+        if tuple(action_usage.shape) != (n_actions, 3):
+            raise ValueError(f"action_usage must be [{n_actions}, 3], got {tuple(action_usage.shape)}")
+        # not a parameter and not in the state dict: it follows from the action grid of the config
+        self.register_buffer("action_usage", action_usage.detach().float().clone(), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: Any, h_dim: int, e_dim: int, n_actions: int) -> "SOLPolicy":
-        """Build from a `Config` (fields `policy_*`)."""
+    def from_config(cls, cfg: Any, h_dim: int, e_dim: int, actions: Any) -> "SOLPolicy":
+        """Build from a `Config` (fields `policy_*`, `budget_feedback_gain`) for an `ActionSpace` (or a bare
+        action count, which allows no budget feedback)."""
+        usage = None if isinstance(actions, int) else actions.nominal_usage()
         return cls(
-            h_dim, e_dim, n_actions,
+            h_dim, e_dim, actions if isinstance(actions, int) else len(actions), action_usage=usage,
+            budget_feedback_gain=getattr(cfg, "budget_feedback_gain", 0.0),
             d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
             mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
@@ -184,12 +205,27 @@ class SOLPolicy(nn.Module):
         x = torch.cat([h, e, s, self.action_emb(prev_actions.long())], dim=-1)
         return self.obs_proj(x) + self.pos_emb(pos)
 
-    def _head(self, x: Tensor, scalars: Tensor, temperature: float) -> Tensor:
-        """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), all / temperature."""
-        if scalars.shape[-1] < BUDGET_SLICE.stop:
-            raise ValueError(f"scalars need >= {BUDGET_SLICE.stop} columns (budgets at 2:5), got {scalars.shape[-1]}")
+    def budget_feedback(self, scalars: Tensor, n_eff: Tensor) -> Tensor:
+        """The fixed (not learned) integral feedback term of the logits, `[..., A]`: −g · S · u(a).
+
+        S = n_eff · dev is each row's cumulative usage surplus over its budget, per axis, over its earlier
+        effective steps (dev, the running mean deviation, is a scalar input; n_eff [...] the count of those
+        steps), and u(a) the nominal usage of action a. Overspending by one dense step's worth at ρ 0.7 on
+        the s40/s100 grid moves the logit gap by g · 0.3 · 0.6. Zero when the gain is 0."""
+        if self.budget_feedback_gain == 0.0:
+            return torch.zeros((), dtype=scalars.dtype, device=scalars.device)
+        surplus = scalars[..., DEV_SLICE].float() * n_eff.unsqueeze(-1).float()
+        return -self.budget_feedback_gain * (surplus @ self.action_usage.T)
+
+    def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float) -> Tensor:
+        """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q) and the budget feedback,
+        all / temperature."""
+        if scalars.shape[-1] < DEV_SLICE.stop:
+            raise ValueError(f"scalars need >= {DEV_SLICE.stop} columns (budgets at 2:5, deviations at 5:8), "
+                             f"got {scalars.shape[-1]}")
         budgets = scalars[..., BUDGET_SLICE].to(x.dtype)
-        return (self.pi(self.ln_f(x)) + self.budget_head(budgets)) / temperature
+        raw = self.pi(self.ln_f(x)) + self.budget_head(budgets)
+        return (raw + self.budget_feedback(scalars, n_eff).to(raw.dtype)) / temperature
 
     # ---- incremental path --------------------------------------------------------------------------
     def init_state(self, batch_size: int, device: Optional[torch.device | str] = None) -> PolicyState:
@@ -203,6 +239,7 @@ class SOLPolicy(nn.Module):
             past_v=[empty() for _ in range(self.n_layers)],
             step_idx=0,
             last_action=torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device),
+            n_eff=torch.zeros(batch_size, device=device),
         )
 
     def step(
@@ -222,8 +259,9 @@ class SOLPolicy(nn.Module):
             x, k, v = blk(x, pk, pv)
             new_k.append(k)
             new_v.append(v)
-        logits = self._head(x.squeeze(1), scalars, temperature)
-        return logits, PolicyState(new_k, new_v, state.step_idx + 1, state.last_action)
+        logits = self._head(x.squeeze(1), scalars, state.n_eff, temperature)
+        n_eff = state.n_eff + scalars[:, EFF_COL].to(state.n_eff)
+        return logits, PolicyState(new_k, new_v, state.step_idx + 1, state.last_action, n_eff)
 
     # ---- full-sequence path ------------------------------------------------------------------------
     def forward(
@@ -238,7 +276,9 @@ class SOLPolicy(nn.Module):
         x = self._encode(h, e, scalars, prev_actions, pos).transpose(0, 1)  # [B, T, d]
         for blk in self.blocks:
             x, _, _ = blk(x)
-        return self._head(x.transpose(0, 1), scalars, temperature)
+        eff = scalars[..., EFF_COL].float()
+        n_eff = eff.cumsum(0) - eff  # effective steps before each step
+        return self._head(x.transpose(0, 1), scalars, n_eff, temperature)
 
 
 # ---- eval helpers ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ episode engine, turn log-likelihoods and budget misses into group-relative advan
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import random
@@ -82,6 +83,9 @@ def episode_metrics(ep: Episode, r_task: torch.Tensor, penalty: torch.Tensor, ta
     usage = ep.usage_means()
     gaps = budget_gaps(usage, ep.budgets)
     eff = ep.effective
+    K = ep.group_size
+    T, N = ep.actions.shape
+    same = (ep.actions.view(T, N // K, K) == ep.actions.view(T, N // K, K)[..., :1]).all(-1)  # [T, B]
     frac = torch.bincount(ep.actions[eff].flatten(), minlength=len(tags)).float()
     frac = frac / frac.sum().clamp(min=1)
     m = {
@@ -94,6 +98,8 @@ def episode_metrics(ep: Episode, r_task: torch.Tensor, penalty: torch.Tensor, ta
         if eff.any() else 1.0,
         "train/attn_keep_realised": ep.usage["attn_keep"][eff].mean().item() if eff.any() else 1.0,
         "train/channel_keep_realised": ep.usage["channel_keep"][eff].mean().item() if eff.any() else 1.0,
+        # (step, group) cells where all K rollouts took the same action: no contrast for GRPO to learn from
+        "train/no_contrast_frac": same[eff].float().mean().item() if eff.any() and K > 1 else 1.0,
     }
     for i, ax in enumerate(("tok", "prune", "qratio")):
         m[f"budgets/target_{ax}_mean"] = ep.budgets[:, i].mean().item()
@@ -102,6 +108,25 @@ def episode_metrics(ep: Episode, r_task: torch.Tensor, penalty: torch.Tensor, ta
     for tag, f in zip(tags, frac.tolist()):
         m[f"action_frac/{tag}"] = f
     return m
+
+
+BUDGET_WINDOW = 64  # rollout batches behind the requested-vs-achieved correlation
+
+
+def budget_correlations(window: "collections.deque[torch.Tensor]") -> dict[str, float]:
+    """Pearson correlation between requested and achieved budget per axis over the rollouts of the last
+    `BUDGET_WINDOW` batches (each entry [N, 2, 3]: targets, achieved): near 0 while the policy ignores the
+    knob, towards 1 once it follows it. Axes whose targets do not vary are left out."""
+    if not window:
+        return {}
+    x = torch.cat(list(window)).double()
+    out = {}
+    for i, ax in enumerate(("tok", "prune", "qratio")):
+        t, a = x[:, 0, i] - x[:, 0, i].mean(), x[:, 1, i] - x[:, 1, i].mean()
+        den = float(t.norm() * a.norm())
+        if float(t.norm()) > 1e-9:
+            out[f"budgets/corr_target_achieved_{ax}"] = float((t * a).sum()) / den if den > 0 else 0.0
+    return out
 
 
 def mean_update_stats(step_stats: list[dict]) -> dict[str, float]:
@@ -148,7 +173,7 @@ class GRPOTrainer:
         self.sampler = BlockSampler(len(self.blocks), cfg.batch_size, cfg.seed, self.dist.rank,
                                     self.dist.world_size, cfg.epochs, cfg.train_fraction)
         H = model.config.hidden_size
-        self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, len(self.actions)).to(self.device)
+        self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, self.actions).to(self.device)
         if args.checkpoint_path:
             _warm_start(self.policy, args.checkpoint_path)
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
@@ -158,6 +183,7 @@ class GRPOTrainer:
         self.budget_gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.action_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1000 * self.dist.rank + 1)
         self.batches_done = 0
+        self.budget_window: collections.deque[torch.Tensor] = collections.deque(maxlen=BUDGET_WINDOW)
         per_batch = cfg.batch_size * cfg.grpo_rollouts_per_input * cfg.rollout_len
         self.total_updates = args.total_updates or self._estimate_updates(per_batch)
         self.save_stride = max(1, self.total_updates // 10)
@@ -205,6 +231,7 @@ class GRPOTrainer:
             "rng": _rng_state(self.budget_gen, self.action_gen),
             "update_step": self.updater.num_updates,
             "batches_done": self.batches_done,
+            "budget_window": [w.clone() for w in self.budget_window],
             "total_updates": self.total_updates,
             "action_tags": list(self.actions.tags),
             "policy_num_params": count_parameters(self.policy),
@@ -227,6 +254,7 @@ class GRPOTrainer:
         self.sampler.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"], self.budget_gen, self.action_gen)
         self.batches_done = ckpt["batches_done"]
+        self.budget_window.extend(ckpt.get("budget_window", []))
         if self.args.total_updates is None:
             self.total_updates = ckpt["total_updates"]
             self.save_stride = max(1, self.total_updates // 10)
@@ -276,7 +304,10 @@ class GRPOTrainer:
             adv, r_task, penalty = self.score(ep)
             batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
                                  actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
-            out.append((batch, episode_metrics(ep, r_task, penalty, self.actions.tags)))
+            self.budget_window.append(torch.stack([ep.budgets, ep.usage_means()], dim=1).float().cpu())
+            m = episode_metrics(ep, r_task, penalty, self.actions.tags)
+            m.update(budget_correlations(self.budget_window))
+            out.append((batch, m))
             start = stop
         return out
 
@@ -325,7 +356,28 @@ class GRPOTrainer:
         for i, ax in enumerate(("tok", "prune", "qratio")):
             out[f"dev/target_{ax}"] = targets[i]
             out[f"dev/achieved_{ax}"] = matched[i]
+        out.update(self.dev_placement(targets))
         return out
+
+    def dev_placement(self, targets: tuple[float, float, float]) -> dict[str, float]:
+        """Placement check on the first `dev_placement_blocks` dev blocks (`utils.placement`): does the
+        policy keep dense where one cheap step hurts most? corr > 0 and cheap damage below random's mean
+        that it places by content; corr ≈ 0 with a working knob, that it learned only the budget."""
+        from utils.placement import cheapest_action, placement_report
+
+        n = min(len(self.dev_blocks), self.cfg.dev_placement_blocks)
+        if n == 0:
+            return {}
+        blocks = torch.as_tensor(np.asarray(self.dev_blocks[:n], dtype=np.int64))
+        self.policy.eval()
+        try:
+            rep = placement_report(self.lm, self.policy, blocks, self.cfg.context_len, targets, n,
+                                   cheapest_action(self.actions), self.cfg.rollout_rows_per_forward)
+        finally:
+            self.policy.train()
+        return {"dev/placement_corr": rep.corr_spend_damage, "dev/placement_spearman": rep.spearman_spend_damage,
+                "dev/placement_cheap_damage": rep.policy_cheap_damage,
+                "dev/placement_cheap_damage_random": rep.random_cheap_damage}
 
     def train(self) -> Path | None:
         cfg, is_main = self.cfg, self.dist.is_main
