@@ -3,7 +3,7 @@ PYTHON ?= python3
 CONFIG ?= official_configs/cpu_smollm2_joint.yml
 UPDATES ?= 20
 
-.PHONY: install train train-full headline headline-prune headline-prune-bc test bench help
+.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback test bench help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -61,6 +61,13 @@ headline-prune-bc: install  ## prune policy cloned from the in-episode-corrected
 	$(PYTHON) -m utils.plots pareto results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/pareto.png
 	$(PYTHON) -m utils.plots adherence results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/adherence.png
 	$(PYTHON) -m utils.plots table results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/table.md
+
+# The GRPO-only prune policy with integral budget feedback (issue 15): three training seeds, each scored once on
+# the test split (results/prune_feedback; about 30 minutes per seed on 2 cores in bfloat16).
+FEEDBACK_SEEDS ?= 1234 1235 1236
+headline-prune-feedback: install  ## GRPO prune policy with budget feedback, 3 seeds: results/prune_feedback
+	for s in $(FEEDBACK_SEEDS); do SEED=$$s SCORE=1 results/prune_feedback/run.sh || exit 1; done
+	$(PYTHON) results/prune_feedback/summarise.py
 
 test: install  ## the test suite
 	$(PYTHON) -m pytest -q

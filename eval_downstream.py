@@ -10,7 +10,9 @@ dense prefill of the context, with a dense episode replay every `--episode_len` 
 utils/lm_eval_adapter.py). Flow (reference §3.2): the policy at the requested targets; with
 `--fixed_from_policy` the fixed baseline (content-blind two-level dither) matched to the policy's global
 realised averages (κ̄, ρ̄/P_MAX, bits/16 over all effective steps); with `--dense_baseline` also the dense
-model (added beside the other blocks, the reference dropped the fixed block). `--only_dense` runs the dense
+model (added beside the other blocks, the reference dropped the fixed block). With the fixed baseline, the
+JSON also holds `policy_minus_fixed`: per task, the mean per-item accuracy difference with a paired bootstrap
+95% interval over the items (both methods scored the same items). `--only_dense` runs the dense
 model alone. Accuracy per task = acc_norm, else acc, else exact_match (reference order).
 `--stochastic_policy` samples the policy's actions (seeded by --seed) for log-likelihood tasks too (the
 reference always used argmax there).
@@ -144,13 +146,13 @@ def run_harness(harness, tasks: list[str], tm, a: argparse.Namespace) -> tuple[d
     import lm_eval
     from lm_eval.utils import make_table
 
-    from utils.lm_eval_adapter import accuracy_summary
+    from utils.lm_eval_adapter import accuracy_summary, item_scores
 
     t0 = time.time()
     try:
         res = lm_eval.simple_evaluate(
             model=harness, tasks=tasks, num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit,
-            task_manager=tm, log_samples=False, random_seed=a.seed, numpy_random_seed=a.seed,
+            task_manager=tm, log_samples=True, random_seed=a.seed, numpy_random_seed=a.seed,
             torch_random_seed=a.seed, fewshot_random_seed=a.seed, confirm_run_unsafe_code=True)
     except (ConnectionError, OSError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -158,7 +160,28 @@ def run_harness(harness, tasks: list[str], tm, a: argparse.Namespace) -> tuple[d
                             "such as hellaswag_local") from None
     seconds = time.time() - t0
     print(make_table(res))
-    return res, accuracy_summary(res), seconds
+    acc = accuracy_summary(res)
+    acc["items"] = item_scores(res, acc["metric"])
+    return res, acc, seconds
+
+
+def paired_difference(a: dict, b: dict, seed: int, n_boot: int = 2000) -> dict:
+    """Per task: mean per-item accuracy difference a − b over the same items with a paired bootstrap 95%
+    interval (items resampled), e.g. policy vs the fixed baseline at its realised usage."""
+    import torch
+
+    from utils.evaluation import paired_bootstrap_ci
+
+    out = {}
+    for task, xa in a["items"].items():
+        xb = b["items"].get(task)
+        if xb is None or len(xb) != len(xa):
+            continue
+        ta, tb = torch.tensor(xa, dtype=torch.float64), torch.tensor(xb, dtype=torch.float64)
+        lo, hi = paired_bootstrap_ci(ta, tb, n_boot=n_boot, seed=seed)
+        out[task] = {"diff": float((ta - tb).mean()), "lo": lo, "hi": hi, "n_items": len(xa),
+                     "metric": a["metric"][task]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             _, acc, sec = run_harness(h, tasks, tm, a)
             out["policy"] = key_block(h, acc, sec)
             export()
+            policy_acc = acc
             if a.fixed_from_policy:
                 tgt = h.tracker.realised_nominal
                 print(f"fixed baseline at the policy's realised usage: keep {tgt[0]:.3f}  prune_keep {tgt[1]:.3f}  "
@@ -216,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                 hf = harness("fixed", tgt, fixed_targets=tgt)
                 _, acc, sec = run_harness(hf, tasks, tm, a)
                 out["fixed_baseline"] = key_block(hf, acc, sec)
+                out["policy_minus_fixed"] = paired_difference(policy_acc, acc, a.seed)
+                for task, d in out["policy_minus_fixed"].items():
+                    print(f"{task}: policy - fixed accuracy {d['diff']:+.4f}, paired 95% CI [{d['lo']:+.4f}, "
+                          f"{d['hi']:+.4f}] over {d['n_items']} items", flush=True)
                 export()
             if a.dense_baseline:
                 hd = harness("dense", (1.0, 1.0, 1.0))
@@ -227,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     for name, block in out.items():
-        print(_summary_line(name, block))
+        if "accuracy" in block:  # a method's key metrics (policy_minus_fixed is a comparison)
+            print(_summary_line(name, block))
     if a.export_sparsity_json:
         print(f"key metrics: {a.export_sparsity_json}")
     return 0

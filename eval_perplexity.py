@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy_temperature", type=float, default=0.6, help="policy logit temperature (reference 0.6)")
     p.add_argument("--budget_feedback_gain", type=float,
                    help="the policy's integral budget feedback gain (default: the checkpoint config's; 0 = off)")
+    p.add_argument("--policy_logit_bound", type=float,
+                   help="bound of the policy network's logits before the feedback (default: the checkpoint config's)")
     p.add_argument("--stochastic_policy", action="store_true",
                    help="sample the policy's actions at --policy_temperature (seeded by --seed) instead of argmax")
     p.add_argument("--do_emc_and_driftaware", action="store_true",
@@ -80,6 +82,8 @@ def _check_args(a: argparse.Namespace) -> None:
     need(a.gamma >= 0, f"--gamma must be >= 0, got {a.gamma}")
     need(a.budget_feedback_gain is None or (a.budget_feedback_gain >= 0 and math.isfinite(a.budget_feedback_gain)),
          f"--budget_feedback_gain must be a finite number >= 0, got {a.budget_feedback_gain}")
+    need(a.policy_logit_bound is None or (a.policy_logit_bound >= 0 and math.isfinite(a.policy_logit_bound)),
+         f"--policy_logit_bound must be a finite number >= 0, got {a.policy_logit_bound}")
     need(a.keep_prefill_mb >= 0, f"--keep_prefill_mb must be >= 0, got {a.keep_prefill_mb}")
     need(a.rows_per_forward is None or a.rows_per_forward >= 0,
          f"--rows_per_forward must be >= 0, got {a.rows_per_forward}")
@@ -108,7 +112,8 @@ def run(a: argparse.Namespace) -> int:
         check_csv_header(a.csv_path)  # fail before any work, not after
     cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dataset_name": a.dataset_name,
                                                            "dataset_config": a.dataset_config,
-                                                           "budget_feedback_gain": a.budget_feedback_gain}, a.device)
+                                                           "budget_feedback_gain": a.budget_feedback_gain,
+                                                           "policy_logit_bound": a.policy_logit_bound}, a.device)
     tk = a.tgt_keep if a.tgt_keep is not None else (cfg.eval_C_tok if cfg.eval_C_tok is not None else cfg.C_target)
     tp = a.tgt_prune_keep if a.tgt_prune_keep is not None else (
         cfg.eval_C_pru if cfg.eval_C_pru is not None else cfg.C_target_prune)

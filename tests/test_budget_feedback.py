@@ -50,6 +50,18 @@ def test_feedback_term_is_minus_gain_times_surplus_dot_usage():
     assert float(_policy(gain=0.0).budget_feedback(s, n_eff).abs().max()) == 0.0
 
 
+def test_logit_bound_is_c_tanh_of_the_network_logits_before_the_feedback():
+    h, e, s, _, prev = _inputs()
+    free, bounded = _policy(gain=3.0), _policy(gain=3.0)
+    bounded.logit_bound = 1.5
+    n_eff = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 3.0])[:, None].expand(T, B)
+    fb = free.budget_feedback(s, n_eff)
+    with torch.no_grad():
+        raw = free(h, e, s, prev, temperature=1.0) - fb  # the network's own logits
+        want = (1.5 * torch.tanh(raw / 1.5) + fb) / 0.7
+        torch.testing.assert_close(bounded(h, e, s, prev, temperature=0.7), want, atol=1e-5, rtol=0)
+
+
 def test_step_equals_forward_with_feedback_and_feedback_changes_logits():
     pol = _policy(gain=5.0)
     h, e, s, acts, prev = _inputs()
@@ -97,6 +109,38 @@ def test_feedback_holds_the_budget_of_a_policy_that_always_wants_dense():
     assert (out[0.0] == 1.0).all()
     R = int(ep.effective.sum())
     assert ((out[20.0] - 0.7).abs() <= 0.5 / R * 2 + 1e-6).all(), out[20.0]
+
+
+def test_bounded_logits_cannot_outvote_the_feedback():
+    """A network that wants dense by 100 logits outvotes an unbounded feedback for the whole episode; with
+    its logits bounded to [-2, 2] every row's surplus stays within 2c / (g · level gap) plus one step."""
+    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "sparsity_criteria=recency",
+                                                    "keep_fracs=[1.0]", "quant_choices=[q16]"])
+    from utils.data import load_blocks
+    from utils.lm import ControlledLM
+    from utils.model import load_lm
+
+    cfg.rollout_len = 24
+    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    lm = ControlledLM.from_config(cfg, model, tok)
+    blocks = torch.as_tensor(np.asarray(load_blocks(cfg, tok, "test")[:4], dtype=np.int64))
+    budgets = torch.tensor([[1.0, 0.7, 1.0]]).expand(4, 3)
+    g, c, gap = 20.0, 2.0, 0.5  # s50 / s100: level gap 0.5 in usage units
+    out = {}
+    for bound in (0.0, c):
+        cfg.budget_feedback_gain, cfg.policy_logit_bound = g, bound
+        torch.manual_seed(0)
+        pol = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions).eval()
+        with torch.no_grad():
+            pol.pi.weight.zero_()
+            pol.budget_head[-1].weight.zero_()
+            pol.budget_head[-1].bias.zero_()
+            pol.pi.bias.copy_(100.0 * lm.actions.nominal_usage()[:, 1])
+        ep = run_episode(lm, blocks, PolicyScheduler(pol, 1.0, greedy=True), budgets, cfg.context_len)
+        R = int(ep.effective.sum())
+        out[bound] = (ep.usage_means()[:, 1] - 0.7) * R  # each row's final surplus
+    assert (out[0.0] > 5).all()  # the unbounded network never saves
+    assert (out[c].abs() <= 2 * c / (g * gap) + (1.0 - 0.7) + 1e-6).all(), out[c]
 
 
 def _episode(actions: torch.Tensor, effective: torch.Tensor, K: int) -> Episode:

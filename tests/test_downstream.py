@@ -293,7 +293,12 @@ def test_cli_policy_fixed_export(ckpt_dir, tmp_path, capsys):
                              "--export_sparsity_json", str(out), "--no_progress"], capsys)
     assert rc == 0, err[-2000:]
     km = json.loads(out.read_text())
-    assert set(km) == {"policy", "fixed_baseline"}
+    assert set(km) == {"policy", "fixed_baseline", "policy_minus_fixed"}
+    d = km.pop("policy_minus_fixed")["tiny_mc_local"]
+    acc_p = km["policy"]["accuracy"]["per_task"]["tiny_mc_local"]
+    acc_f = km["fixed_baseline"]["accuracy"]["per_task"]["tiny_mc_local"]
+    assert d["n_items"] == 2 and d["diff"] == pytest.approx(acc_p - acc_f)  # per-item mean = the accuracies' gap
+    assert d["lo"] <= d["diff"] <= d["hi"]
     for block in km.values():
         assert 0.0 <= block["accuracy"]["per_task"]["tiny_mc_local"] <= 1.0
         assert block["accuracy"]["macro"] is not None
@@ -305,7 +310,7 @@ def test_cli_policy_fixed_export(ckpt_dir, tmp_path, capsys):
     pol, fix = km["policy"], km["fixed_baseline"]
     assert fix["targets"]["keep"] == pytest.approx(pol["token_keep_avg"])
     assert abs(fix["token_keep_avg"] - pol["token_keep_avg"]) < 0.15
-    assert "policy" in stdout and "fixed_baseline" in stdout
+    assert "policy" in stdout and "fixed_baseline" in stdout and "paired 95% CI" in stdout
 
 
 @pytest.mark.smollm2

@@ -246,9 +246,12 @@ def test_learning_curve_plot_from_metrics(tmp_path):
         for u in range(1, 41):
             rec = {"update": u, "reward/total_mean": -10 + u / 10}
             rec.update({f"budgets/abs_gap_{a}": 0.2 / u for a in ("tok", "prune", "qratio")})
+            rec.update({"update/entropy": 0.6 - u / 100, "train/no_contrast_frac": u / 50,
+                        "budgets/corr_target_achieved_prune": min(1.0, u / 20)})
             f.write(json.dumps(rec) + "\n")
             if u % 10 == 0:
-                f.write(json.dumps({"update": u, "dev/policy_ppl": 20.0, "dev/fixed_ppl": 21.0}) + "\n")
+                f.write(json.dumps({"update": u, "dev/policy_ppl": 20.0, "dev/fixed_ppl": 21.0,
+                                    "dev/placement_corr": u / 50}) + "\n")
     out = tmp_path / "curve.png"
     assert plots_main(["curve", str(run), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000

@@ -12,6 +12,8 @@ The in-process runs take a few seconds each; the subprocess ones pay ~5 s of imp
 """
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import shutil
@@ -400,3 +402,10 @@ def test_dev_eval_logs_learning_curve(tmp_path, block_cache):
         assert r["dev/dense_ppl"] > 1 and r["dev/fixed_ppl"] > 1
         assert abs(r["dev/ppl_gap_policy_minus_fixed"] - (r["dev/policy_ppl"] - r["dev/fixed_ppl"])) < 1e-6
         assert 0 < r["dev/achieved_tok"] <= 1 and r["dev/target_tok"] == 0.5
+        # the placement check ran on the dev blocks: a correlation (nan only if the spend is constant)
+        pc = r["dev/placement_corr"]
+        assert math.isnan(pc) or -1.0 <= pc <= 1.0
+        assert math.isfinite(r["dev/placement_cheap_damage_random"])
+    batches = [r for r in read_metrics(run) if "reward/total_mean" in r]
+    assert all(0.0 <= r["train/no_contrast_frac"] <= 1.0 for r in batches)
+    assert all(-1.0 <= r["budgets/corr_target_achieved_prune"] <= 1.0 for r in batches)  # tiny.yml samples ρ

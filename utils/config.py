@@ -101,6 +101,10 @@ class Config:
                                      "units), u(a) an action's nominal usage: an over-spent row is pushed to cheaper "
                                      "actions in proportion to how much it overspent, so the budget holds by "
                                      "construction whatever the text, and the network only ranks the steps")
+    policy_logit_bound: float = _f(0.0, "ours: bound the network's logits to [-c, c] with c*tanh(logits/c) before the "
+                                   "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
+                                   "row's usage surplus can then never exceed 2c / (g * level gap): the network "
+                                   "decides where inside that band the cheap steps go but cannot outvote the budget")
     task_w_kl: float = _f(0.0, "reward = (1-w) log p(y) - w KL(dense || sparse)")
     reward_agg: Optional[str] = _f(None, "null (immediate), sum (discounted return) or max")
     reward_gamma: float = _f(0.82, "discount of reward_agg (1.0 disables aggregation, as the reference)")
@@ -382,7 +386,7 @@ _RANGES = [
       "quest_page_size", "max_blocks", "policy_d_model", "policy_n_heads", "policy_n_layers", "policy_mlp_ratio",
       "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
-      "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain",
+      "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain", "policy_logit_bound",
       "dev_placement_blocks"), ">= 0", lambda v: v >= 0),
     (("ppo_clip", "lr", "max_grad_norm", "pi_temperature"), "> 0", lambda v: v > 0),
     (("C_target", "C_target_prune", "eval_C_tok", "eval_C_pru", "task_w_kl", "reward_gamma", "budget_tok_min",

@@ -349,6 +349,22 @@ def task_accuracy(block: dict) -> tuple[str | None, float | None]:
     return (numeric[0][0], float(numeric[0][1])) if numeric else (None, None)
 
 
+def item_scores(results: dict, metric: dict[str, str]) -> dict[str, list[float]]:
+    """Per-item values of each task's accuracy metric (`metric`: task -> key as in `accuracy_summary`, e.g.
+    "acc_norm,none"), ordered by doc_id, from a run with `log_samples=True`: what a paired comparison of two
+    methods over the same items needs. Tasks without logged samples are left out."""
+    out = {}
+    for task, rows in (results.get("samples") or {}).items():
+        key = metric.get(task)
+        if not key or not rows:
+            continue
+        name = key.split(",")[0]
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        if all(isinstance(r.get(name), (int, float)) for r in rows):
+            out[task] = [float(r[name]) for r in rows]
+    return out
+
+
 def accuracy_summary(results: dict) -> dict:
     """{"per_task": {task: value}, "metric": {task: key}, "macro": mean over leaf tasks}. Group entries are
     reported but left out of the macro average (their subtasks are in it)."""

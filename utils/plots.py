@@ -192,27 +192,60 @@ def _smooth(y: np.ndarray, w: int) -> np.ndarray:
 
 
 def plot_curve(records: list[dict], out: str | Path, title: str | None = None, window: int = 20) -> Path:
-    """Learning curve of a run: total reward, |budget gap| per axis, and the dev-split PPL gap to fixed."""
+    """Learning curve of a run. Top: total reward, |budget gap| per axis, the dev-split PPL gap to fixed.
+    Bottom, the learning diagnostics: tempered policy entropy and the no-contrast share (all K rollouts
+    alike: nothing for GRPO to compare), the requested-vs-achieved budget correlation (is the knob
+    learned?), and the dev placement correlation of spend with single-step damage (is content learned?).
+    Panels whose metrics a run did not log (older runs) stay empty."""
     batches = [r for r in records if "reward/total_mean" in r]
     dev = [r for r in records if "dev/policy_ppl" in r]
     if not batches:
         raise PlotError("no training records (reward/total_mean) in the metrics file")
     x = np.array([r["update"] for r in batches], dtype=float)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    y = np.array([r["reward/total_mean"] for r in batches])
-    axes[0].plot(x[window - 1:] if len(y) >= window else x, _smooth(y, window))
-    axes[0].set(xlabel="update", ylabel=f"reward (moving mean of {window} batches)", title="reward")
+
+    def series(key: str, rows: list[dict] = batches) -> tuple[np.ndarray, np.ndarray]:
+        pts = [(r["update"], r[key]) for r in rows if key in r and r[key] is not None and np.isfinite(r[key])]
+        if not pts:
+            return np.array([]), np.array([])
+        xs, ys = (np.array(v, dtype=float) for v in zip(*pts))
+        w = window if len(ys) >= window else 1
+        return xs[w - 1:], _smooth(ys, w)
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
+    top, bottom = axes
+    top[0].plot(*series("reward/total_mean"))
+    top[0].set(xlabel="update", ylabel=f"reward (moving mean of {window} batches)", title="reward")
     for ax_name, color in (("tok", "C0"), ("prune", "C1"), ("qratio", "C2")):
-        g = np.array([r[f"budgets/abs_gap_{ax_name}"] for r in batches])
-        axes[1].plot(x[window - 1:] if len(g) >= window else x, _smooth(g, window), color=color, label=ax_name)
-    axes[1].axhline(0.03, color="grey", ls="--", lw=1, label="0.03")
-    axes[1].set(xlabel="update", ylabel="|achieved − requested| (episode mean)", title="budget gap per axis")
-    axes[1].legend()
+        top[1].plot(*series(f"budgets/abs_gap_{ax_name}"), color=color, label=ax_name)
+    top[1].axhline(0.03, color="grey", ls="--", lw=1, label="0.03")
+    top[1].set(xlabel="update", ylabel="|achieved − requested| (episode mean)", title="budget gap per axis")
+    top[1].legend()
     if dev:
         xd = [r["update"] for r in dev]
-        axes[2].plot(xd, [r["dev/policy_ppl"] - r["dev/fixed_ppl"] for r in dev], marker="o")
-        axes[2].axhline(0, color="grey", lw=1)
-    axes[2].set(xlabel="update", ylabel="dev PPL: policy − fixed (matched usage)", title="dev-split quality gap")
+        top[2].plot(xd, [r["dev/policy_ppl"] - r["dev/fixed_ppl"] for r in dev], marker="o")
+        top[2].axhline(0, color="grey", lw=1)
+    top[2].set(xlabel="update", ylabel="dev PPL: policy − fixed (matched usage)", title="dev-split quality gap")
+    upd = [r for r in batches if "update/entropy" in r]
+    bottom[0].plot(*series("update/entropy", upd), label="tempered policy entropy")
+    bottom[0].plot(*series("train/no_contrast_frac"), label="no-contrast share")
+    bottom[0].set(xlabel="update", title="exploration (entropy, nats) and contrast", ylim=(0, None))
+    bottom[0].legend()
+    for ax_name, color in (("tok", "C0"), ("prune", "C1"), ("qratio", "C2")):
+        xs, ys = series(f"budgets/corr_target_achieved_{ax_name}")
+        if len(xs):
+            bottom[1].plot(xs, ys, color=color, label=ax_name)
+    bottom[1].axhline(0, color="grey", lw=1)
+    bottom[1].set(xlabel="update", ylabel="corr(requested, achieved), last batches", title="budget knob",
+                  ylim=(-1.05, 1.05))
+    if bottom[1].get_legend_handles_labels()[0]:
+        bottom[1].legend()
+    pl = [r for r in dev if "dev/placement_corr" in r]
+    if pl:
+        bottom[2].plot([r["update"] for r in pl], [r["dev/placement_corr"] for r in pl], marker="o",
+                       label="corr(spend, damage)")
+        bottom[2].axhline(0, color="grey", lw=1)
+        bottom[2].legend()
+    bottom[2].set(xlabel="update", title="dev placement: spends where cheap steps hurt?")
     fig.suptitle(title or "training curve")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -8,7 +8,10 @@ minus its value head (training is critic-free) and minus its duplicate construct
 * `forward()` - all T steps at once under a causal mask, from stored `[T, B, ...]` inputs; used for the loss
   (DDP wraps `forward`).
 
-Also here: the eval-time per-axis logit bias, action selection and a parameter counter.
+Ours, off by default: an integral budget feedback term of the logits (the row's usage surplus so far times each
+action's usage, `budget_feedback`) and a bound on the network's own logits, so that the budget holds by
+construction (docs/grpo_recipe.md). Also here: the eval-time per-axis logit bias, action selection and a
+parameter counter.
 """
 from __future__ import annotations
 
@@ -142,6 +145,7 @@ class SOLPolicy(nn.Module):
         use_token: bool = True,
         budget_feedback_gain: float = 0.0,
         action_usage: Optional[Tensor] = None,
+        logit_bound: float = 0.0,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -166,9 +170,10 @@ class SOLPolicy(nn.Module):
         self.budget_head = nn.Sequential(
             nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_actions)
         )
-        self.budget_feedback_gain = float(budget_feedback_gain)
-        if self.budget_feedback_gain < 0:
-            raise ValueError(f"budget_feedback_gain must be >= 0, got {budget_feedback_gain}")
+        self.budget_feedback_gain, self.logit_bound = float(budget_feedback_gain), float(logit_bound)
+        if not self.budget_feedback_gain >= 0 or not self.logit_bound >= 0:
+            raise ValueError(f"budget_feedback_gain and logit_bound must be >= 0, got {budget_feedback_gain}, "
+                             f"{logit_bound}")
         if action_usage is None:
             if self.budget_feedback_gain > 0:
                 raise ValueError("budget feedback needs the actions' nominal usage (action_usage [A, 3])")
@@ -186,6 +191,7 @@ class SOLPolicy(nn.Module):
         return cls(
             h_dim, e_dim, actions if isinstance(actions, int) else len(actions), action_usage=usage,
             budget_feedback_gain=getattr(cfg, "budget_feedback_gain", 0.0),
+            logit_bound=getattr(cfg, "policy_logit_bound", 0.0),
             d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
             mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
@@ -218,13 +224,15 @@ class SOLPolicy(nn.Module):
         return -self.budget_feedback_gain * (surplus @ self.action_usage.T)
 
     def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float) -> Tensor:
-        """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q) and the budget feedback,
-        all / temperature."""
+        """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), bounded to [-c, c] when
+        `logit_bound` c > 0, plus the budget feedback, all / temperature."""
         if scalars.shape[-1] < DEV_SLICE.stop:
             raise ValueError(f"scalars need >= {DEV_SLICE.stop} columns (budgets at 2:5, deviations at 5:8), "
                              f"got {scalars.shape[-1]}")
         budgets = scalars[..., BUDGET_SLICE].to(x.dtype)
         raw = self.pi(self.ln_f(x)) + self.budget_head(budgets)
+        if self.logit_bound > 0:
+            raw = self.logit_bound * torch.tanh(raw / self.logit_bound)
         return (raw + self.budget_feedback(scalars, n_eff).to(raw.dtype)) / temperature
 
     # ---- incremental path --------------------------------------------------------------------------
