@@ -63,7 +63,8 @@ headline-prune-bc: install  ## prune policy cloned from the in-episode-corrected
 	$(PYTHON) -m utils.plots table results/headline_prune_bc_cal/test_ppl.csv --out results/headline_prune_bc_cal/table.md
 
 # The GRPO-only prune policy with integral budget feedback (issue 15): three training seeds, each scored once on
-# the test split (results/prune_feedback; about 30 minutes per seed on 2 cores in bfloat16).
+# the test split with the full protocol (results/prune_feedback; ~10 min of training and ~20 min of scoring per
+# seed on 2 cores in bfloat16; the shipped seeds 1235 and 1236 were scored with 2 random trials and no EMC/DAC).
 FEEDBACK_SEEDS ?= 1234 1235 1236
 headline-prune-feedback: install  ## GRPO prune policy with budget feedback, 3 seeds: results/prune_feedback
 	for s in $(FEEDBACK_SEEDS); do SEED=$$s SCORE=1 results/prune_feedback/run.sh || exit 1; done

@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -100,10 +98,9 @@ def _quiet_lm_eval() -> None:
 def _write_json(path: str, payload: dict) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, p)
+    from utils.io import atomic_write
+
+    atomic_write(p, lambda f: json.dump(payload, f, indent=2))
 
 
 def key_block(harness, acc: dict, seconds: float) -> dict:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from utils.cli import OneLineErrorParser, UsageError
+from utils.cli import OneLineErrorParser, UsageError, check_finite, check_targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,11 +69,9 @@ def _check_args(a: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(msg)
 
-    for name in ("tgt_keep", "tgt_prune_keep"):
-        v = getattr(a, name)
-        need(v is None or 0.0 <= v <= 1.0, f"--{name} must be in [0, 1], got {v}")
-    need(a.tgt_quant_bits is None or 2.0 <= a.tgt_quant_bits <= 16.0,
-         f"--tgt_quant_bits must be in [2, 16], got {a.tgt_quant_bits}")
+    check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
+    check_finite({n: getattr(a, n) for n in ("sparsity_bias", "prune_bias", "quant_bias", "gamma",
+                                             "keep_prefill_mb")})
     need(a.eval_batches >= 1, f"--eval_batches must be >= 1, got {a.eval_batches}")
     need(a.batch_size >= 1, f"--batch_size must be >= 1, got {a.batch_size}")
     need(a.num_trials >= 0, f"--num_trials must be >= 0, got {a.num_trials}")

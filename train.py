@@ -12,13 +12,14 @@ import argparse
 import sys
 
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.cli import OneLineErrorParser
 from utils.config import ConfigError, config_from_dict, describe_fields, load_config
 from utils.data import DataError
 from utils.model import ModelLoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="config fields (set in the YAML or with --set key=value):\n" + describe_fields())
     p.add_argument("--config", help="YAML/JSON config file (official_configs/*.yml); defaults apply to missing keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -51,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                                              args.wandb_project, args.wandb_entity, args.wandb_run_name))
         run_dir = trainer.train()
     except (ConfigError, DataError, CheckpointError, ModelLoadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from utils.grpo import TrainingDivergedError
+
+        if not isinstance(e, TrainingDivergedError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if run_dir is not None and trainer.dist.is_main:

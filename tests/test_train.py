@@ -285,8 +285,8 @@ def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
 # bad input: one line on stderr, exit code 2, no traceback, no run directory
 # ---------------------------------------------------------------------------------------------------
 
-BAD_CASES = ("unknown_key", "missing_data", "resume_no_checkpoint", "resume_missing_dir", "budget_out_of_range",
-             "missing_config")
+BAD_CASES = ("unknown_key", "unknown_yaml_key", "missing_data", "resume_no_checkpoint", "resume_missing_dir",
+             "budget_out_of_range", "missing_config", "nonfinite_lr", "nan_list_value", "bad_flag")
 
 
 def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
@@ -294,7 +294,13 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     empty = root / "empty_run"
     empty.mkdir(exist_ok=True)
     base = ["--config", TINY, "--output_dir", "run"]
+    bad_yaml = root / "typo.yml"
+    bad_yaml.write_text(Path(TINY).read_text() + "\nlerning_rate: 1\n")
     cases = {
+        "unknown_yaml_key": (["--config", str(bad_yaml), "--output_dir", "run"], "in " + str(bad_yaml)),
+        "nonfinite_lr": (base + ["--set", "lr=inf"], "lr: must be a finite number"),
+        "nan_list_value": (base + ["--set", "keep_fracs=[.nan,1.0]"], "keep_fracs: must be a finite number"),
+        "bad_flag": (base + ["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
         "unknown_key": (base + ["--set", "lerning_rate=1"], "lerning_rate"),
         "missing_data": (base + ["--set", "dataset_name=/nonexistent/x.txt"], "/nonexistent/x.txt"),
         "resume_no_checkpoint": (["--resume", str(empty)], "policy_latest.pt"),

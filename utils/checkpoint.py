@@ -11,16 +11,15 @@ optimizer and updater state, counters, RNG states and the data position, so `--r
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from utils.config import Config, config_from_dict
+from utils.io import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -29,15 +28,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temporary file in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
 
 
 def find_checkpoint(ckpt_dir: str | Path, mode: str = "latest") -> Path:

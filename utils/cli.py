@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+MIN_BITS, MAX_BITS = 2, 16  # the bit-width range of every target (as the config's C_target_quant_bits)
 
 
 class UsageError(ValueError):
@@ -21,3 +24,21 @@ def need(ok: bool, msg: str) -> None:
     """Raise UsageError(msg) unless ok: argument checks read as a list of requirements."""
     if not ok:
         raise UsageError(msg)
+
+
+def check_targets(tgt_keep: float | None, tgt_prune_keep: float | None, tgt_quant_bits: float | None,
+                  error: type[Exception] = UsageError) -> None:
+    """The one validation of the requested targets shared by every entry point: keeps in [0, 1], bits in
+    [MIN_BITS, MAX_BITS], all finite (None = not given). Raises `error` with a one-line message."""
+    for name, v in (("tgt_keep", tgt_keep), ("tgt_prune_keep", tgt_prune_keep)):
+        if v is not None and not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise error(f"--{name} must be in [0, 1], got {v}")
+    if tgt_quant_bits is not None and not (math.isfinite(tgt_quant_bits) and MIN_BITS <= tgt_quant_bits <= MAX_BITS):
+        raise error(f"--tgt_quant_bits must be in [{MIN_BITS}, {MAX_BITS}], got {tgt_quant_bits}")
+
+
+def check_finite(values: dict[str, float | None], error: type[Exception] = UsageError) -> None:
+    """Every given value finite: nan/inf flags would otherwise pass range checks or silently bias a policy."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise error(f"--{name} must be a finite number, got {v}")

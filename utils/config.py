@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -254,11 +254,11 @@ def _coerce(name: str, v: Any) -> Any:
     raise TypeError(f"{name}: unsupported field type {tp!r}")
 
 
-def _unknown(key: str) -> ConfigError:
+def _unknown(key: str, source: str) -> ConfigError:
     candidates = {**{n: n for n in _FIELDS}, **{a: a for a in ALIASES}, **_HINTS}
     close = difflib.get_close_matches(key, list(candidates), n=1)
     hint = f" (did you mean {candidates[close[0]]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
 def _canonical(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -270,7 +270,7 @@ def _canonical(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(f"config key {key!r} in {source} is not a string")
         name = ALIASES.get(key, key)
         if name not in _FIELDS:
-            raise _unknown(key)
+            raise _unknown(key, source)
         if name in out and out[name] != value:
             raise ConfigError(f"{name}: {seen_from[name]}={out[name]!r} conflicts with {key}={value!r} in {source}")
         out[name], seen_from[name] = value, key
@@ -329,12 +329,12 @@ def _build(*layers: Mapping[str, Any]) -> Config:
 def load_config(path: str | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
     """Defaults, then the YAML/JSON file at `path`, then `--set key=value` overrides; coerced and validated."""
     file_values = _canonical(_read_file(path), path) if path is not None else {}
-    return _build(file_values, _canonical(_parse_overrides(overrides), "overrides"))
+    return _build(file_values, _canonical(_parse_overrides(overrides), "--set overrides"))
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """Rebuild a config from a plain dict (e.g. the one stored in a checkpoint), with full validation."""
-    return _build(_canonical(d, "dict"))
+    return _build(_canonical(d, "the stored config"))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -344,17 +344,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write `cfg` as YAML atomically (temp file in the same directory, then os.replace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False, default_flow_style=None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from utils.io import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda fh: yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False, default_flow_style=None))
 
 
 def field_docs() -> dict[str, str]:
@@ -416,6 +409,10 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if v is not None or type(None) not in typing.get_args(tp):
             _check(_coerce(name, v) == v, name, f"invalid value {v!r}")
+    for f in dataclasses.fields(cfg):  # nan passes no comparison but inf passes "> 0": refuse both everywhere
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else (v,)):
+            _check(not isinstance(x, float) or math.isfinite(x), f.name, f"must be a finite number, got {x!r}")
     for name, allowed in _CHOICES.items():
         v = getattr(cfg, name)
         _check(v in allowed, name, f"must be one of {', '.join(a or 'null' for a in allowed)}, got {v!r}")

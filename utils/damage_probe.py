@@ -437,13 +437,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _atomic_save(obj, path: str, as_json: bool) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    from utils.io import atomic_write
+
     if as_json:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1)
+        atomic_write(path, lambda fh: json.dump(obj, fh, indent=1))
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+        atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
 
 
 def _collect(a: argparse.Namespace) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -244,15 +242,9 @@ def _cache_meta(cfg: Any, tokenizer: Any, split: str, files: list[Path]) -> dict
 
 def _atomic_write(path: Path, write: Any) -> None:
     """Write via a temp file in the same directory and os.replace, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from utils.io import atomic_write
+
+    atomic_write(path, write, binary=True)
 
 
 def _dist() -> tuple[Any, int]:

@@ -332,20 +332,31 @@ def check_csv_header(path: str, columns: Sequence[str] = PPL_CSV_COLUMNS) -> Non
 
 
 def append_csv_row(path: str, row: Mapping[str, str], columns: Sequence[str] = PPL_CSV_COLUMNS) -> None:
-    """Append one row (header first if the file is new or empty) with a single write call."""
+    """Append one row (header first if the file is new or empty) so that it is whole or absent: under an
+    exclusive lock on `path.lock` (concurrent evaluators append one after the other), the old content plus
+    the new row is written beside the file and renamed over it (`utils.io.atomic_write`)."""
+    import fcntl
+
+    from utils.io import atomic_write_text
+
     unknown = set(row) - set(columns)
     if unknown:
         raise ValueError(f"row has columns not in the header: {sorted(unknown)}")
-    check_csv_header(path, columns)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        w.writerow(columns)
-    w.writerow([row.get(c, "") for c in columns])
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "a", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--csv_path {path} is a directory")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        check_csv_header(path, columns)
+        old = open(path, encoding="utf-8", newline="").read() if os.path.exists(path) else ""
+        if old and not old.endswith("\n"):
+            raise CSVHeaderError(f"{path} ends in a partial line; repair or move it before appending")
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        if not old:
+            w.writerow(columns)
+        w.writerow([row.get(c, "") for c in columns])
+        atomic_write_text(path, old + buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,6 +388,10 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
         policy.load_state_dict(ckpt["policy_state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"policy weights in {ckpt_dir} do not fit its config: {str(e).splitlines()[0]}") from None
+    bad = [k for k, v in ckpt["policy_state_dict"].items() if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"policy weights in {ckpt_dir} are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                              "the run that wrote them diverged")
     policy.to(dev).eval().requires_grad_(False)
     return cfg, lm, policy
 

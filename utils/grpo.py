@@ -6,6 +6,7 @@ N = B·K and rows b·K … b·K+K−1 are the K rollouts of input b (see referen
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -234,6 +235,10 @@ class RolloutBatch:
 
 
 _FIELDS = ("h", "e", "scalars", "prev_actions", "actions", "logp_old", "adv")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient went non-finite: training stops before the bad step reaches the weights."""
 _STAT_KEYS = ("loss", "policy_loss", "entropy", "approx_kl", "clip_frac", "kl_ref")
 
 
@@ -311,25 +316,47 @@ class GRPOUpdater:
                 loss, stats = ppo_loss(logits, sel["actions"], sel["logp_old"], sel["adv"],
                                        float(self.cfg.ppo_clip), float(self.cfg.entropy_coef),
                                        ref_logits, self.kl_ref_coef)
+                if not math.isfinite(stats["loss"]):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDivergedError(f"update {self.num_updates + 1}: the loss is {stats['loss']}; "
+                                                "training stopped before it reached the weights")
                 (loss / self.grad_accum).backward()
                 for k in _STAT_KEYS:
                     self._acc_stats[k] = self._acc_stats.get(k, 0.0) + stats[k]
                 self._acc_n += 1
                 self.accum_i += 1
                 if self.accum_i % self.grad_accum == 0:
-                    out.append(self._step())
+                    out.append(self._step(sel))
         return out
 
-    def _step(self) -> dict:
-        """Sync, clip, step, zero the gradient; return the pending minibatches' mean stats."""
+    def _step(self, probe: Optional[dict] = None) -> dict:
+        """Sync, clip, step, zero the gradient; return the pending minibatches' mean stats.
+
+        Raises TrainingDivergedError, before the update is counted (so it is never checkpointed), when the
+        gradient norm is not finite or the stepped policy's logits on `probe` (the last minibatch) are not."""
         params = self._params()
         if self.grad_sync is not None:
             self.grad_sync(params)
         max_norm = self.cfg.max_grad_norm
         max_norm = float(max_norm) if max_norm is not None and max_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(f"update {self.num_updates + 1}: the gradient norm is {grad_norm}; "
+                                        "training stopped before it reached the weights")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if probe is not None:
+            was_training = self.policy.training
+            self.policy.eval()  # no dropout draw: the check must not move the RNG
+            with torch.no_grad():
+                logits = self.policy(probe["h"], probe["e"], probe["scalars"], probe["prev_actions"],
+                                     temperature=float(self.cfg.pi_temperature))
+            self.policy.train(was_training)
+            if not bool(torch.isfinite(logits).all()):
+                raise TrainingDivergedError(f"update {self.num_updates + 1}: the stepped policy's logits are not "
+                                            f"finite (lr {self.optimizer.param_groups[0]['lr']:g}); training "
+                                            "stopped before the update was counted")
         self.num_updates += 1
         n = max(1, self._acc_n)
         stats = {k: v / n for k, v in self._acc_stats.items()}

@@ -47,6 +47,7 @@ from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from utils.engine import Scheduler
+from utils.io import atomic_write_text
 from utils.lm import ControlledLM
 from utils.runtime import PrefixMemo, UsageTracker, generate, score_continuations, score_rows
 
@@ -298,9 +299,7 @@ def builtin_task_names() -> set[str]:
     names = sorted(set(tm.all_tasks) | set(tm.all_groups) | set(tm.all_tags))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(names))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(names))
     except OSError:
         pass
     return set(names)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from utils.io import atomic_write_text
 
 
 class MetricsLogger:
@@ -73,6 +74,4 @@ def truncate_metrics(path: Path, batches: int, updates: int) -> None:
         if rec.get("batch", 0) > batches or rec.get("update", 0) > updates:
             break
         keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))

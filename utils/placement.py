@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from utils.cli import OneLineErrorParser, UsageError, need
+from utils.cli import OneLineErrorParser, UsageError, check_targets, need
 from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
 
 
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
         need(a.blocks >= 1 and a.batch_size >= 1, "--blocks and --batch_size must be >= 1")
-        for name in ("tgt_keep", "tgt_prune_keep"):
-            v = getattr(a, name)
-            need(v is None or 0.0 <= v <= 1.0, f"--{name} must be in [0, 1], got {v}")
-        need(a.tgt_quant_bits is None or 2.0 <= a.tgt_quant_bits <= 16.0,
-             f"--tgt_quant_bits must be in [2, 16], got {a.tgt_quant_bits}")
+        check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode)
         acts = lm.actions
         if a.probe is None:
@@ -213,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     print("  policy cheap" + " ".join(f"{x:5.2f}" for x in rep.policy_cheap_by_step))
     print("  damage      " + " ".join(f"{x:5.2f}" for x in rep.damage_by_step))
     if a.json_path:
-        tmp = a.json_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"ckpt_dir": a.ckpt_dir, "mode": a.mode, "split": a.split, "targets": targets,
-                       **asdict(rep)}, fh, indent=1)
-        os.replace(tmp, a.json_path)
+        from utils.io import atomic_write
+
+        atomic_write(a.json_path, lambda fh: json.dump({"ckpt_dir": a.ckpt_dir, "mode": a.mode, "split": a.split,
+                                                        "targets": targets, **asdict(rep)}, fh, indent=1))
     return 0
 
 

@@ -46,7 +46,14 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     if not p.is_file():
         raise PlotError(f"CSV not found: {path}")
     with open(p, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        rows = []
+        for row in reader:
+            if len(row) != len(header):  # e.g. a row cut short by a full disk under a non-atomic writer
+                raise PlotError(f"{path}, line {reader.line_num}: {len(row)} fields where the header has "
+                                f"{len(header)}; the file is damaged")
+            rows.append(dict(zip(header, row)))
     if not rows:
         raise PlotError(f"{path} has no data rows")
     return rows
@@ -201,7 +208,6 @@ def plot_curve(records: list[dict], out: str | Path, title: str | None = None, w
     dev = [r for r in records if "dev/policy_ppl" in r]
     if not batches:
         raise PlotError("no training records (reward/total_mean) in the metrics file")
-    x = np.array([r["update"] for r in batches], dtype=float)
 
     def series(key: str, rows: list[dict] = batches) -> tuple[np.ndarray, np.ndarray]:
         pts = [(r["update"], r[key]) for r in rows if key in r and r[key] is not None and np.isfinite(r[key])]

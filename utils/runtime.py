@@ -26,7 +26,6 @@ budget/target arguments the CLIs share.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,10 +35,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from utils.attention import is_effective
+from utils.cli import MAX_BITS, check_finite, check_targets
 from utils.engine import Scheduler, StepObs, step_scalars
 from utils.lm import ControlledLM
 
-MAX_BITS = 16
 _USAGE_LISTS = ("keep", "prune", "qratio", "attn_keep", "channel_keep", "flops")
 
 
@@ -457,19 +456,16 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant_bias", type=float, default=None, help="logit bias against high bits (default: cfg)")
     p.add_argument("--tgt_keep", type=float, default=None, help="token keep target κ in [0, 1]")
     p.add_argument("--tgt_prune_keep", type=float, default=None, help="MLP channel keep target in [0, 1]")
-    p.add_argument("--tgt_quant_bits", type=float, default=None, help="bit-width target in (0, 16]")
+    p.add_argument("--tgt_quant_bits", type=float, default=None, help="bit-width target in [2, 16]")
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the checkpoint's device / auto)")
 
 
 def check_policy_args(args) -> None:
     """Range checks before anything is loaded; raises RuntimeInputError with a one-line message."""
-    for name in ("tgt_keep", "tgt_prune_keep"):
-        v = getattr(args, name)
-        if v is not None and not (0.0 <= v <= 1.0 and math.isfinite(v)):
-            raise RuntimeInputError(f"--{name} must be in [0, 1], got {v}")
-    if args.tgt_quant_bits is not None and not (0.0 < args.tgt_quant_bits <= MAX_BITS):
-        raise RuntimeInputError(f"--tgt_quant_bits must be in (0, {MAX_BITS}], got {args.tgt_quant_bits}")
+    check_targets(args.tgt_keep, args.tgt_prune_keep, args.tgt_quant_bits, RuntimeInputError)
+    check_finite({n: getattr(args, n) for n in ("sparsity_bias", "prune_bias", "quant_bias", "policy_temperature")},
+                 RuntimeInputError)
     if args.episode_len is not None and args.episode_len < 1:
         raise RuntimeInputError(f"--episode_len must be >= 1, got {args.episode_len}")
     if not (args.mode == "latest" or str(args.mode).isdigit()):

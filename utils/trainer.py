@@ -24,7 +24,7 @@ from utils.config import Config, config_to_dict, default_device, resolved_alphas
 from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from utils.engine import Episode, run_episode
-from utils.grpo import (GRPOUpdater, RolloutBatch, budget_gaps, budget_penalty, grpo_advantages, sample_budgets,
+from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, grpo_advantages, sample_budgets,
                         step_budget_costs, task_reward)
 from utils.lm import ControlledLM
 from utils.metrics import MetricsLogger
@@ -294,7 +294,13 @@ class GRPOTrainer:
         blocks = torch.from_numpy(np.concatenate([np.asarray(self.blocks[i], dtype=np.int64) for i in idxs]))
         budgets = torch.cat([sample_budgets(cfg, len(i), self.budget_gen) for i in idxs])
         sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True)
-        ep_all = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, K, need_kl=cfg.task_w_kl > 0)
+        try:
+            ep_all = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, K, need_kl=cfg.task_w_kl > 0)
+        except RuntimeError as e:  # torch.multinomial refuses non-finite probabilities
+            if "probability tensor" not in str(e):
+                raise
+            raise TrainingDivergedError(f"after update {self.updater.num_updates}: the policy's action "
+                                        "probabilities are not finite (its weights diverged)") from None
         tr_all = sched.rollout_tensors()
         out, start = [], 0
         for i in idxs:
@@ -415,9 +421,13 @@ class GRPOTrainer:
             if last_saved != self.updater.num_updates:
                 self.save()
                 saved_any, last_saved = True, self.updater.num_updates
-        except BaseException:
+        except BaseException as e:
             if is_main and not saved_any and getattr(self, "_created_dir", False):
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing useful was written: leave no half run
+            if isinstance(e, TrainingDivergedError):
+                where = (f"the last checkpoint (update {last_saved}) is intact in {self.run_dir}" if saved_any
+                         else "no checkpoint had been written, so no run directory is left")
+                raise TrainingDivergedError(f"{e}; {where}") from None
             raise
         finally:
             logger.close()
