@@ -140,3 +140,30 @@ def test_runtime_clis_share_the_same_validation(tiny_ckpt_dir, flag, value, frag
     args = p.parse_args(["--ckpt_dir", str(tiny_ckpt_dir), flag, value])
     with pytest.raises(RuntimeInputError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         check_policy_args(args)
+
+
+def test_a_second_trainer_on_a_running_run_directory_is_refused(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["--config", TINY, "--total_updates", "6", "--output_dir", str(out), "--set", f"block_cache_dir={cache}"]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".trainer.pid").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / ".trainer.pid").read_text() == str(first.pid)
+        rc = train.main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert rc == 2 and len(err) == 1 and f"PID {first.pid}" in err[0] and "in use" in err[0]
+    finally:
+        first_err = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, first_err[-2000:]
+    updates = [json.loads(line)["update"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if '"update/loss"' in line]
+    assert updates == sorted(set(updates)) and updates[-1] == 6  # the first run alone wrote its metrics
+    assert not (out / ".trainer.pid").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
 import random
 import shutil
 import time
@@ -57,6 +58,39 @@ def _set_rng_state(s: dict[str, Any], budget_gen: torch.Generator, action_gen: t
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+
+
+PID_FILE = ".trainer.pid"
+
+
+class RunDirLock:
+    """An exclusive `flock` on the run directory itself, held from set-up to the end of `train()`, so a second
+    trainer on the same directory (fresh or --resume) stops with one line naming the holder's PID (kept in
+    `.trainer.pid` while the lock is held). The kernel drops the lock when the process dies, even on SIGKILL."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            try:
+                holder = (path / PID_FILE).read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise CheckpointError(f"{path} is in use by a running trainer (PID {holder}); wait for it or pick "
+                                  "another --output_dir") from None
+        (path / PID_FILE).write_text(str(os.getpid()))
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        (self.path / PID_FILE).unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
 
 
 def _warm_start(policy: SOLPolicy, path: str) -> None:
@@ -210,13 +244,18 @@ class GRPOTrainer:
             stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
             path = Path(self.cfg.output_dir) / f"{self.cfg.run_name}-{stamp}"
         self._created_dir = False
+        self._lock = None
+        if self.dist.is_main:
+            if path.exists() and not path.is_dir():
+                raise CheckpointError(f"--output_dir {path} exists and is not a directory")
+            self._created_dir = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock = RunDirLock(path)  # released when train() returns or fails
         if self.dist.is_main and resuming:
-            for pattern in ("policy_*.pt.*.tmp", ".config-*.yml.tmp", ".metrics.jsonl.*.tmp"):
+            for pattern in (".*.tmp", "policy_*.pt.*.tmp", ".config-*.yml.tmp"):
                 for stale in path.glob(pattern):  # temporary files of writes a kill interrupted
                     stale.unlink(missing_ok=True)
         if self.dist.is_main and not resuming:
-            self._created_dir = not path.exists()
-            path.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, path / "config.yaml")
         return path
 
@@ -432,4 +471,6 @@ class GRPOTrainer:
         finally:
             logger.close()
             cleanup(self.dist)
+            if self._lock is not None:
+                self._lock.release()
         return self.run_dir
