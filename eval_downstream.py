@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.cli import OneLineErrorParser, UsageError, need
+from utils.cli import OneLineErrorParser, SOLError, UsageError, need
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,7 +135,7 @@ def _summary_line(name: str, block: dict) -> str:
             f"steps {block['n_steps']}")
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(SOLError, RuntimeError):
     """A task whose data could not be loaded (one line)."""
 
 
@@ -183,12 +183,7 @@ def paired_difference(a: dict, b: dict, seed: int, n_boot: int = 2000) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
-    from utils.model import ModelLoadError
-    from utils.runtime import RuntimeInputError
-
-    known = (UsageError, RuntimeInputError, CheckpointError, ConfigError, ModelLoadError, TaskDataError)
+    known = (SOLError, OSError)
     try:
         tasks = _check_args(a)
         from utils.lm_eval_adapter import SOLHarnessLM, TaskNameError, make_task_manager

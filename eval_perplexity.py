@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from utils.cli import OneLineErrorParser, UsageError, check_finite, check_targets
+from utils.cli import OneLineErrorParser, SOLError, UsageError, check_finite, check_targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,16 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
-    from utils.data import DataError
-    from utils.evaluation import CSVHeaderError
-    from utils.model import ModelLoadError
-
     try:
         return run(a)
-    except (UsageError, CheckpointError, ConfigError, DataError, CSVHeaderError, ModelLoadError,
-            FileNotFoundError) as e:
+    except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ import argparse
 import random
 import sys
 
-from utils.cli import OneLineErrorParser, UsageError, need
+from utils.cli import OneLineErrorParser, SOLError, need
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,11 +54,6 @@ def _mean_logprob(lm, prompt_ids: list[int], ids: list[int]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
-    from utils.model import ModelLoadError
-    from utils.runtime import RuntimeInputError
-
     try:
         _check_args(a)
         import numpy as np
@@ -71,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(a.seed)
         b = load_eval_bundle(a.ckpt_dir, a.mode, a.device)
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
-    except (UsageError, RuntimeInputError, CheckpointError, ConfigError, ModelLoadError) as e:
+    except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lm, tok = b.lm, b.lm.tokenizer

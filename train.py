@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import OneLineErrorParser
+from utils.checkpoint import load_checkpoint
+from utils.cli import OneLineErrorParser, SOLError
 from utils.config import ConfigError, config_from_dict, describe_fields, load_config
-from utils.data import DataError
-from utils.model import ModelLoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,14 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = GRPOTrainer(cfg, TrainArgs(args.total_updates, args.output_dir, args.resume, args.checkpoint_path,
                                              args.wandb_project, args.wandb_entity, args.wandb_run_name))
         run_dir = trainer.train()
-    except (ConfigError, DataError, CheckpointError, ModelLoadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from utils.grpo import TrainingDivergedError
-
-        if not isinstance(e, TrainingDivergedError):
-            raise
+    except (SOLError, OSError) as e:  # bad input, missing files, a full disk, a diverged run: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     if run_dir is not None and trainer.dist.is_main:

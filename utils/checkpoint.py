@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from utils.cli import SOLError
 from utils.config import Config, config_from_dict
 from utils.io import atomic_write
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SOLError, RuntimeError):
     """A missing or unreadable checkpoint (one-line message)."""
 
 

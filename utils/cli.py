@@ -8,7 +8,12 @@ import sys
 MIN_BITS, MAX_BITS = 2, 16  # the bit-width range of every target (as the config's C_target_quant_bits)
 
 
-class UsageError(ValueError):
+class SOLError(Exception):
+    """Base of every error this project reports as one `error:` line (bad input, missing files, a diverged
+    run): each entry point catches it (and OSError) once and prints the message, never a traceback."""
+
+
+class UsageError(SOLError, ValueError):
     """A bad command-line value (one-line message)."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from utils.cli import SOLError
+
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     """A dataclass field with a description in its metadata (used by `--help` and the README)."""
@@ -187,7 +189,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 
 
-class ConfigError(ValueError):
+class ConfigError(SOLError, ValueError):
     """A bad config file, key or value; the one-line message names the field."""
 
 

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from utils.cli import OneLineErrorParser, UsageError, need
+from utils.cli import OneLineErrorParser, SOLError, UsageError, need
 from utils.engine import Scheduler, StepObs, prefill_blocks, run_episode
 from utils.placement import _corr, _rank, cheapest_action, single_step_damage
 
@@ -100,7 +100,7 @@ def _design(onehot: torch.Tensor, surprisal: torch.Tensor, entropy: torch.Tensor
             embed: torch.Tensor, kind: str) -> torch.Tensor:
     """Feature columns of one feature set from per-step inputs (any leading shape)."""
     if kind not in FEATURE_SETS:
-        raise ValueError(f"unknown feature set {kind!r}; expected one of {', '.join(FEATURE_SETS)}")
+        raise UsageError(f"unknown feature set {kind!r}; expected one of {', '.join(FEATURE_SETS)}")
     parts = [onehot]  # position one-hot (carries the intercept)
     if kind != "position":
         s, e = surprisal, entropy
@@ -364,17 +364,17 @@ def probe_report(data: dict[str, torch.Tensor], frac: float = 0.5, seed: int = 0
     if eval_data is None:
         S = d_fit.shape[0]
         if S < 4:
-            raise ValueError(f"the probe needs at least 4 sequences, got {S}")
+            raise UsageError(f"the probe needs at least 4 sequences, got {S}")
         perm = torch.randperm(S, generator=torch.Generator().manual_seed(seed))
         halves = (perm[: S // 2], perm[S // 2:])
         splits = [(halves[0], halves[1]), (halves[1], halves[0])]
         d = d_fit
     else:
         if not torch.equal(eval_data["effective"], data["effective"]):
-            raise ValueError("the fit and eval damage maps have different effective steps (another config?)")
+            raise UsageError("the fit and eval damage maps have different effective steps (another config?)")
         n_fit = d_fit.shape[0]
         if n_fit < 4:
-            raise ValueError(f"the probe needs at least 4 fit sequences, got {n_fit}")
+            raise UsageError(f"the probe needs at least 4 fit sequences, got {n_fit}")
         d = eval_data["damage"][:, eval_data["effective"]].double()
         splits = [(torch.arange(n_fit), torch.arange(n_fit, n_fit + d.shape[0]))]
         d_fit = torch.cat([d_fit, d])
@@ -575,14 +575,11 @@ def _schedule(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from utils.config import ConfigError
-    from utils.data import DataError
-    from utils.model import ModelLoadError
 
     run = {"collect": _collect, "fit": _fit, "schedule": _schedule}[a.command]
     try:
         run(a)
-    except (UsageError, ConfigError, DataError, ModelLoadError, ValueError) as e:
+    except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
+from utils.cli import SOLError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT2_DIR = REPO_ROOT / "data" / "wikitext-2"
 LOCAL_DEFAULT = "wikitext2_local"
@@ -33,7 +35,7 @@ _TAIL_SPLITS = ("train", "dev")  # splits carved out of one block sequence by th
 _PROBE = "SOL probe: The quick brown fox, 1,234 <unk> @-@ tokens."  # fingerprints the tokenizer in the key
 
 
-class DataError(ValueError):
+class DataError(SOLError, ValueError):
     """A data problem the user can fix (missing file, wrong column, too little text); one-line message."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from utils.baselines import budget_matched_targets
+from utils.cli import SOLError
 from utils.data import eval_batches
 from utils.engine import Episode, Prefill, Scheduler, StackedScheduler, prefill_blocks, run_episode
 from utils.lm import ControlledLM
@@ -290,7 +291,7 @@ PPL_CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
-class CSVHeaderError(ValueError):
+class CSVHeaderError(SOLError, ValueError):
     """An existing CSV whose header differs from the columns we would append."""
 
 

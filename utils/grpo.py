@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.cli import SOLError
+
 _STD_FLOOR = 1e-6  # the reference's clamp on population std in z-scoring and whitening
 
 
@@ -237,7 +239,7 @@ class RolloutBatch:
 _FIELDS = ("h", "e", "scalars", "prev_actions", "actions", "logp_old", "adv")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(SOLError, RuntimeError):
     """The loss or the gradient went non-finite: training stops before the bad step reaches the weights."""
 _STAT_KEYS = ("loss", "policy_loss", "entropy", "approx_kl", "clip_frac", "kl_ref")
 

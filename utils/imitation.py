@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.cli import OneLineErrorParser, UsageError, need
+from utils.cli import OneLineErrorParser, SOLError, need
 from utils.engine import Scheduler, StepObs, run_episode
 
 TRACE_KEYS = ("h", "e", "scalars", "prev_actions", "actions")
@@ -260,13 +260,10 @@ def _run(a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from utils.config import ConfigError
-    from utils.data import DataError
-    from utils.model import ModelLoadError
 
     try:
         s = _run(a)
-    except (UsageError, ConfigError, DataError, ModelLoadError, ValueError) as e:
+    except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = s["epochs"][-1]

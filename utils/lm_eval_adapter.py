@@ -46,6 +46,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
+from utils.cli import SOLError
 from utils.engine import Scheduler
 from utils.io import atomic_write_text
 from utils.lm import ControlledLM
@@ -55,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_TASKS_DIR = REPO_ROOT / "tasks"
 
 
-class TaskNameError(ValueError):
+class TaskNameError(SOLError, ValueError):
     """Unknown lm-eval task name (one-line message with close matches)."""
 
 

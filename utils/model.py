@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from utils.cli import SOLError
+
 SMOLLM2_ALIAS = "smollm2-135m"
 TINY_ALIAS = "tiny-random-llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SOLError, RuntimeError):
     """A one-line, actionable model loading error."""
 
 

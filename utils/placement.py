@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from utils.cli import OneLineErrorParser, UsageError, check_targets, need
+from utils.cli import OneLineErrorParser, SOLError, check_targets, need
 from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
 
 
@@ -170,11 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
-    from utils.data import DataError, load_blocks
+    from utils.data import load_blocks
     from utils.evaluation import load_policy_eval
-    from utils.model import ModelLoadError
 
     try:
         need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
@@ -195,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             rep = placement_report(lm, policy, blocks, cfg.context_len, targets, a.batch_size, probe_idx,
                                    cfg.rollout_rows_per_forward)
-    except (UsageError, CheckpointError, ConfigError, DataError, ModelLoadError) as e:
+    except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"probe {rep.probe}: one cheap step costs {rep.damage_mean:+.3f} ± {rep.damage_std:.3f} nats "

@@ -26,6 +26,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from utils.cli import SOLError
+
 # (label, ppl column, prefix of the usage columns, colour, marker)
 METHODS = (
     ("SOL policy", "policy_ppl", "policy", "tab:red", "o"),
@@ -37,7 +39,7 @@ METHODS = (
 BAND = 0.03
 
 
-class PlotError(ValueError):
+class PlotError(SOLError, ValueError):
     """Unreadable or unsuitable CSV (one-line message)."""
 
 

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from utils.attention import is_effective
-from utils.cli import MAX_BITS, check_finite, check_targets
+from utils.cli import MAX_BITS, SOLError, check_finite, check_targets
 from utils.engine import Scheduler, StepObs, step_scalars
 from utils.lm import ControlledLM
 
 _USAGE_LISTS = ("keep", "prune", "qratio", "attn_keep", "channel_keep", "flops")
 
 
-class RuntimeInputError(ValueError):
+class RuntimeInputError(SOLError, ValueError):
     """Bad runtime input (one-line message)."""
 
 

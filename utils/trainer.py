@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.config import Config, config_to_dict, default_device, resolved_alphas, save_config
+from utils.config import Config, ConfigError, config_to_dict, default_device, resolved_alphas, save_config
 from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from utils.engine import Episode, run_episode
@@ -195,6 +195,8 @@ class GRPOTrainer:
                                       "use --checkpoint_path to warm start from it")
         self.cfg = cfg
         self.device = default_device(cfg)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device: {cfg.device} requested but CUDA is not available on this machine")
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.startswith("cuda"):
             self.device = f"cuda:{self.dist.local_rank}"
