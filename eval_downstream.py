@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.cli import OneLineErrorParser, SOLError, UsageError, need
+from utils.cli import OneLineErrorParser, SOLError, UsageError, check_output_file, need
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +66,7 @@ def _check_args(a: argparse.Namespace) -> list[str]:
     from utils.runtime import check_policy_args
 
     check_policy_args(a)
+    check_output_file("--export_sparsity_json", a.export_sparsity_json)
     need(a.batch_size >= 1, f"--batch_size must be >= 1, got {a.batch_size}")
     need(a.num_fewshot >= 0, f"--num_fewshot must be >= 0, got {a.num_fewshot}")
     need(a.max_gen_toks >= 1, f"--max_gen_toks must be >= 1, got {a.max_gen_toks}")

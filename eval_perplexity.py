@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from utils.cli import OneLineErrorParser, SOLError, UsageError, check_finite, check_targets
+from utils.cli import OneLineErrorParser, SOLError, UsageError, check_finite, check_output_file, check_targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +70,7 @@ def _check_args(a: argparse.Namespace) -> None:
             raise UsageError(msg)
 
     check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
+    check_output_file("--csv_path", a.csv_path)
     check_finite({n: getattr(a, n) for n in ("sparsity_bias", "prune_bias", "quant_bias", "gamma",
                                              "keep_prefill_mb")})
     need(a.eval_batches >= 1, f"--eval_batches must be >= 1, got {a.eval_batches}")

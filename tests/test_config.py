@@ -70,15 +70,16 @@ def test_config_from_dict_validates():
 @pytest.mark.parametrize("key,suggestion", [("lerning_rate", "lr"), ("keep_frac", "keep_fracs"),
                                             ("quest_page", "quest_page_size"), ("C_targt", "C_target")])
 def test_unknown_key_names_closest(tmp_path, key, suggestion):
+    path = write(tmp_path, {key: 1})
     with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, {key: 1}))
-    assert str(e.value) == f"unknown config key {key!r} (did you mean {suggestion!r}?)"
+        load_config(path)
+    assert str(e.value) == f"unknown config key {key!r} in {path} (did you mean {suggestion!r}?)"
 
 
 def test_unknown_key_without_close_match():
     with pytest.raises(ConfigError) as e:
         load_config(overrides={"zzzzzz": 1})
-    assert str(e.value) == "unknown config key 'zzzzzz'"
+    assert str(e.value) == "unknown config key 'zzzzzz' in --set overrides"
 
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))

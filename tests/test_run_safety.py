@@ -167,3 +167,29 @@ def test_a_second_trainer_on_a_running_run_directory_is_refused(tmp_path, capsys
                if '"update/loss"' in line]
     assert updates == sorted(set(updates)) and updates[-1] == 6  # the first run alone wrote its metrics
     assert not (out / ".trainer.pid").exists()
+
+
+def test_output_paths_are_checked_before_any_work(tiny_ckpt_dir, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for target, fragment in ((tmp_path / "adir", "is a directory"), (tmp_path / "afile" / "x.csv", "is not a directory")):
+        rc = eval_perplexity.main(["--ckpt_dir", str(tiny_ckpt_dir), "--csv_path", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and fragment in err[0] and "--csv_path" in err[0], err
+
+
+def test_plots_name_the_file_they_write_and_create_directories(tmp_path, capsys):
+    from utils.plots import main as plots_main
+
+    csv_path = tmp_path / "r.csv"
+    for i, p in enumerate((0.5, 0.7)):
+        append_csv_row(str(csv_path), {"target_keep": "1", "target_prune_keep": str(p), "target_quant_bits": "16",
+                                       "policy_ppl": str(30 - i), "policy_keep": "1", "policy_prune_keep": str(p),
+                                       "policy_quant_ratio": "1", "policy_net_keep": str((2 + p) / 3),
+                                       "fixed_ppl": str(31 - i), "fixed_net_keep": str((2 + p) / 3),
+                                       "dense_ppl": "20"})
+    assert plots_main(["pareto", str(csv_path), "--out", str(tmp_path / "noext")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'noext.png'}"
+    assert (tmp_path / "noext.png").is_file() and not (tmp_path / "noext").exists()
+    assert plots_main(["table", str(csv_path), "--out", str(tmp_path / "new" / "dir" / "t.md")]) == 0
+    assert (tmp_path / "new" / "dir" / "t.md").read_text().startswith("|")

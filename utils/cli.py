@@ -42,6 +42,27 @@ def check_targets(tgt_keep: float | None, tgt_prune_keep: float | None, tgt_quan
         raise error(f"--tgt_quant_bits must be in [{MIN_BITS}, {MAX_BITS}], got {tgt_quant_bits}")
 
 
+def check_output_file(flag: str, path: str | None, error: type[Exception] = UsageError) -> None:
+    """Before any expensive work: the output file's location must be usable (not a directory, its parent a
+    directory or creatable, writable), so a long evaluation never fails at its last line."""
+    import os
+
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise error(f"{flag} {path} is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):  # the nearest existing ancestor decides whether it can be created
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise error(f"{flag} {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK):
+        raise error(f"{flag} {path}: {probe} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise error(f"{flag} {path} is not writable")
+
+
 def check_finite(values: dict[str, float | None], error: type[Exception] = UsageError) -> None:
     """Every given value finite: nan/inf flags would otherwise pass range checks or silently bias a policy."""
     for name, v in values.items():

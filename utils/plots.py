@@ -26,7 +26,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils.cli import SOLError
+from utils.cli import OneLineErrorParser, SOLError
 
 # (label, ppl column, prefix of the usage columns, colour, marker)
 METHODS = (
@@ -291,7 +291,7 @@ def results_table(rows: list[dict[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.plots", description=__doc__,
+    p = OneLineErrorParser(prog="python -m utils.plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=("pareto", "adherence", "curve", "table"), help="which figure (or table)")
     p.add_argument("csv", help="CSV written by eval_perplexity.py (curve: a run directory or its metrics.jsonl)")
@@ -300,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.kind != "table" and not a.out:
         p.error("--out is required for figures")
+    if a.out and a.kind != "table" and not Path(a.out).suffix:
+        a.out += ".png"  # what matplotlib would write anyway; now the message names the real file
     try:
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         if a.kind == "table":
             text = results_table(read_rows(a.csv))
             if not a.out:
