@@ -285,8 +285,8 @@ def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
 # bad input: one line on stderr, exit code 2, no traceback, no run directory
 # ---------------------------------------------------------------------------------------------------
 
-BAD_CASES = ("unknown_key", "unknown_yaml_key", "missing_data", "resume_no_checkpoint", "resume_missing_dir",
-             "budget_out_of_range", "missing_config", "nonfinite_lr", "nan_list_value", "bad_flag")
+BAD_CASES = ("unknown_yaml_key", "nonfinite_lr", "nan_list_value", "bad_flag", "unknown_key", "missing_data",
+             "resume_no_checkpoint", "resume_missing_dir", "budget_out_of_range", "missing_config")
 
 
 def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:

@@ -240,8 +240,6 @@ class GRPOTrainer:
             path = Path(self.args.resume)
         elif self.args.output_dir:
             path = Path(self.args.output_dir)
-            if (path / "policy_latest.pt").exists():
-                raise CheckpointError(f"{path} already holds a run; continue it with --resume {path} or pick another --output_dir")
         else:
             stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
             path = Path(self.cfg.output_dir) / f"{self.cfg.run_name}-{stamp}"
@@ -252,7 +250,13 @@ class GRPOTrainer:
                 raise CheckpointError(f"--output_dir {path} exists and is not a directory")
             self._created_dir = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
+            # the lock first, so that a trainer still running there is named even after it has saved
             self._lock = RunDirLock(path)  # released when train() returns or fails
+        if not resuming and (path / "policy_latest.pt").exists():  # every rank, so none goes on alone
+            if self._lock is not None:
+                self._lock.release()
+            raise CheckpointError(f"{path} already holds a run; continue it with --resume {path} or pick "
+                                  "another --output_dir")
         if self.dist.is_main and resuming:
             for pattern in (".*.tmp", "policy_*.pt.*.tmp", ".config-*.yml.tmp"):
                 for stale in path.glob(pattern):  # temporary files of writes a kill interrupted
