@@ -81,66 +81,55 @@ def test_step_equals_forward_with_feedback_and_feedback_changes_logits():
     torch.testing.assert_close(pol(h, e, s, prev, temperature=0.6) * 0.6, full * 1.3, atol=1e-5, rtol=0)
 
 
-def test_feedback_holds_the_budget_of_a_policy_that_always_wants_dense():
-    """A policy whose network always prefers dense by 2 logits: without feedback it never saves; with it,
-    each row's realised usage ends within one level step of its budget on the tiny Llama."""
-    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "sparsity_criteria=recency"])
+def _closed_loop(sets: list[str], settings: list[dict], pi_bias) -> list[torch.Tensor]:
+    """Per setting (config fields to set): each row's realised prune usage over a 24-step greedy episode of 4
+    tiny-Llama blocks at ρ target 0.7, for a policy whose only non-zero logits are `pi_bias(actions)`."""
     from utils.data import load_blocks
     from utils.lm import ControlledLM
     from utils.model import load_lm
 
+    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "sparsity_criteria=recency", *sets])
     cfg.rollout_len = 24
     model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
     lm = ControlledLM.from_config(cfg, model, tok)
     blocks = torch.as_tensor(np.asarray(load_blocks(cfg, tok, "test")[:4], dtype=np.int64))
-    budgets = torch.tensor([[1.0, 0.7, 1.0]]).expand(4, 3)  # ρ target 0.7 on s50/s100: half the steps cheap
-    out = {}
-    for gain in (0.0, 20.0):
-        cfg.budget_feedback_gain = gain
+    budgets = torch.tensor([[1.0, 0.7, 1.0]]).expand(4, 3)  # ρ 0.7 on s50/s100: 60% of the steps cheap
+    out = []
+    for fields in settings:
+        for k, v in fields.items():
+            setattr(cfg, k, v)
         torch.manual_seed(0)
         pol = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions).eval()
         with torch.no_grad():
             pol.pi.weight.zero_()
             pol.budget_head[-1].weight.zero_()
             pol.budget_head[-1].bias.zero_()
-            pol.pi.bias.copy_(2.0 * lm.actions.nominal_usage().sum(-1))  # denser = higher logit
+            pol.pi.bias.copy_(pi_bias(lm.actions))
         ep = run_episode(lm, blocks, PolicyScheduler(pol, 1.0, greedy=True), budgets, cfg.context_len)
-        out[gain] = ep.usage_means()[:, 1]
-    assert (out[0.0] == 1.0).all()
-    R = int(ep.effective.sum())
-    assert ((out[20.0] - 0.7).abs() <= 0.5 / R * 2 + 1e-6).all(), out[20.0]
+        assert int(ep.effective.sum()) == 24
+        out.append(ep.usage_means()[:, 1])
+    return out
+
+
+def test_feedback_holds_the_budget_of_a_policy_that_always_wants_dense():
+    """A policy whose network always prefers dense by 2 logits: without feedback it never saves; with it,
+    each row's realised usage ends within two level steps / R of its budget."""
+    off, on = _closed_loop([], [{"budget_feedback_gain": 0.0}, {"budget_feedback_gain": 20.0}],
+                           lambda acts: 2.0 * acts.nominal_usage().sum(-1))  # denser = higher logit
+    assert (off == 1.0).all()
+    assert ((on - 0.7).abs() <= 2 * 0.5 / 24 + 1e-6).all(), on
 
 
 def test_bounded_logits_cannot_outvote_the_feedback():
     """A network that wants dense by 100 logits outvotes an unbounded feedback for the whole episode; with
     its logits bounded to [-2, 2] every row's surplus stays within 2c / (g · level gap) plus one step."""
-    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "sparsity_criteria=recency",
-                                                    "keep_fracs=[1.0]", "quant_choices=[q16]"])
-    from utils.data import load_blocks
-    from utils.lm import ControlledLM
-    from utils.model import load_lm
-
-    cfg.rollout_len = 24
-    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
-    lm = ControlledLM.from_config(cfg, model, tok)
-    blocks = torch.as_tensor(np.asarray(load_blocks(cfg, tok, "test")[:4], dtype=np.int64))
-    budgets = torch.tensor([[1.0, 0.7, 1.0]]).expand(4, 3)
     g, c, gap = 20.0, 2.0, 0.5  # s50 / s100: level gap 0.5 in usage units
-    out = {}
-    for bound in (0.0, c):
-        cfg.budget_feedback_gain, cfg.policy_logit_bound = g, bound
-        torch.manual_seed(0)
-        pol = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions).eval()
-        with torch.no_grad():
-            pol.pi.weight.zero_()
-            pol.budget_head[-1].weight.zero_()
-            pol.budget_head[-1].bias.zero_()
-            pol.pi.bias.copy_(100.0 * lm.actions.nominal_usage()[:, 1])
-        ep = run_episode(lm, blocks, PolicyScheduler(pol, 1.0, greedy=True), budgets, cfg.context_len)
-        R = int(ep.effective.sum())
-        out[bound] = (ep.usage_means()[:, 1] - 0.7) * R  # each row's final surplus
-    assert (out[0.0] > 5).all()  # the unbounded network never saves
-    assert (out[c].abs() <= 2 * c / (g * gap) + (1.0 - 0.7) + 1e-6).all(), out[c]
+    free, bounded = _closed_loop(["keep_fracs=[1.0]", "quant_choices=[q16]"],
+                                 [{"budget_feedback_gain": g, "policy_logit_bound": b} for b in (0.0, c)],
+                                 lambda acts: 100.0 * acts.nominal_usage()[:, 1])
+    assert ((free - 0.7) * 24 > 5).all()  # the unbounded network never saves
+    surplus = (bounded - 0.7) * 24  # each row's final surplus
+    assert (surplus.abs() <= 2 * c / (g * gap) + (1.0 - 0.7) + 1e-6).all(), surplus
 
 
 def _episode(actions: torch.Tensor, effective: torch.Tensor, K: int) -> Episode:
