@@ -253,7 +253,8 @@ def plot_curve(records: list[dict], out: str | Path, title: str | None = None, w
                        label="corr(spend, damage)")
         bottom[2].axhline(0, color="grey", lw=1)
         bottom[2].legend()
-    bottom[2].set(xlabel="update", title="dev placement: spends where cheap steps hurt?")
+    bottom[2].set(xlabel="update", title="dev placement: spends where cheap steps hurt?", ylim=(-1.05, 1.05),
+                  ylabel="correlation")
     fig.suptitle(title or "training curve")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
