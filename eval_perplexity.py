@@ -17,13 +17,15 @@ import os
 import sys
 import time
 
-from utils.cli import OneLineErrorParser, SOLError, UsageError, check_finite, check_output_file, check_targets
+from utils.cli import TRUST_HELP, OneLineErrorParser, SOLError, UsageError, check_finite, check_output_file, check_targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_dir", required=True, help="training run directory holding policy_*.pt")
+    p.add_argument("--ckpt_dir", required=True, help="training run directory holding policy_*.pt, or an exported "
+                   "policy (policy.safetensors)")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_{mode}.pt)")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--dataset_name", help="data source (default: the checkpoint config's, i.e. shipped WikiText-2)")
     p.add_argument("--dataset_config", help="datasets config name for a hub dataset (e.g. wikitext-2-raw-v1)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; train/dev/validation)")
@@ -112,7 +114,8 @@ def run(a: argparse.Namespace) -> int:
     cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dataset_name": a.dataset_name,
                                                            "dataset_config": a.dataset_config,
                                                            "budget_feedback_gain": a.budget_feedback_gain,
-                                                           "policy_logit_bound": a.policy_logit_bound}, a.device)
+                                                           "policy_logit_bound": a.policy_logit_bound}, a.device,
+                                       a.trust_checkpoint)
     tk = a.tgt_keep if a.tgt_keep is not None else (cfg.eval_C_tok if cfg.eval_C_tok is not None else cfg.C_target)
     tp = a.tgt_prune_keep if a.tgt_prune_keep is not None else (
         cfg.eval_C_pru if cfg.eval_C_pru is not None else cfg.C_target_prune)

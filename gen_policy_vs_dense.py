@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         random.seed(a.seed)
         np.random.seed(a.seed)
         torch.manual_seed(a.seed)
-        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device)
+        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint)
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

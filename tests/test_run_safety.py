@@ -1,5 +1,6 @@
 """Run safety (issue 18): atomic writes and CSV appends, non-finite values refused, a diverging run stops with
-its last good checkpoint, one validation of the targets, one-line errors."""
+its last good checkpoint, one validation of the targets, one-line errors, checkpoints that cannot run code,
+W&B offline, exact resume after SIGKILLs at random moments and under torchrun."""
 from __future__ import annotations
 
 import errno
@@ -96,14 +97,14 @@ def test_a_diverging_run_stops_with_its_last_finite_checkpoint(tmp_path, capsys)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not the progress bar
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: update ")
     assert "not finite" in err[0] and "is intact in" in err[0]
-    ckpt = torch.load(out / "policy_latest.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "policy_latest.pt", map_location="cpu", weights_only=True)
     stopped_at = int(err[0].split("update ")[1].split(":")[0])
     assert ckpt["update_step"] == stopped_at - 1 >= 1
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["policy_state_dict"].values())
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_ckpt_dir, tmp_path):
-    ckpt = torch.load(Path(tiny_ckpt_dir) / "policy_latest.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(tiny_ckpt_dir) / "policy_latest.pt", map_location="cpu", weights_only=True)
     ckpt["policy_state_dict"]["pi.bias"][0] = float("nan")
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -193,3 +194,279 @@ def test_plots_name_the_file_they_write_and_create_directories(tmp_path, capsys)
     assert (tmp_path / "noext.png").is_file() and not (tmp_path / "noext").exists()
     assert plots_main(["table", str(csv_path), "--out", str(tmp_path / "new" / "dir" / "t.md")]) == 0
     assert (tmp_path / "new" / "dir" / "t.md").read_text().startswith("|")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints are read without running code
+# ---------------------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this object runs `open(path, 'w')`: the classic pickle attack, made harmless and visible."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _malicious_run(tmp_path: Path, tiny_ckpt_dir) -> tuple[Path, Path]:
+    """A run directory whose policy_latest.pt carries the payload beside real-looking weights."""
+    ckpt = torch.load(Path(tiny_ckpt_dir) / "policy_latest.pt", map_location="cpu", weights_only=True)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({**ckpt, "extra": _Payload(marker)}, evil / "policy_latest.pt")
+    return evil, marker
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(tmp_path, tiny_ckpt_dir, capsys):
+    from utils.checkpoint import load_checkpoint, load_policy_weights
+
+    evil, marker = _malicious_run(tmp_path, tiny_ckpt_dir)
+    with pytest.raises(CheckpointError, match="--trust_checkpoint"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="--trust_checkpoint"):
+        load_policy_weights(evil / "policy_latest.pt")
+    rc = eval_perplexity.main(["--ckpt_dir", str(evil), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "could run code" in err[0] and str(evil) in err[0], err
+    out = tmp_path / "warm"
+    rc = train.main(["--config", TINY, "--total_updates", "1", "--output_dir", str(out),
+                     "--checkpoint_path", str(evil / "policy_latest.pt"), "--set", f"block_cache_dir={tmp_path / 'c'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(err) == 1 and "could run code" in err[0], err
+    assert not marker.exists() and not out.exists()
+
+
+def test_old_pickled_checkpoints_need_the_explicit_opt_in(tmp_path, tiny_ckpt_dir):
+    """A checkpoint of an older version (NumPy RNG state pickled) is refused by default; with trust it loads,
+    with a warning, and export turns it into the safe format, which then loads without trust."""
+    import numpy as np
+
+    from utils.checkpoint import export_policy, load_checkpoint
+
+    ckpt = torch.load(Path(tiny_ckpt_dir) / "policy_latest.pt", map_location="cpu", weights_only=True)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({**ckpt, "rng": {"numpy": np.random.get_state()}}, old / "policy_latest.pt")
+    with pytest.raises(CheckpointError, match="numpy"):
+        load_checkpoint(old)
+    with pytest.warns(UserWarning, match="full unpickler"):
+        assert isinstance(load_checkpoint(old, trust=True)["rng"]["numpy"], tuple)
+    with pytest.warns(UserWarning):
+        export_policy(old, tmp_path / "safe", trust=True)
+    safe = load_checkpoint(tmp_path / "safe")
+    assert all(torch.equal(safe["policy_state_dict"][k], v) for k, v in ckpt["policy_state_dict"].items())
+
+
+def test_a_corrupt_checkpoint_is_one_line_not_a_trust_question(tmp_path):
+    from utils.checkpoint import load_checkpoint
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "policy_latest.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read") as e:
+        load_checkpoint(bad)
+    assert "trust" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights & Biases
+# ---------------------------------------------------------------------------------------------------------
+
+def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
+    import json
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert train.main(["--config", TINY, "--total_updates", "2", "--output_dir", str(out), "--wandb_project", "sol-test",
+                       "--set", f"block_cache_dir={tmp_path / 'cache'}"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list((out / "wandb").rglob("*"))
+    raw = runs[0].read_bytes()
+    keys = {k for line in (out / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    assert {"reward/task_mean", "update/loss", "budgets/abs_gap_prune"} <= keys
+    assert [k for k in keys if k.encode() not in raw] == []  # every logged key is in the run's history records
+    assert b"sol-test" in raw and b"grpo_rollouts_per_input" in raw  # project and config
+
+
+def test_wandb_missing_is_one_line_before_anything_is_made(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = tmp_path / "run"
+    rc = train.main(["--config", TINY, "--total_updates", "2", "--output_dir", str(out), "--wandb_project", "p"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "wandb package" in err[0] and not out.exists()
+
+
+def test_wandb_init_failure_is_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)\nmore detail")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    out = tmp_path / "run"
+    rc = train.main(["--config", TINY, "--total_updates", "2", "--output_dir", str(out), "--wandb_project", "p",
+                     "--set", f"block_cache_dir={tmp_path / 'cache'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(err) == 1 and "api_key not configured" in err[0] and "offline" in err[0], err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chaos: SIGKILL at random moments (inside a rollout, half-way through writing a checkpoint), then resume
+# ---------------------------------------------------------------------------------------------------------
+
+CHAOS = """
+import io, os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import utils.trainer as trainer
+from utils.io import atomic_write
+calls = {{"episode": 0, "save": 0}}
+real_episode, real_save = trainer.run_episode, trainer.save_checkpoint
+def run_episode(*args, **kwargs):
+    calls["episode"] += 1
+    if {kind!r} == "episode" and calls["episode"] == {at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_episode(*args, **kwargs)
+def save_checkpoint(payload, path):
+    calls["save"] += 1
+    if {kind!r} == "save" and calls["save"] == {at}:
+        def half(fh):
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write(path, half, binary=True)
+    return real_save(payload, path)
+trainer.run_episode, trainer.save_checkpoint = run_episode, save_checkpoint
+import train
+sys.exit(train.main({argv!r}))
+"""
+
+
+def test_chaos_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
+    """Seeded: three kills, each at a random rollout forward or half-way through a random checkpoint write
+    (leaving a torn temporary file); after each, the run is resumed (or restarted when no checkpoint exists
+    yet). The final checkpoint and metrics equal an uninterrupted run's, and no temporary file is left."""
+    import random
+    import subprocess
+    import sys
+
+    from test_train import _check_resume_exact, run_main
+
+    cache = str(tmp_path / "cache")
+    sets = ("ppo_target_batch_size=256", "ppo_minibatch_size=64", "rollout_rows_per_forward=16")
+    straight = run_main(tmp_path / "straight", cache, updates=8, sets=sets)
+    run = tmp_path / "chaos"
+    fresh = ["--config", TINY, "--total_updates", "8", "--output_dir", str(run), "--set", f"block_cache_dir={cache}",
+             *[a for s in sets for a in ("--set", s)]]
+    rng = random.Random(18)
+    kills = []
+    for _ in range(3):
+        kind, at = rng.choice(("episode", "save")), rng.randint(1, 3)
+        argv = ["--resume", str(run), "--total_updates", "8"] if (run / "policy_latest.pt").exists() else fresh
+        proc = subprocess.run([sys.executable, "-c", CHAOS.format(repo=str(REPO), kind=kind, at=at, argv=argv)],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              timeout=300)
+        assert proc.returncode in (-9, 0), proc.stderr[-2000:]
+        kills.append((kind, at, proc.returncode))
+        if proc.returncode == 0:
+            break
+    assert any(rc == -9 for *_, rc in kills), kills
+    if (run / "policy_latest.pt").exists():
+        assert train.main(["--resume", str(run), "--total_updates", "8"]) == 0
+    else:
+        assert train.main(fresh) == 0
+    _check_resume_exact(straight, run)
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp")), kills
+
+
+# ---------------------------------------------------------------------------------------------------------
+# I/O failures: one line naming the path and the cause, before the expensive work where it can be known
+# ---------------------------------------------------------------------------------------------------------
+
+def _cli(name: str):
+    import importlib
+
+    return importlib.import_module(name).main
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "upd" not in line[:12]]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+IO_CASES = {
+    "train_output_dir_is_a_file": ("train", lambda t, c: ["--config", TINY, "--output_dir", str(t / "afile")],
+                                   "exists and is not a directory"),
+    "eval_csv_is_a_directory": ("eval_perplexity", lambda t, c: ["--ckpt_dir", c, "--csv_path", str(t / "adir")],
+                                "--csv_path"),
+    "downstream_json_is_a_directory": ("eval_downstream", lambda t, c: ["--ckpt_dir", c, "--export_sparsity_json",
+                                                                        str(t / "adir")], "--export_sparsity_json"),
+    "placement_json_under_a_file": ("utils.placement", lambda t, c: ["--ckpt_dir", c, "--json",
+                                                                     str(t / "afile" / "r.json")], "is not a directory"),
+    "probe_json_is_a_directory": ("utils.damage_probe", lambda t, c: ["fit", "--fit", str(t / "map.pt"), "--json",
+                                                                      str(t / "adir")], "--json"),
+    "checkpoint_export_onto_a_file": ("utils.checkpoint", lambda t, c: ["export", c, str(t / "afile")], "afile"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IO_CASES))
+def test_each_io_failure_is_one_line_naming_the_path(case, tiny_ckpt_dir, tmp_path, capsys):
+    module, argv, fragment = IO_CASES[case]
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    rc = _cli(module)(argv(tmp_path, str(tiny_ckpt_dir)))
+    line = _one_error_line(capsys)
+    assert rc == 2 and fragment in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("module", ["train", "eval_perplexity", "eval_downstream", "gen_policy_vs_dense"])
+def test_cuda_on_a_cpu_machine_is_one_line(module, tiny_ckpt_dir, tmp_path, capsys):
+    argv = (["--config", TINY, "--set", "device=cuda", "--output_dir", str(tmp_path / "run")] if module == "train"
+            else ["--ckpt_dir", str(tiny_ckpt_dir), "--device", "cuda"])
+    rc = _cli(module)(argv)
+    line = _one_error_line(capsys)
+    assert rc == 2 and "CUDA is not available" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_no_half_run(tmp_path, monkeypatch, capsys):
+    def no_space(obj, fh, *a, **k):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    out = tmp_path / "run"
+    rc = train.main(["--config", TINY, "--total_updates", "2", "--output_dir", str(out),
+                     "--set", f"block_cache_dir={tmp_path / 'cache'}"])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "no space left on device" in line and str(out / "policy_2.pt") in line, line
+    assert not out.exists()  # nothing useful was written
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_a_read_only_output_location_is_refused_before_the_run(tiny_ckpt_dir, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc = eval_perplexity.main(["--ckpt_dir", str(tiny_ckpt_dir), "--csv_path", str(ro / "r.csv")])
+        line = _one_error_line(capsys)
+        assert rc == 2 and "not writable" in line and str(ro) in line, line
+        rc = train.main(["--config", TINY, "--output_dir", str(ro / "run")])
+        line = _one_error_line(capsys)
+        assert rc == 2 and str(ro) in line, line
+    finally:
+        ro.chmod(0o755)

@@ -67,7 +67,8 @@ def resume_main(run_dir: Path, updates: int) -> None:
 
 
 def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A training checkpoint, read as the project reads it: weights_only, no arbitrary unpickling."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -281,6 +282,39 @@ def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
     assert len({r["batch"] for r in records}) == len(records)
 
 
+def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "train.py"), *args]
+    return subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_exact_and_needs_the_same_world_size(tmp_path, block_cache, capsys):
+    """2 gloo ranks: straight to 6 updates == 3 updates, then `torchrun ... --resume` to 6 (each rank gets back
+    its own data position, RNGs, pooled rollouts and budget window). A single-process --resume of the 2-rank
+    run is one line naming both sizes."""
+    sets = ["--set", f"block_cache_dir={block_cache}", "--set", "ppo_target_batch_size=128"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out, n in ((straight, 6), (resumed, 3)):
+        p = _torchrun(tmp_path, "--config", TINY, "--total_updates", str(n), "--output_dir", str(out), *sets)
+        assert p.returncode == 0, p.stderr[-3000:]
+    mid = load_ckpt(resumed / "policy_latest.pt")
+    assert mid["world_size"] == 2 and [s["sampler"]["world_size"] for s in mid["rank_states"]] == [2, 2]
+    r0, r1 = mid["rank_states"]
+    assert not torch.equal(r0["rng"]["budget_gen"], r1["rng"]["budget_gen"])  # each rank's own state is kept
+    assert not torch.equal(r0["budget_window"][0], r1["budget_window"][0])
+    assert train.main(["--resume", str(resumed), "--total_updates", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 process(es), this one has 1" in err[0] and "--nproc_per_node=2" in err[0], err
+    p = _torchrun(tmp_path, "--resume", str(resumed), "--total_updates", "6")
+    assert p.returncode == 0, p.stderr[-3000:]
+    _check_resume_exact(straight, resumed)
+    a, b = load_ckpt(straight / "policy_latest.pt"), load_ckpt(resumed / "policy_latest.pt")
+    for ra, rb in zip(a["rank_states"], b["rank_states"]):
+        assert ra["sampler"] == rb["sampler"] and torch.equal(ra["rng"]["budget_gen"], rb["rng"]["budget_gen"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit code 2, no traceback, no run directory
 # ---------------------------------------------------------------------------------------------------
@@ -372,24 +406,36 @@ def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fr
 
 
 def test_exported_checkpoint_evaluates_warm_starts_and_refuses_resume(tmp_path, tiny_run, block_cache, capsys):
-    """A weights-only export keeps the policy and config (so evaluators load it), warm starts a run, and
-    --resume on it is a one-line error."""
+    """An export is policy.safetensors + policy.json (+ config.yaml): the same weights and config, so evaluators
+    load it and it warm starts a run (the directory or the .safetensors file); --resume on it is one line."""
+    from safetensors.torch import load_file
+
     from utils.checkpoint import main as ckpt_main
     from utils.evaluation import load_policy_eval
     out = tmp_path / "ship"
     assert ckpt_main(["export", str(tiny_run), str(out)]) == 0
-    full, slim = load_ckpt(tiny_run / "policy_latest.pt"), load_ckpt(out / "policy_latest.pt")
-    assert "optimizer" not in slim and (out / "config.yaml").is_file()
-    assert (out / "policy_latest.pt").stat().st_size < (tiny_run / "policy_latest.pt").stat().st_size
-    _, _, policy = load_policy_eval(str(out), device="cpu")
+    full = load_ckpt(tiny_run / "policy_latest.pt")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "policy.json", "policy.safetensors"]
+    assert_state_dicts_equal(load_file(str(out / "policy.safetensors")), full["policy_state_dict"], "safetensors")
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["cfg"] == json.loads(json.dumps(full["cfg"])) and meta["update_step"] == full["update_step"] == 2
+    assert meta["action_tags"] == full["action_tags"]
+    cfg, _, policy = load_policy_eval(str(out), device="cpu")
+    assert cfg == checkpoint_config(full)
     assert_state_dicts_equal(policy.state_dict(), full["policy_state_dict"], "exported")
-    run_main(tmp_path / "warm", block_cache, "--checkpoint_path", str(out / "policy_latest.pt"), updates=1)
+    for source in (out, out / "policy.safetensors"):
+        warm = tmp_path / f"warm_{source.name}"
+        run_main(warm, block_cache, "--checkpoint_path", str(source), sets=("kl_pi_ref_coef=0.1",), updates=1)
+        assert_state_dicts_equal(load_ckpt(warm / "policy_latest.pt")["updater"]["ref_policy"],
+                                 full["policy_state_dict"], "pi_ref (the start weights) of the warm-started run")
     assert train.main(["--resume", str(out)]) == 2
     assert "weights-only" in capsys.readouterr().err
     assert ckpt_main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()  # nothing half-made for a missing source
-    assert ckpt_main(["export", str(tiny_run), str(tiny_run)]) == 2  # never overwrite the run's own checkpoints
+    assert ckpt_main(["export", str(tiny_run), str(tiny_run)]) == 0  # in place: the run's .pt files stay
     assert "optimizer" in load_ckpt(tiny_run / "policy_latest.pt")
+    for name in ("policy.safetensors", "policy.json"):
+        (tiny_run / name).unlink()  # the module's run is shared with other tests
 
 
 def test_step_budget_credit_trains(tmp_path, block_cache):

@@ -1,59 +1,143 @@
-"""Policy checkpoints: atomic writes, lookup by mode, and rebuilding a policy with its training config.
+"""Policy checkpoints: safe loading, atomic writes, lookup, and a weights-only export for sharing.
 
-A checkpoint `policy_{update}.pt` / `policy_latest.pt` holds the policy weights, the full config, the
-optimizer and updater state, counters, RNG states and the data position, so `--resume` is exact.
+Two formats, neither of which can run code when read:
 
-`export_policy` writes a weights-only copy (a third of the size) that every evaluator and
-`--checkpoint_path` accept, for shipping:
+* training checkpoints `policy_{update}.pt` / `policy_latest.pt` (what `--resume` needs: weights, config,
+  optimizer and updater state, counters, RNG states, data position) are plain tensors and Python scalars,
+  read with `torch.load(weights_only=True)`, which refuses any other pickled object;
+* exported policies (for shipping, evaluation and `--checkpoint_path`): `policy.safetensors` (the weights)
+  with `policy.json` (config, counters, action tags) and `config.yaml` beside it:
 
     python -m utils.checkpoint export checkpoints/RUN results/ckpt_joint [--mode latest]
+
+Checkpoints written by older versions pickled NumPy objects, which only a full unpickler reads; unpickling
+a file from someone else can execute code, so that needs an explicit `--trust_checkpoint` (with a warning).
+Exporting such a run once (`export ... --trust_checkpoint`) turns it into the safe format.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.cli import SOLError
+from utils.cli import TRUST_HELP, SOLError
 from utils.config import Config, config_from_dict
-from utils.io import atomic_write
+from utils.io import atomic_write, atomic_write_text
+
+WEIGHTS_FILE, META_FILE = "policy.safetensors", "policy.json"
+EXPORT_FORMAT = "sol-policy/1"
 
 
 class CheckpointError(SOLError, RuntimeError):
-    """A missing or unreadable checkpoint (one-line message)."""
+    """A missing, unreadable or unsafe checkpoint (one-line message)."""
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename: never a half-written file."""
+    """torch.save to a temporary file in the same directory, then rename: never a half-written file.
+    The payload must hold only tensors and plain Python values, so that `load_checkpoint` can read it
+    without unpickling arbitrary objects."""
     atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
 
 
 def find_checkpoint(ckpt_dir: str | Path, mode: str = "latest") -> Path:
-    """`policy_{mode}.pt` in ckpt_dir (mode = 'latest' or an update number)."""
+    """The file holding checkpoint `mode` in ckpt_dir: `policy_{mode}.pt` (mode = 'latest' or an update
+    number); for 'latest' in an exported directory, `policy.safetensors`."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
     path = d / f"policy_{mode}.pt"
-    if not path.is_file():
-        have = sorted(p.name for p in d.glob("policy_*.pt"))
-        raise CheckpointError(f"no checkpoint policy_{mode}.pt in {ckpt_dir}"
-                              + (f" (found: {', '.join(have)})" if have else " (the directory has no policy_*.pt)"))
-    return path
+    if path.is_file():
+        return path
+    if mode == "latest" and (d / WEIGHTS_FILE).is_file():
+        return d / WEIGHTS_FILE
+    have = sorted(p.name for p in d.glob("policy_*.pt")) + ([WEIGHTS_FILE] if (d / WEIGHTS_FILE).is_file() else [])
+    raise CheckpointError(f"no checkpoint policy_{mode}.pt in {ckpt_dir}"
+                          + (f" (found: {', '.join(have)})" if have else
+                             f" (the directory has no policy_*.pt or {WEIGHTS_FILE})"))
 
 
-def load_checkpoint(ckpt_dir: str | Path, mode: str = "latest", map_location: str = "cpu") -> dict[str, Any]:
-    path = find_checkpoint(ckpt_dir, mode)
+def read_pt(path: str | Path, trust: bool = False, what: str = "checkpoint") -> Any:
+    """`torch.load` of a .pt file without running code: weights_only=True, which reads tensors and plain
+    Python values and refuses any other pickled global. `trust` reads an old-style file (pickled NumPy
+    state) with the full unpickler instead, after a warning."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global: GLOBAL" not in msg:  # a corrupt or foreign file, not an unsafe one
+            detail = next((ln.split("error:", 1)[1].strip() for ln in msg.splitlines() if "WeightsUnpickler error:" in ln
+                           and ln.split("error:", 1)[1].strip()), "") or next((ln.strip() for ln in msg.splitlines()
+                                                                              if "Unsupported" in ln), msg.splitlines()[0])
+            raise CheckpointError(f"cannot read {what} {path}: not a checkpoint ({detail})") from None
+        if not trust:
+            glob = msg.split("Unsupported global: GLOBAL", 1)[1].split()[0]
+            raise CheckpointError(
+                f"{what} {path} holds a pickled {glob}, which only a full unpickler reads and which could run "
+                "code; if you trust its source, pass --trust_checkpoint (or convert it once: python -m "
+                "utils.checkpoint export DIR OUT --trust_checkpoint)") from None
     except Exception as e:  # corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    if "policy_state_dict" not in ckpt or "cfg" not in ckpt:
+        raise CheckpointError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    warnings.warn(f"--trust_checkpoint: unpickling {path} with the full unpickler", stacklevel=2)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_exported(d: str | Path) -> dict[str, Any]:
+    """An exported policy directory (`policy.safetensors` + `policy.json`) as a checkpoint dict."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(d)
+    try:
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{d / WEIGHTS_FILE} has no {META_FILE} beside it (config and action tags)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {d / META_FILE}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or "cfg" not in meta:
+        raise CheckpointError(f"{d / META_FILE} is not a SOL policy description (format {EXPORT_FORMAT})")
+    try:
+        weights = load_file(str(d / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {d / WEIGHTS_FILE}: {e}") from None
+    return {"policy_state_dict": weights, **{k: v for k, v in meta.items() if k != "format"}}
+
+
+def load_checkpoint(ckpt_dir: str | Path, mode: str = "latest", trust: bool = False) -> dict[str, Any]:
+    """Checkpoint `mode` of ckpt_dir as a dict with at least `policy_state_dict` and `cfg`, read safely
+    on the CPU (see `read_pt`; `trust` opts in to old pickled files)."""
+    path = find_checkpoint(ckpt_dir, mode)
+    ckpt = read_exported(path.parent) if path.name == WEIGHTS_FILE else read_pt(path, trust)
+    if not isinstance(ckpt, dict) or "policy_state_dict" not in ckpt or "cfg" not in ckpt:
         raise CheckpointError(f"{path} is not a SOL policy checkpoint (no policy_state_dict/cfg)")
     return ckpt
+
+
+def load_policy_weights(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Policy weights for a warm start (`--checkpoint_path`): an exported directory, its
+    `policy.safetensors`, a SOL `.pt` checkpoint or a bare state dict saved with torch.save."""
+    p = Path(path)
+    if p.is_dir():
+        return load_checkpoint(p, "latest", trust=trust)["policy_state_dict"]
+    if not p.is_file():
+        raise CheckpointError(f"--checkpoint_path: file not found: {path}")
+    if p.suffix == ".safetensors":
+        return read_exported(p.parent)["policy_state_dict"]
+    state = read_pt(p, trust, what="--checkpoint_path")
+    if isinstance(state, dict):
+        state = state.get("policy_state_dict", state.get("state_dict", state))
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"--checkpoint_path: {path} holds no policy state dict")
+    return state
 
 
 def checkpoint_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
@@ -63,45 +147,49 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = N
     return config_from_dict(d)
 
 
-_EXPORT_KEYS = ("policy_state_dict", "cfg", "update_step", "batches_done", "total_updates", "action_tags",
-                "policy_num_params")
+_EXPORT_KEYS = ("cfg", "update_step", "batches_done", "total_updates", "action_tags", "policy_num_params",
+                "imitation")
 
 
-def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest") -> Path:
-    """Weights-only copy of `policy_{mode}.pt` as `out_dir/policy_latest.pt` (+ the run's config.yaml).
+def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest", trust: bool = False) -> Path:
+    """Write checkpoint `mode` of ckpt_dir as `out_dir/policy.safetensors` + `policy.json` (+ the run's
+    config.yaml): weights and what evaluation needs, no optimizer, updater, sampler or RNG state, so it
+    cannot `--resume`; evaluation, generation and `--checkpoint_path` warm starts accept it. out_dir may
+    be ckpt_dir itself (the .pt files are left alone)."""
+    from safetensors.torch import save
 
-    Drops the optimizer, updater, sampler and RNG state, so it cannot `--resume`; evaluation, generation
-    and `--checkpoint_path` warm starts need only what is kept.
-    """
+    ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
     out = Path(out_dir)
-    if out.exists() and out.resolve() == Path(ckpt_dir).resolve():
-        raise CheckpointError(f"export: {out_dir} is the run directory itself; its full checkpoints would be replaced")
-    ckpt = load_checkpoint(ckpt_dir, mode)
     out.mkdir(parents=True, exist_ok=True)
-    slim = {k: ckpt[k] for k in _EXPORT_KEYS if k in ckpt}
-    slim["exported_from"] = f"{Path(ckpt_dir).name}/policy_{mode}.pt"
-    path = out / "policy_latest.pt"
-    save_checkpoint(slim, path)
+    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["policy_state_dict"].items()}
+    meta = {"format": EXPORT_FORMAT, **{k: ckpt[k] for k in _EXPORT_KEYS if k in ckpt},
+            "exported_from": ckpt.get("exported_from", f"{Path(ckpt_dir).name}/policy_{mode}.pt")}
+    path = atomic_write(out / WEIGHTS_FILE, lambda fh: fh.write(save(weights)), binary=True)
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
     cfg_src = Path(ckpt_dir) / "config.yaml"
-    if cfg_src.is_file():
+    if cfg_src.is_file() and cfg_src.resolve() != (out / "config.yaml").resolve():
         shutil.copyfile(cfg_src, out / "config.yaml")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.checkpoint", description="Checkpoint utilities.")
+    from utils.cli import OneLineErrorParser
+
+    p = OneLineErrorParser(prog="python -m utils.checkpoint", description="Checkpoint utilities.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="weights-only copy of a run's checkpoint (for shipping)")
-    e.add_argument("ckpt_dir", help="training run directory (policy_*.pt inside)")
-    e.add_argument("out_dir", help="directory to write policy_latest.pt (+ config.yaml) into")
+    e = sub.add_parser("export", help="weights-only safetensors copy of a run's checkpoint (for shipping)")
+    e.add_argument("ckpt_dir", help="training run directory (policy_*.pt inside) or an exported one")
+    e.add_argument("out_dir", help=f"directory to write {WEIGHTS_FILE} + {META_FILE} (+ config.yaml) into; "
+                   "may be ckpt_dir itself")
     e.add_argument("--mode", default="latest", help="latest or an update number")
+    e.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     a = p.parse_args(argv)
     try:
-        path = export_policy(a.ckpt_dir, a.out_dir, a.mode)
-    except (CheckpointError, OSError) as err:
+        path = export_policy(a.ckpt_dir, a.out_dir, a.mode, a.trust_checkpoint)
+    except (SOLError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and {path.parent / META_FILE}")
     return 0
 
 

@@ -6,6 +6,8 @@ import math
 import sys
 
 MIN_BITS, MAX_BITS = 2, 16  # the bit-width range of every target (as the config's C_target_quant_bits)
+TRUST_HELP = ("read a checkpoint written by an older version of this project, which needs a full unpickler "
+              "(that can run code: only for files from a source you trust)")
 
 
 class SOLError(Exception):

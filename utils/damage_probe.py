@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from utils.cli import OneLineErrorParser, SOLError, UsageError, need
+from utils.cli import OneLineErrorParser, SOLError, UsageError, check_output_file, need
 from utils.engine import Scheduler, StepObs, prefill_blocks, run_episode
 from utils.placement import _corr, _rank, cheapest_action, single_step_damage
 
@@ -578,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = {"collect": _collect, "fit": _fit, "schedule": _schedule}[a.command]
     try:
+        check_output_file("--save", getattr(a, "save", None))  # before the expensive run, not after
+        check_output_file("--json", getattr(a, "json_path", None))
         run(a)
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -365,18 +365,18 @@ def append_csv_row(path: str, row: Mapping[str, str], columns: Sequence[str] = P
 # ---------------------------------------------------------------------------------------------------------
 
 def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str, object] | None = None,
-                     device: str | None = None):
+                     device: str | None = None, trust: bool = False):
     """(cfg, ControlledLM, SOLPolicy in eval mode) from a training checkpoint and its stored config.
 
     `overrides` replace config fields (e.g. dataset_name); `device` None resolves the config's `device`
-    (auto = CUDA when available). Raises CheckpointError / ConfigError / ModelLoadError with one-line messages.
+    (auto = CUDA when available); `trust` reads old pickled checkpoints (`utils.checkpoint.read_pt`). Raises CheckpointError / ConfigError / ModelLoadError with one-line messages.
     """
     from utils.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
     from utils.config import default_device
     from utils.model import load_lm
     from utils.policy import SOLPolicy
 
-    ckpt = load_checkpoint(ckpt_dir, mode)
+    ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
     cfg = checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if v is not None})
     dev = device or default_device(cfg)
     if dev.startswith("cuda") and not torch.cuda.is_available():

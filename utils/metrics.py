@@ -8,7 +8,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from utils.cli import SOLError
 from utils.io import atomic_write_text
+
+
+class WandbError(SOLError, RuntimeError):
+    """Weights & Biases could not start a run (one-line message)."""
 
 
 class MetricsLogger:
@@ -34,8 +39,14 @@ class MetricsLogger:
         if enabled and wandb_project:
             import wandb  # optional dependency; WANDB_MODE=offline works without a network
 
-            self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=wandb_run_name,
-                                    config=config, job_type="train", dir=str(run_dir) if run_dir else None)
+            try:
+                self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=wandb_run_name,
+                                        config=config, job_type="train", dir=str(run_dir) if run_dir else None)
+            except Exception as e:  # no login, no network in online mode, a bad entity
+                self.close()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise WandbError(f"--wandb_project {wandb_project}: wandb could not start a run ({first}); "
+                                 "WANDB_MODE=offline logs without a network") from None
         self.t0 = time.time()
 
     def log(self, record: dict[str, Any], step: int) -> None:

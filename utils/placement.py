@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from utils.cli import OneLineErrorParser, SOLError, check_targets, need
+from utils.cli import TRUST_HELP, OneLineErrorParser, SOLError, check_output_file, check_targets, need
 from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
 
 
@@ -112,6 +112,7 @@ class PlacementReport:
     damage_by_step: list[float]  # mean damage of one cheap step at each effective step
 
 
+@torch.no_grad()
 def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets: tuple[float, float, float],
                      batch_size: int, probe_idx: int, rows_per_forward: int = 0) -> PlacementReport:
     """Damage map and policy schedule on `blocks` `[S, C+T+1]` (all batches), then the summary above."""
@@ -157,6 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", required=True, help="run directory (or exported checkpoint) with policy_*.pt")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--split", default="dev", help="blocks to probe (default dev: this is for choosing, not reporting)")
     p.add_argument("--blocks", type=int, default=32, help="sequences to probe (default 32; cost: T+1 episodes each)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per batch (default 16)")
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
         need(a.blocks >= 1 and a.batch_size >= 1, "--blocks and --batch_size must be >= 1")
         check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
-        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode)
+        check_output_file("--json", a.json_path)
+        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, trust=a.trust_checkpoint)
         acts = lm.actions
         if a.probe is None:
             probe_idx = cheapest_action(acts)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from utils.attention import is_effective
-from utils.cli import MAX_BITS, SOLError, check_finite, check_targets
+from utils.cli import MAX_BITS, TRUST_HELP, SOLError, check_finite, check_targets
 from utils.engine import Scheduler, StepObs, step_scalars
 from utils.lm import ControlledLM
 
@@ -403,13 +403,14 @@ class EvalBundle:
     ckpt_path: str
 
 
-def load_eval_bundle(ckpt_dir: str, mode: str = "latest", device: str | None = None) -> EvalBundle:
+def load_eval_bundle(ckpt_dir: str, mode: str = "latest", device: str | None = None,
+                     trust: bool = False) -> EvalBundle:
     """The checkpoint's training config, the frozen LM wrapped as a ControlledLM and the policy (eval),
     through the evaluators' shared loader (`utils.evaluation.load_policy_eval`)."""
     from utils.checkpoint import find_checkpoint
     from utils.evaluation import load_policy_eval
 
-    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, device=device)
+    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, device=device, trust=trust)
     return EvalBundle(cfg, lm, policy, str(find_checkpoint(ckpt_dir, mode)))
 
 
@@ -441,8 +442,10 @@ def make_scheduler(kind: str, lm: ControlledLM, policy=None, *, policy_temperatu
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by eval_downstream.py and gen_policy_vs_dense.py (reference names)."""
-    p.add_argument("--ckpt_dir", required=True, help="run directory holding policy_<mode>.pt")
+    p.add_argument("--ckpt_dir", required=True, help="run directory holding policy_<mode>.pt, or an exported policy "
+                   "(policy.safetensors)")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_<mode>.pt)")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--episode_len", type=int, default=None,
                    help="controlled steps between dense replays (default: the checkpoint's rollout_len)")
     g = p.add_mutually_exclusive_group()

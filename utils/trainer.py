@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, load_policy_weights, save_checkpoint
 from utils.config import Config, ConfigError, config_to_dict, default_device, resolved_alphas, save_config
 from utils.data import BlockSampler, load_blocks
-from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
 from utils.engine import Episode, run_episode
 from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, grpo_advantages, sample_budgets,
                         step_budget_costs, task_reward)
@@ -45,18 +45,26 @@ class TrainArgs:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_run_name: str | None = None
+    trust_checkpoint: bool = False
 
 
 def _rng_state(budget_gen: torch.Generator, action_gen: torch.Generator) -> dict[str, Any]:
+    """Every RNG the loop draws from, as tensors and plain values (so the checkpoint loads weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"budget_gen": budget_gen.get_state(), "action_gen": action_gen.get_state(),
-            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
 
 
 def _set_rng_state(s: dict[str, Any], budget_gen: torch.Generator, action_gen: torch.Generator) -> None:
     budget_gen.set_state(s["budget_gen"])
     action_gen.set_state(s["action_gen"])
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(n)  # a tuple in checkpoints of older versions (read with --trust_checkpoint)
     random.setstate(s["python"])
 
 
@@ -93,18 +101,10 @@ class RunDirLock:
         self.fd = None
 
 
-def _warm_start(policy: SOLPolicy, path: str) -> None:
-    """Load policy weights from a .pt (a SOL checkpoint or a bare state dict); bad files raise CheckpointError."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"--checkpoint_path: file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt or foreign file
-        raise CheckpointError(f"--checkpoint_path: cannot read {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict):
-        state = state.get("policy_state_dict", state.get("state_dict", state))
-    if not isinstance(state, dict):
-        raise CheckpointError(f"--checkpoint_path: {path} holds no policy state dict")
+def _warm_start(policy: SOLPolicy, path: str, trust: bool = False) -> None:
+    """Load policy weights for a warm start (`utils.checkpoint.load_policy_weights`: an exported directory or
+    .safetensors, a SOL .pt, a bare state dict); bad or unsafe files raise CheckpointError."""
+    state = load_policy_weights(path, trust)
     try:
         policy.load_state_dict(state)
     except RuntimeError as e:  # missing/unexpected keys or shape mismatch: another config's policy
@@ -189,7 +189,7 @@ class GRPOTrainer:
         self.args = args
         resume_ckpt = None
         if args.resume:
-            resume_ckpt = load_checkpoint(args.resume, "latest")
+            resume_ckpt = load_checkpoint(args.resume, "latest", trust=args.trust_checkpoint)
             if "optimizer" not in resume_ckpt:
                 raise CheckpointError(f"{args.resume} holds a weights-only export, which cannot be resumed; "
                                       "use --checkpoint_path to warm start from it")
@@ -211,7 +211,7 @@ class GRPOTrainer:
         H = model.config.hidden_size
         self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, self.actions).to(self.device)
         if args.checkpoint_path:
-            _warm_start(self.policy, args.checkpoint_path)
+            _warm_start(self.policy, args.checkpoint_path, args.trust_checkpoint)
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg)
@@ -257,7 +257,7 @@ class GRPOTrainer:
                 self._lock.release()
             raise CheckpointError(f"{path} already holds a run; continue it with --resume {path} or pick "
                                   "another --output_dir")
-        if self.dist.is_main and resuming:
+        if self.dist.is_main:  # resumed, or fresh in a directory a kill left before its first checkpoint
             for pattern in (".*.tmp", "policy_*.pt.*.tmp", ".config-*.yml.tmp"):
                 for stale in path.glob(pattern):  # temporary files of writes a kill interrupted
                     stale.unlink(missing_ok=True)
@@ -266,40 +266,53 @@ class GRPOTrainer:
         return path
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between torchrun ranks: data position, RNGs, the pooled rollouts, the budget window."""
+        return {"sampler": self.sampler.state_dict(), "rng": _rng_state(self.budget_gen, self.action_gen),
+                "updater": self.updater.state_dict(), "budget_window": [w.clone() for w in self.budget_window]}
+
+    def _payload(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint: rank 0's state at the top level (as a single-process run writes it) and, under
+        torchrun, every rank's in `rank_states`, so each rank resumes where it stopped."""
         return {
             "policy_state_dict": self.policy.state_dict(),
             "cfg": config_to_dict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
-            "updater": self.updater.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "rng": _rng_state(self.budget_gen, self.action_gen),
+            **rank_states[0],
+            "world_size": self.dist.world_size,
+            "rank_states": rank_states if self.dist.enabled else None,
             "update_step": self.updater.num_updates,
             "batches_done": self.batches_done,
-            "budget_window": [w.clone() for w in self.budget_window],
             "total_updates": self.total_updates,
             "action_tags": list(self.actions.tags),
             "policy_num_params": count_parameters(self.policy),
         }
 
-    def save(self, final: bool = False) -> None:
+    def save(self) -> None:
+        """Write policy_{update}.pt and policy_latest.pt (rank 0; every rank must call it, to hand over its state)."""
+        states = gather_objects(self._rank_state(), self.dist)
         if not self.dist.is_main:
             return
-        payload = self._payload()
+        payload = self._payload(states)
         u = self.updater.num_updates
         save_checkpoint(payload, self.run_dir / f"policy_{u}.pt")
         save_checkpoint(payload, self.run_dir / "policy_latest.pt")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if self.dist.world_size > 1:
-            raise CheckpointError("exact --resume is supported for single-process runs; use --checkpoint_path to warm start under torchrun")
+        saved_world = int(ckpt.get("world_size", ckpt["sampler"].get("world_size", 1)))
+        if saved_world != self.dist.world_size:
+            how = "python train.py" if saved_world == 1 else f"torchrun --nproc_per_node={saved_world} train.py"
+            raise CheckpointError(f"{self.args.resume} was written by a run with {saved_world} process(es), this one "
+                                  f"has {self.dist.world_size}; resume it exactly with `{how} --resume ...`, or warm "
+                                  "start a new run from it with --checkpoint_path")
+        mine = ckpt["rank_states"][self.dist.rank] if self.dist.enabled else ckpt
         self.policy.load_state_dict(ckpt["policy_state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.updater.load_state_dict(ckpt["updater"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        _set_rng_state(ckpt["rng"], self.budget_gen, self.action_gen)
+        self.updater.load_state_dict(mine["updater"])
+        self.sampler.load_state_dict(mine["sampler"])
+        _set_rng_state(mine["rng"], self.budget_gen, self.action_gen)
         self.batches_done = ckpt["batches_done"]
-        self.budget_window.extend(ckpt.get("budget_window", []))
+        self.budget_window.extend(mine.get("budget_window", []))
         if self.args.total_updates is None:
             self.total_updates = ckpt["total_updates"]
             self.save_stride = max(1, self.total_updates // 10)
@@ -432,13 +445,14 @@ class GRPOTrainer:
 
     def train(self) -> Path | None:
         cfg, is_main = self.cfg, self.dist.is_main
-        logger = MetricsLogger(self.run_dir, self.total_updates, is_main, self.args.wandb_project,
-                               self.args.wandb_entity, self.args.wandb_run_name or self.cfg.run_name,
-                               config_to_dict(cfg), initial_update=self.updater.num_updates,
-                               resume_at=(self.batches_done, self.updater.num_updates) if self.args.resume else None)
         saved_any = self.args.resume is not None
         last_saved = self.updater.num_updates if saved_any else None  # update count of the newest checkpoint
+        logger = None
         try:
+            logger = MetricsLogger(self.run_dir, self.total_updates, is_main, self.args.wandb_project,
+                                   self.args.wandb_entity, self.args.wandb_run_name or self.cfg.run_name,
+                                   config_to_dict(cfg), initial_update=self.updater.num_updates,
+                                   resume_at=(self.batches_done, self.updater.num_updates) if self.args.resume else None)
             batches = iter(self.sampler)
             while self.updater.num_updates < self.total_updates:
                 chunk = list(itertools.islice(batches, self.batches_per_forward()))
@@ -475,7 +489,8 @@ class GRPOTrainer:
                 raise TrainingDivergedError(f"{e}; {where}") from None
             raise
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
             cleanup(self.dist)
             if self._lock is not None:
                 self._lock.release()
