@@ -470,3 +470,21 @@ def test_a_read_only_output_location_is_refused_before_the_run(tiny_ckpt_dir, tm
         assert rc == 2 and str(ro) in line, line
     finally:
         ro.chmod(0o755)
+
+
+def test_a_failed_set_up_releases_the_run_lock_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A full disk at config.yaml: one line, no directory left, and the same process can then train there."""
+    import utils.trainer as trainer_mod
+
+    real = trainer_mod.save_config
+
+    def no_space(cfg, path):
+        raise OSError(errno.ENOSPC, f"cannot write {path}: no space left on device")
+
+    out = tmp_path / "run"
+    argv = ["--config", TINY, "--total_updates", "1", "--output_dir", str(out), "--set", f"block_cache_dir={tmp_path / 'c'}"]
+    monkeypatch.setattr(trainer_mod, "save_config", no_space)
+    assert train.main(argv) == 2
+    assert "no space left on device" in _one_error_line(capsys) and not out.exists()
+    monkeypatch.setattr(trainer_mod, "save_config", real)
+    assert train.main(argv) == 0  # the lock of the failed set-up is gone

@@ -252,17 +252,22 @@ class GRPOTrainer:
             path.mkdir(parents=True, exist_ok=True)
             # the lock first, so that a trainer still running there is named even after it has saved
             self._lock = RunDirLock(path)  # released when train() returns or fails
-        if not resuming and (path / "policy_latest.pt").exists():  # every rank, so none goes on alone
+        try:
+            if not resuming and (path / "policy_latest.pt").exists():  # every rank, so none goes on alone
+                raise CheckpointError(f"{path} already holds a run; continue it with --resume {path} or pick "
+                                      "another --output_dir")
+            if self.dist.is_main:  # resumed, or fresh in a directory a kill left before its first checkpoint
+                for pattern in (".*.tmp", "policy_*.pt.*.tmp", ".config-*.yml.tmp"):
+                    for stale in path.glob(pattern):  # temporary files of writes a kill interrupted
+                        stale.unlink(missing_ok=True)
+            if self.dist.is_main and not resuming:
+                save_config(self.cfg, path / "config.yaml")
+        except BaseException:  # e.g. a full disk at config.yaml: no lock held, no empty directory left
             if self._lock is not None:
                 self._lock.release()
-            raise CheckpointError(f"{path} already holds a run; continue it with --resume {path} or pick "
-                                  "another --output_dir")
-        if self.dist.is_main:  # resumed, or fresh in a directory a kill left before its first checkpoint
-            for pattern in (".*.tmp", "policy_*.pt.*.tmp", ".config-*.yml.tmp"):
-                for stale in path.glob(pattern):  # temporary files of writes a kill interrupted
-                    stale.unlink(missing_ok=True)
-        if self.dist.is_main and not resuming:
-            save_config(self.cfg, path / "config.yaml")
+            if self._created_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return path
 
     # ---- checkpoints ------------------------------------------------------------------------------
