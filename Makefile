@@ -18,7 +18,7 @@ train: install  ## main job: a short GRPO run of the joint SmolLM2 CPU config on
 train-full: install  ## the full joint CPU run (see README for its wall time)
 	$(PYTHON) train.py --config $(CONFIG)
 
-# The README's headline results: train a CPU policy, ship its weights, evaluate on WikiText-2 test.
+# The headline results (README summary, docs/results.md): train a CPU policy, ship its weights, evaluate on WikiText-2 test.
 # `make headline` is the joint policy; `make headline-prune` the single-axis prune policy (same recipe, other paths).
 HEADLINE_RUN ?= checkpoints/headline
 HEADLINE_CKPT ?= results/ckpt_joint
