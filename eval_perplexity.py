@@ -3,7 +3,7 @@
     python eval_perplexity.py --ckpt_dir results/ckpt_joint --tgt_keep 0.5 --tgt_prune_keep 0.7 \\
         --tgt_quant_bits 8 --num_trials 4 --csv_path results/ppl_eval.csv
 
-Flow (reference §2): the policy (argmax, temperature 0.6) decodes the held-out blocks at the requested
+Flow (as the reference repository's perplexity evaluation): the policy (argmax, temperature 0.6) decodes the held-out blocks at the requested
 targets; then dense, fixed (deterministic two-level dither), fixed_ref (the reference's row pattern for the
 same counts), random (count-matched random placement, N trials with seeds seed+i) and optionally the EMC/DAC heuristics run on the same blocks at the policy's
 *realised* average usage (κ̄, ρ̄/P_MAX, q̄ = bits/16). One line per method on stdout, one CSV row per

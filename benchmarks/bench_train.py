@@ -18,7 +18,7 @@ steps (`ControlledLM.step`, LM head included), LM head outside steps, policy (`P
 log-likelihoods, rewards, advantages, metrics). The floor is measured in the same run per dtype: a dense
 prefill of 16 blocks of C+T tokens plus a dense decode of their K·T row-steps at 128 rows (no controls, no
 policy, no update), per sequence; "x floor" is the trainer's ratio to it. The reference's own code on this
-machine (SPEC §10, measured once): 1.86 s/seq on the prune config, 5.2 s/seq on the joint QUEST config.
+machine (measured once): 1.86 s/seq on the prune config, 5.2 s/seq on the joint QUEST config.
 Run it alone: on 2 cores a second heavy process distorts the numbers badly.
 """
 from __future__ import annotations

@@ -75,12 +75,12 @@ def test_episode_on_a_bf16_base(tmp_path):
     budgets = torch.tensor([[0.5, 0.75, 0.5], [0.8, 0.6, 0.9]])
     with torch.no_grad():
         ep16 = run_episode(lm16, blocks, sched, budgets, cfg.context_len, group_size=3)
-        tr = sched.rollout_tensors()
-        ep32 = run_episode(out["float32"], blocks, _Replay(tr["actions"]), budgets, cfg.context_len, group_size=3)
+        tr = sched.trace()
+        ep32 = run_episode(out["float32"], blocks, _Replay(tr.actions), budgets, cfg.context_len, group_size=3)
     for k in ("h", "e", "scalars", "logp_old"):
-        assert tr[k].dtype == torch.float32, k
+        assert getattr(tr, k).dtype == torch.float32, k
     assert ep16.logp.dtype == torch.float32
-    assert len(set(tr["actions"].flatten().tolist())) > 1
+    assert len(set(tr.actions.flatten().tolist())) > 1
     # same actions, same tokens: bf16 rounding moves log p(y) a little (a random tiny model is ~uniform)
     assert (ep16.logp - ep32.logp).abs().mean() < 0.05
     eff = ep16.effective

@@ -45,15 +45,17 @@ def test_recorder_traces_equal_the_policy_scheduler_traces(tiny):
     ps = PolicyScheduler(policy, 1.0, greedy=False, generator=torch.Generator().manual_seed(1), record=True)
     with torch.no_grad():
         run_episode(lm, b, ps, budgets, cfg.context_len, group_size=3)
-        ref = ps.rollout_tensors()
-        rec = imitation.CloneRecorder(_Replay(ref["actions"]), policy.bos_id)
+        ref = ps.trace()
+        rec = imitation.CloneRecorder(_Replay(ref.actions), policy.bos_id)
         run_episode(lm, b, rec, budgets, cfg.context_len, group_size=3)
-    got = rec.rollout_tensors()
-    assert len(set(ref["actions"].flatten().tolist())) > 1  # a non-trivial schedule
-    for k in imitation.TRACE_KEYS:
+    got = rec.trace()
+    assert len(set(ref.actions.flatten().tolist())) > 1  # a non-trivial schedule
+    assert got.logp_old is None and ref.logp_old is not None
+    for k in ("h", "e", "scalars", "prev_actions", "actions"):
+        g, r = getattr(got, k), getattr(ref, k)
         if k == "scalars":  # the columns the policy reads (the engine skips the others for such a policy)
-            got[k], ref[k] = got[k][..., :policy.scalar_dim], ref[k][..., :policy.scalar_dim]
-        torch.testing.assert_close(got[k], ref[k], msg=k)
+            g, r = g[..., :policy.scalar_dim], r[..., :policy.scalar_dim]
+        torch.testing.assert_close(g, r, msg=k)
 
 
 def test_engine_takes_per_row_budgets(tiny):
@@ -87,7 +89,7 @@ def test_cloned_policy_acts_like_the_teacher_in_its_own_episodes(tiny):
     policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     gen = torch.Generator().manual_seed(0)
     tr, eff = imitation.teacher_episodes(lm, teacher, policy.bos_id, blocks[:8], cfg, 4, 4, gen, progress=False)
-    assert tr["actions"].shape == (cfg.rollout_len, 32)
+    assert tr.actions.shape == (cfg.rollout_len, 32)
 
     def agreement() -> float:
         b = torch.from_numpy(blocks[:8])

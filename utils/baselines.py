@@ -1,4 +1,5 @@
-"""Content-blind and heuristic baseline schedulers, matched to a usage target (reference §2.5–§2.7).
+"""Content-blind and heuristic baseline schedulers, matched to a usage target (the reference's
+fixed, random, EMC and DAC baselines, with the deviations noted in docs/deviations.md).
 
 All targets are *usage ratios* per axis, in the units the budgets and the engine's nominal usage use:
 (κ, ρ / P_MAX, bits / 16). Every scheduler mixes, per axis, the two grid levels that bracket its target
@@ -98,7 +99,7 @@ def _check_targets(targets: Sequence[float]) -> tuple[float, float, float]:
 
 def budget_matched_targets(episodes: Iterable[Episode]) -> tuple[float, float, float]:
     """The realised global averages (κ̄, ρ̄/P_MAX, q̄) over all effective row-steps of `episodes`
-    (dense 1.0 when there is none): the targets the baselines are matched to (reference §2.4)."""
+    (dense 1.0 when there is none): the targets the baselines are matched to, as in the reference."""
     sums = torch.zeros(3, dtype=torch.float64)
     n = 0.0
     for ep in episodes:
@@ -211,7 +212,7 @@ class FixedScheduler(_TwoLevelScheduler):
 
 
 class FixedRefScheduler(FixedScheduler):
-    """The reference's fixed pattern (reference §2.5), kept as an extra column for comparison with the paper's
+    """The reference's fixed pattern, kept as an extra column for comparison with the paper's
     protocol: the same count of `hi` rows per step as `FixedScheduler` (running residual), but the window of
     `hi` rows jumps by ((t + offset)·n_hi) mod N at decode step t, so within an episode the rows take turns
     and every row gets the same number of cheap steps (±1), interleaved. Ours moves the window by one row per
@@ -264,7 +265,7 @@ class RandomScheduler(_TwoLevelScheduler):
 
 
 class _SignalScheduler(_TwoLevelScheduler):
-    """Per-row controller shared by EMC and DAC (reference §2.7).
+    """Per-row controller shared by EMC and DAC, as the reference.
 
     Per row and axis at each effective step: required remaining average c_req = (total − sum_done) /
     (R − done), clamped to the axis range and bracketed by neighbouring levels, where the row's total is

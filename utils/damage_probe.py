@@ -48,6 +48,7 @@ import torch
 from utils.cli import OneLineErrorParser, SOLError, UsageError, check_output_file, need
 from utils.engine import Scheduler, StepObs, prefill_blocks, run_episode
 from utils.placement import _corr, _rank, cheapest_action, single_step_damage
+from utils.records import StepScalars
 
 FEATURE_SETS = ("position", "+scalars", "+hidden", "+hidden+token")
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -65,8 +66,8 @@ class DenseRecorder(Scheduler):
     def choose(self, obs: StepObs) -> torch.Tensor:
         self.hidden.append(obs.hidden.float())
         self.tokens.append(obs.input_ids)
-        self.surprisal.append(obs.scalars[:, 8] * 10.0)  # engine.step_scalars: nats / 10
-        self.entropy.append(obs.scalars[:, 9] * 10.0)
+        self.surprisal.append(StepScalars.surprisal(obs.scalars))
+        self.entropy.append(StepScalars.entropy(obs.scalars))
         return torch.full_like(obs.input_ids, self.lm.actions.dense_idx)
 
 
@@ -217,7 +218,7 @@ class PredictedDamageScheduler(Scheduler):
         N = obs.input_ids.shape[0]
         onehot = torch.zeros(N, self.n_eff, dtype=torch.float64)
         onehot[:, self.pos_of[obs.t]] = 1.0
-        surprisal, entropy = obs.scalars[:, 8] * 10.0, obs.scalars[:, 9] * 10.0  # engine.step_scalars: nats / 10
+        surprisal, entropy = StepScalars.surprisal(obs.scalars), StepScalars.entropy(obs.scalars)
         X = _design(onehot, surprisal.cpu(), entropy.cpu(), obs.hidden.float().cpu(),
                     self.lm.embed(obs.input_ids).float().cpu(), self.kind)
         pred = _predict(X, self.model)

@@ -4,7 +4,7 @@ A *block* is `context_len + rollout_len + 1` consecutive token ids: the dense pr
 steps, and the last target. As in the reference, every document is tokenized without special tokens (no BOS) and
 all documents are joined into one stream with no separator; the stream is cut into consecutive non-overlapping
 blocks and the tail is dropped. Sources: the shipped WikiText-2 (`wikitext2_local`), local text/JSONL/CSV/Parquet
-files, or a `datasets` hub dataset (streamed). See SPEC.md §6 and data/README.md.
+files, or a `datasets` hub dataset (streamed). See data/README.md.
 """
 from __future__ import annotations
 

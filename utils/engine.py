@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.lm import ControlledLM, StepOutput, StepUsage
+from utils.records import StepScalars
 
 USAGE_FIELDS = ("keep", "prune", "qratio", "attn_keep", "channel_keep", "flops")
 
@@ -42,8 +43,10 @@ class Scheduler:
     uses_lm_scalars = True  # reads the surprisal/entropy scalars; False skips their full-vocabulary softmax
 
     def start(self, lm: ControlledLM, budgets: torch.Tensor, group_size: int) -> None:
-        """Called once per episode before step 0; budgets [N, 3] = requested (κ, ρ, bits/16) per row."""
-        self.lm, self.budgets, self.group_size = lm, budgets, group_size
+        """Called once per episode before step 0; budgets [N, 3] = requested (κ, ρ, bits/16) per row, rows
+        b·group_size … b·group_size + group_size − 1 decoding the same input. Subclasses that need the
+        budgets or the grouping keep what they need; the base keeps the LM."""
+        self.lm = lm
 
     def choose(self, obs: StepObs) -> torch.Tensor:
         raise NotImplementedError
@@ -141,28 +144,7 @@ class Episode:
         return -self.logp
 
 
-def step_scalars(t: int, T: int, effective: bool, budgets: torch.Tensor, usage_sum: torch.Tensor,
-                 n_eff: int, prev_logits: torch.Tensor | None = None,
-                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The policy's scalars [t_frac, eff, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q, surprisal/10,
-    entropy/10] for all rows.
-
-    dev = running mean of the nominal usage over earlier effective steps minus the target (0 before any).
-    surprisal = −log p(x_t) and entropy of the distribution x_t was drawn from (the previous LM call's
-    logits), in nats / 10; zeros when `prev_logits` is not given. Policies read the first
-    `policy_scalar_dim` columns (default 8: the reference's scalars).
-    """
-    N = budgets.shape[0]
-    dev = usage_sum / n_eff - budgets if n_eff > 0 else torch.zeros_like(budgets)
-    head = torch.tensor([(t + 1) / T, float(effective)], device=budgets.device).expand(N, 2)
-    if prev_logits is None or input_ids is None:
-        lm_feats = torch.zeros(N, 2, device=budgets.device)
-    else:
-        logp = F.log_softmax(prev_logits.float(), dim=-1)
-        surprisal = -logp.gather(-1, input_ids.reshape(N, 1).to(logp.device))[:, 0]
-        entropy = -(logp.exp() * logp).sum(-1)
-        lm_feats = torch.stack([surprisal, entropy], dim=-1).to(budgets.device) / 10.0
-    return torch.cat([head, budgets, dev, lm_feats.to(budgets.dtype)], dim=-1).float()
+step_scalars = StepScalars.build  # the policy's scalars of one step; layout in utils.records.StepScalars
 
 
 @dataclass

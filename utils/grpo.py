@@ -1,7 +1,7 @@
 """GRPO objective for SOL: budgets, rewards, returns, penalty, advantages, PPO-clip loss, pooled updates.
 
 Everything except `GRPOUpdater` is pure tensor math with no state. Tensors are time-major `[T, N]`, where
-N = B·K and rows b·K … b·K+K−1 are the K rollouts of input b (see reference §4–§7).
+N = B·K and rows b·K … b·K+K−1 are the K rollouts of input b (the reference repository's GRPO).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.cli import SOLError
+from utils.records import StepTrace
 
 _STD_FLOOR = 1e-6  # the reference's clamp on population std in z-scoring and whitening
 
@@ -91,7 +92,7 @@ def budget_gaps(usage_mean: Tensor, targets: Tensor) -> Tensor:
 
 def budget_penalty(usage_mean: Tensor, targets: Tensor, alphas: tuple[float, float, float],
                    tolerance: float) -> Tensor:
-    """Per-rollout penalty `[N]` = Σ_axis α·max(|gap| − tol, 0)²: a two-sided squared dead zone (reference §5.3)."""
+    """Per-rollout penalty `[N]` = Σ_axis α·max(|gap| − tol, 0)²: a two-sided squared dead zone, as the reference."""
     phi = (budget_gaps(usage_mean, targets).abs() - float(tolerance)).clamp_min(0.0).pow(2)
     a = torch.as_tensor(alphas, dtype=phi.dtype, device=phi.device)
     return (phi * a).sum(dim=-1)
@@ -229,11 +230,19 @@ class RolloutBatch:
     """One rollout batch (B inputs × K rollouts), time-major, all detached."""
     h: Tensor             # [T, N, h_dim] LM hidden fed to the policy at each step
     e: Tensor             # [T, N, e_dim] embedding of the token about to be processed
-    scalars: Tensor       # [T, N, 8]
+    scalars: Tensor       # [T, N, StepScalars.DIM]
     prev_actions: Tensor  # [T, N] long
     actions: Tensor       # [T, N] long
     logp_old: Tensor      # [T, N]
     adv: Tensor           # [T, N]
+
+
+    @classmethod
+    def from_trace(cls, trace: StepTrace, adv: Tensor) -> "RolloutBatch":
+        """A sampled policy's trace (`PolicyScheduler.trace()`, with its log-probabilities) and its advantages."""
+        if trace.logp_old is None:
+            raise ValueError("a rollout batch needs the sampling policy's log-probabilities (record them)")
+        return cls(trace.h, trace.e, trace.scalars, trace.prev_actions, trace.actions, trace.logp_old, adv)
 
 
 _FIELDS = ("h", "e", "scalars", "prev_actions", "actions", "logp_old", "adv")
@@ -245,7 +254,7 @@ _STAT_KEYS = ("loss", "policy_loss", "entropy", "approx_kl", "clip_frac", "kl_re
 
 
 class GRPOUpdater:
-    """Pools rollout batches and runs PPO/GRPO update cycles with gradient accumulation (reference §7).
+    """Pools rollout batches and runs PPO/GRPO update cycles with gradient accumulation, as the reference.
 
     A cycle starts when the pooled (t, rollout) entries reach `ppo_target_batch_size`: the pool is
     concatenated along N, split into minibatches of max(1, ppo_minibatch_size // T) whole rollouts in a

@@ -37,13 +37,11 @@ import torch.nn.functional as F
 
 from utils.cli import OneLineErrorParser, SOLError, need
 from utils.engine import Scheduler, StepObs, run_episode
-
-TRACE_KEYS = ("h", "e", "scalars", "prev_actions", "actions")
-
+from utils.records import StepScalars, StepTrace, TraceRecorder
 
 class CloneRecorder(Scheduler):
     """Lets `teacher` choose every action and records what the policy would have been fed, in the layout of
-    `PolicyScheduler.rollout_tensors()`: its inputs, the previous action (BOS at t = 0) and the action."""
+    `PolicyScheduler.trace()`: its inputs, the previous action (BOS at t = 0) and the action."""
 
     name = "clone-recorder"
 
@@ -54,27 +52,24 @@ class CloneRecorder(Scheduler):
         super().start(lm, budgets, group_size)
         self.teacher.start(lm, budgets, group_size)
         self.prev = torch.full((budgets.shape[0],), self.bos_id, dtype=torch.long, device=budgets.device)
-        self.trace: dict[str, list[torch.Tensor]] = {k: [] for k in TRACE_KEYS}
+        self.recorder = TraceRecorder()
 
     def choose(self, obs: StepObs) -> torch.Tensor:
         a = self.teacher.choose(obs)
-        for k, v in (("h", obs.hidden.float()), ("e", self.lm.embed(obs.input_ids).float()),
-                     ("scalars", obs.scalars), ("prev_actions", self.prev), ("actions", a)):
-            self.trace[k].append(v.clone())
+        self.recorder.append(obs.hidden.float(), self.lm.embed(obs.input_ids).float(), obs.scalars, self.prev, a)
         self.prev = a.long()
         return a
 
     def observe(self, out) -> None:
         self.teacher.observe(out)
 
-    def rollout_tensors(self) -> dict[str, torch.Tensor]:
-        """The recorded per-step tensors, stacked time-major [T, N, ...]."""
-        return {k: torch.stack(v) for k, v in self.trace.items()}
+    def trace(self) -> StepTrace:
+        return self.recorder.stacked()
 
 
 def teacher_episodes(lm, teacher: Scheduler, bos_id: int, blocks: np.ndarray, cfg, budgets_per_block: int,
                      batch_blocks: int, generator: torch.Generator, progress: bool = True
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                     ) -> tuple[StepTrace, torch.Tensor]:
     """Decode `blocks` under the teacher, `budgets_per_block` rows per block with budgets drawn as in training.
     Returns the traces [T, N, ...] (rows block-major) and the effective-step mask [T]."""
     from tqdm import tqdm
@@ -82,7 +77,7 @@ def teacher_episodes(lm, teacher: Scheduler, bos_id: int, blocks: np.ndarray, cf
     from utils.grpo import sample_budgets
 
     R = budgets_per_block
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in TRACE_KEYS}
+    parts: list[StepTrace] = []
     effective = None
     for i in tqdm(range(0, len(blocks), batch_blocks), desc="teacher episodes", disable=not progress):
         b = torch.from_numpy(np.asarray(blocks[i: i + batch_blocks], dtype=np.int64))
@@ -90,24 +85,23 @@ def teacher_episodes(lm, teacher: Scheduler, bos_id: int, blocks: np.ndarray, cf
         with torch.no_grad():  # not inference_mode: the traces are autograd inputs later
             ep = run_episode(lm, b, rec, sample_budgets(cfg, b.shape[0] * R, generator), cfg.context_len, R)
         effective = ep.effective
-        for k, v in rec.rollout_tensors().items():
-            parts[k].append(v.cpu())
-    return {k: torch.cat(v, dim=1) for k, v in parts.items()}, effective
+        parts.append(rec.trace().map(lambda v: v.cpu()))
+    return StepTrace.cat(parts), effective
 
 
-def clone_loss(policy, tr: dict[str, torch.Tensor], rows: torch.Tensor, effective: torch.Tensor
+def clone_loss(policy, tr: StepTrace, rows: torch.Tensor, effective: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the policy's logits (temperature 1) against the teacher's actions over the
     effective steps of `rows`, and the share of those steps where the policy's argmax agrees."""
-    sel = {k: v.index_select(1, rows) for k, v in tr.items()}
-    logits = policy(sel["h"], sel["e"], sel["scalars"], sel["prev_actions"], temperature=1.0)[effective]
-    target = sel["actions"][effective]
+    sel = tr.select_rows(rows)
+    logits = policy(*sel.policy_inputs(), temperature=1.0)[effective]
+    target = sel.actions[effective]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     agree = (logits.argmax(-1) == target).float().mean()
     return ce, agree
 
 
-def clone(policy, tr: dict[str, torch.Tensor], effective: torch.Tensor, train_rows: torch.Tensor,
+def clone(policy, tr: StepTrace, effective: torch.Tensor, train_rows: torch.Tensor,
           val_rows: torch.Tensor, epochs: int, minibatch: int, lr: float, weight_decay: float, seed: int,
           progress: bool = True) -> list[dict]:
     """Fit the policy to the teacher's actions; one log row per epoch (train CE, held-out CE and agreement)."""
@@ -228,14 +222,14 @@ def _run(a: argparse.Namespace) -> dict:
     order = torch.randperm(len(blocks), generator=gen)
     rows_of = lambda b: (b[:, None] * R + torch.arange(R)).reshape(-1)  # noqa: E731  block -> its R rows
     val_rows, train_rows = rows_of(order[:n_val]), rows_of(order[n_val:])
-    policy = policy.to(tr["h"].device)
+    policy = policy.to(tr.h.device)
     log = clone(policy, tr, eff, train_rows, val_rows, a.epochs, a.minibatch, a.lr, cfg.weight_decay, a.seed,
                 progress=not a.no_progress)
-    cheap = (tr["actions"][eff] != acts.dense_idx).float().mean()
+    cheap = (tr.actions[eff] != acts.dense_idx).float().mean()
     cal = teacher.calibration
-    cheap_rows = (tr["actions"][eff] != acts.dense_idx).double().mean(0)  # [N]
+    cheap_rows = (tr.actions[eff] != acts.dense_idx).double().mean(0)  # [N]
     realised = cal.hi - cheap_rows * (cal.hi - cal.lo)
-    requested = tr["scalars"][0, :, 2 + cal.axis].double()  # step_scalars: the row's budget on the axis
+    requested = StepScalars.budgets(tr.scalars[0])[:, cal.axis].double()  # the row's budget on the axis
     teacher_gap = float((realised - requested).abs().mean())
     summary = {"teacher": a.teacher, "features": a.features, "probe": meta.get("probe_tag"), "ridge_lambda": lam,
                "blocks": len(blocks), "budgets_per_block": R, "held_out_blocks": n_val,

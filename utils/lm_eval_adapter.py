@@ -2,7 +2,7 @@
 SOL streaming runtime (`utils/runtime.py`), so every continuation token is one controlled decode step
 under the policy, the fixed baseline or the dense model, with dense episode replay every `episode_len`.
 
-Choices (documented, see also SPEC §8):
+Choices:
 * Tokenisation. `loglikelihood` tokenises context + continuation *jointly* (trailing context whitespace
   moved to the continuation first, as lm-eval's HF model does) and, when the context's own ids are a
   prefix of the joint ids (the normal case), scores the rest: so context + continuation ids are exactly

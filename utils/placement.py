@@ -127,8 +127,7 @@ def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets
         sched = PolicyScheduler(policy, greedy=True, record=True)
         B = d.shape[1]
         ep = run_episode(lm, None, sched, torch.tensor(targets).expand(B, 3), context_len, prefill=pf)
-        tr = sched.rollout_tensors()
-        probs = torch.softmax(policy(tr["h"], tr["e"], tr["scalars"], tr["prev_actions"]).double(), dim=-1)
+        probs = torch.softmax(policy(*sched.trace().policy_inputs()).double(), dim=-1)
         eff = ep.effective.to(torch.bool).cpu()
         dmg.append(d[eff].cpu())
         loc.append(d_loc[eff].cpu())

@@ -1,7 +1,6 @@
 """The SOL policy: a tiny causal transformer over decode steps that picks one efficiency action per token.
 
-Faithful to the reference `RecurrentActorCriticPolicy` (see `reference/upstream_policy_and_grpo.md` §2),
-minus its value head (training is critic-free) and minus its duplicate construction of `action_emb` and
+Faithful to the reference repository's `RecurrentActorCriticPolicy` (akhauriyash/SOL), minus its value head (training is critic-free) and minus its duplicate construction of `action_emb` and
 `obs_proj` (that quirk only shifted the initialisation RNG). Two execution paths compute the same logits:
 
 * `step()` - incremental, with its own per-layer KV cache in a `PolicyState`; used for rollouts and generation.
@@ -22,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-N_SCALARS = 10  # [t_frac, eff_flag, C_tok, C_pru, C_q, dev_keep, dev_prune, dev_q, surprisal/10, entropy/10]
-EFF_COL = 1  # 1.0 when the step is effective (its usage counts towards the budget)
-BUDGET_SLICE = slice(2, 5)  # C_tok, C_pru, C_q: always fed raw to the budget head
-DEV_SLICE = slice(5, 8)  # running mean usage minus budget over earlier effective steps
+from utils.records import StepScalars
+
+N_SCALARS = StepScalars.DIM  # the step scalars' layout: utils.records.StepScalars
 SCALAR_PROJ_DIM = 64
 BUDGET_HIDDEN = 32
 
@@ -220,16 +218,16 @@ class SOLPolicy(nn.Module):
         the s40/s100 grid moves the logit gap by g · 0.3 · 0.6. Zero when the gain is 0."""
         if self.budget_feedback_gain == 0.0:
             return torch.zeros((), dtype=scalars.dtype, device=scalars.device)
-        surplus = scalars[..., DEV_SLICE].float() * n_eff.unsqueeze(-1).float()
+        surplus = StepScalars.deviations(scalars).float() * n_eff.unsqueeze(-1).float()
         return -self.budget_feedback_gain * (surplus @ self.action_usage.T)
 
     def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float) -> Tensor:
         """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), bounded to [-c, c] when
         `logit_bound` c > 0, plus the budget feedback, all / temperature."""
-        if scalars.shape[-1] < DEV_SLICE.stop:
-            raise ValueError(f"scalars need >= {DEV_SLICE.stop} columns (budgets at 2:5, deviations at 5:8), "
+        if scalars.shape[-1] < StepScalars.REFERENCE_DIM:
+            raise ValueError(f"scalars need >= {StepScalars.REFERENCE_DIM} columns (utils.records.StepScalars), "
                              f"got {scalars.shape[-1]}")
-        budgets = scalars[..., BUDGET_SLICE].to(x.dtype)
+        budgets = StepScalars.budgets(scalars).to(x.dtype)
         raw = self.pi(self.ln_f(x)) + self.budget_head(budgets)
         if self.logit_bound > 0:
             raw = self.logit_bound * torch.tanh(raw / self.logit_bound)
@@ -268,7 +266,7 @@ class SOLPolicy(nn.Module):
             new_k.append(k)
             new_v.append(v)
         logits = self._head(x.squeeze(1), scalars, state.n_eff, temperature)
-        n_eff = state.n_eff + scalars[:, EFF_COL].to(state.n_eff)
+        n_eff = state.n_eff + StepScalars.effective(scalars).to(state.n_eff)
         return logits, PolicyState(new_k, new_v, state.step_idx + 1, state.last_action, n_eff)
 
     # ---- full-sequence path ------------------------------------------------------------------------
@@ -284,7 +282,7 @@ class SOLPolicy(nn.Module):
         x = self._encode(h, e, scalars, prev_actions, pos).transpose(0, 1)  # [B, T, d]
         for blk in self.blocks:
             x, _, _ = blk(x)
-        eff = scalars[..., EFF_COL].float()
+        eff = StepScalars.effective(scalars).float()
         n_eff = eff.cumsum(0) - eff  # effective steps before each step
         return self._head(x.transpose(0, 1), scalars, n_eff, temperature)
 
@@ -303,7 +301,7 @@ def action_logit_bias(
     """Per-action eval bias s*n(kappa) + p*n(rho) + q*n(bits), shape [A].
 
     Callers SUBTRACT it from the tempered logits, so a positive bias makes denser / higher-bit actions
-    less likely (reference §2.5). Training never uses it.
+    less likely (the reference's eval-time bias). Training never uses it.
     """
     return sparsity_bias * _minmax(kappa) + prune_bias * _minmax(rho) + quant_bias * _minmax(bits)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from utils.actions import ActionSpace
 from utils.engine import Scheduler, StepObs
 from utils.policy import SOLPolicy, action_logit_bias, choose_actions
+from utils.records import StepTrace, TraceRecorder
 
 
 class DenseScheduler(Scheduler):
@@ -43,8 +44,7 @@ class PolicyScheduler(Scheduler):
     def start(self, lm, budgets: torch.Tensor, group_size: int) -> None:
         super().start(lm, budgets, group_size)
         self.state = self.policy.init_state(budgets.shape[0], device=budgets.device)
-        self.trace: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                     ("h", "e", "scalars", "prev_actions", "actions", "logp_old")}
+        self.recorder = TraceRecorder()
 
     @torch.no_grad()
     def choose(self, obs: StepObs) -> torch.Tensor:
@@ -55,13 +55,11 @@ class PolicyScheduler(Scheduler):
             logits = logits - self.bias.to(logits.device)
         a = choose_actions(logits, self.greedy, self.generator)
         if self.record:
-            # clone: LM outputs are inference tensors, which autograd may not save
-            for k, v in (("h", h), ("e", e), ("scalars", obs.scalars), ("prev_actions", self.state.last_action),
-                         ("actions", a), ("logp_old", F.log_softmax(logits, -1).gather(-1, a[:, None])[:, 0])):
-                self.trace[k].append(v.clone())
+            self.recorder.append(h, e, obs.scalars, self.state.last_action, a,
+                                 F.log_softmax(logits, -1).gather(-1, a[:, None])[:, 0])
         self.state = self.state.with_action(a)
         return a
 
-    def rollout_tensors(self) -> dict[str, torch.Tensor]:
-        """The recorded per-step inputs/outputs, stacked time-major [T, N, ...]."""
-        return {k: torch.stack(v) for k, v in self.trace.items()}
+    def trace(self) -> StepTrace:
+        """What the policy was fed and chose at every step of the episode (needs record=True)."""
+        return self.recorder.stacked()

@@ -364,15 +364,13 @@ class GRPOTrainer:
                 raise
             raise TrainingDivergedError(f"after update {self.updater.num_updates}: the policy's action "
                                         "probabilities are not finite (its weights diverged)") from None
-        tr_all = sched.rollout_tensors()
+        tr_all = sched.trace()
         out, start = [], 0
         for i in idxs:
             stop = start + len(i) * K
             ep = ep_all.rows(start, stop)
-            tr = {k: v[:, start:stop].clone() for k, v in tr_all.items()}  # own storage: the pool may be saved
             adv, r_task, penalty = self.score(ep)
-            batch = RolloutBatch(h=tr["h"], e=tr["e"], scalars=tr["scalars"], prev_actions=tr["prev_actions"],
-                                 actions=tr["actions"], logp_old=tr["logp_old"], adv=adv.detach().clone())
+            batch = RolloutBatch.from_trace(tr_all.rows(start, stop), adv.detach().clone())
             self.budget_window.append(torch.stack([ep.budgets, ep.usage_means()], dim=1).float().cpu())
             m = episode_metrics(ep, r_task, penalty, self.actions.tags)
             m.update(budget_correlations(self.budget_window))
