@@ -103,6 +103,7 @@ def run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from utils.baselines import DACScheduler, EMCScheduler, FixedRefScheduler, FixedScheduler, RandomScheduler
+    from utils.config import eval_targets
     from utils.data import load_blocks
     from utils.evaluation import (append_csv_row, check_csv_header, evaluate_matched, fmt, load_policy_eval,
                                   method_cells, paired_bootstrap_ci)
@@ -116,11 +117,7 @@ def run(a: argparse.Namespace) -> int:
                                                            "budget_feedback_gain": a.budget_feedback_gain,
                                                            "policy_logit_bound": a.policy_logit_bound}, a.device,
                                        a.trust_checkpoint)
-    tk = a.tgt_keep if a.tgt_keep is not None else (cfg.eval_C_tok if cfg.eval_C_tok is not None else cfg.C_target)
-    tp = a.tgt_prune_keep if a.tgt_prune_keep is not None else (
-        cfg.eval_C_pru if cfg.eval_C_pru is not None else cfg.C_target_prune)
-    tb = a.tgt_quant_bits if a.tgt_quant_bits is not None else (
-        cfg.eval_C_qbits if cfg.eval_C_qbits is not None else cfg.C_target_quant_bits)
+    tk, tp, tb = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
     biases = tuple(float(getattr(a, n) if getattr(a, n) is not None else getattr(cfg, f"eval_{n}"))
                    for n in ("sparsity_bias", "prune_bias", "quant_bias"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import damage_probe
+from utils import damage_map, damage_probe, engine, probe_fit, probe_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_features_are_the_dense_policy_inputs(tiny):
     acts = lm.actions
     cheap = int((acts.keep + acts.prune / acts.prune_max + acts.bits.float() / 16).argmin())
     with torch.inference_mode():
-        data = damage_probe.collect(lm, blocks, C, 2, cheap, progress=False)
+        data = damage_map.collect(lm, blocks, C, 2, cheap, progress=False)
         _, hidden = lm.prefill_hidden(blocks[:, : C + T])  # independent: one dense forward
         logp = F.log_softmax(lm.logits(hidden[:, C - 1: C + T - 1]), -1)
     S = blocks.shape[0]
@@ -52,7 +52,7 @@ def _synthetic(S=64, T=12, H=8, seed=0, content=True):
 
 
 def test_probe_finds_content_signal_in_the_hidden_state():
-    rep = damage_probe.probe_report(_synthetic(content=True), frac=0.5)
+    rep = probe_fit.probe_report(_synthetic(content=True), frac=0.5)
     rows = {r.features: r for r in rep.rows}
     assert rows["+hidden"].spearman > 0.9 and rows["position"].within_seq_spearman < 0.5
     # choosing by predicted damage nearly matches the oracle; position alone is no better than random + trend
@@ -63,7 +63,7 @@ def test_probe_finds_content_signal_in_the_hidden_state():
 
 
 def test_probe_without_content_signal_gains_nothing_over_position():
-    rep = damage_probe.probe_report(_synthetic(content=False), frac=0.5)
+    rep = probe_fit.probe_report(_synthetic(content=False), frac=0.5)
     rows = {r.features: r for r in rep.rows}
     # damage rises with position only: the per-position mean already ranks the steps
     assert rows["position"].within_seq_spearman > 0.9
@@ -72,12 +72,12 @@ def test_probe_without_content_signal_gains_nothing_over_position():
 
 def test_fit_on_one_map_score_on_another():
     fit, ev = _synthetic(seed=0), _synthetic(S=16, seed=1)
-    rep = damage_probe.probe_report(fit, eval_data=ev)
+    rep = probe_fit.probe_report(fit, eval_data=ev)
     assert rep.n_sequences == 16
     assert {r.features: r for r in rep.rows}["+hidden"].spearman > 0.9
     bad = {**ev, "effective": torch.zeros(12, dtype=torch.bool)}
     with pytest.raises(ValueError, match="effective"):
-        damage_probe.probe_report(fit, eval_data=bad)
+        probe_fit.probe_report(fit, eval_data=bad)
 
 
 def test_cli_fit_and_bad_input(tmp_path, capsys):
@@ -123,16 +123,16 @@ def test_predicted_damage_scheduler_sees_the_probe_features(tiny):
     cfg, lm, blocks = tiny
     cheap = _prune_only_probe(lm)
     with torch.inference_mode():
-        data = damage_probe.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
+        data = damage_map.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
         eff = data["effective"]
-        X = damage_probe.features(data, "+hidden+token")
-        model, _ = damage_probe.fit_probe(X, data["damage"][:, eff].double(), int(eff.sum()))
-        expect = damage_probe._predict(X.reshape(-1, X.shape[-1]), model).reshape(X.shape[:2])
-        pf = damage_probe.prefill_blocks(lm, blocks, cfg.context_len)
-        never = damage_probe.PredictedDamageScheduler(model, "+hidden+token", eff, cheap, -math.inf)
-        ep = damage_probe.run_episode(lm, None, never, torch.ones(4, 3), cfg.context_len, prefill=pf)
-        always = damage_probe.PredictedDamageScheduler(model, "+hidden+token", eff, cheap, math.inf)
-        ep2 = damage_probe.run_episode(lm, None, always, torch.ones(4, 3), cfg.context_len, prefill=pf)
+        X = probe_fit.features(data, "+hidden+token")
+        model, _ = probe_fit.fit_probe(X, data["damage"][:, eff].double(), int(eff.sum()))
+        expect = probe_fit.predict(X.reshape(-1, X.shape[-1]), model).reshape(X.shape[:2])
+        pf = engine.prefill_blocks(lm, blocks, cfg.context_len)
+        never = probe_scheduler.PredictedDamageScheduler(model, "+hidden+token", eff, cheap, -math.inf)
+        ep = engine.run_episode(lm, None, never, torch.ones(4, 3), cfg.context_len, prefill=pf)
+        always = probe_scheduler.PredictedDamageScheduler(model, "+hidden+token", eff, cheap, math.inf)
+        ep2 = engine.run_episode(lm, None, always, torch.ones(4, 3), cfg.context_len, prefill=pf)
     torch.testing.assert_close(torch.stack(never.predictions, 1), expect, atol=1e-3, rtol=1e-3)
     assert (ep.actions == lm.actions.dense_idx).all()
     torch.testing.assert_close(ep.logp, pf.dense_logp, atol=1e-4, rtol=0)
@@ -165,9 +165,9 @@ def test_cli_schedule_matches_fixed_usage_and_refuses_test(tmp_path, capsys):
 
 def test_budget_thresholds_give_the_requested_cheap_share_on_the_fit_predictions():
     preds = torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    cal = damage_probe.Calibration(preds, axis=1, lo=0.4, hi=1.0)
+    cal = probe_scheduler.Calibration(preds, axis=1, lo=0.4, hi=1.0)
     budgets = torch.tensor([[1.0, r, 1.0] for r in (1.0, 0.9, 0.7, 0.5, 0.4, 0.2)])
-    thr = damage_probe.budget_thresholds(cal, budgets)
+    thr = probe_scheduler.budget_thresholds(cal, budgets)
     share = (preds[None, :] <= thr[:, None]).double().mean(1)
     want = torch.tensor([0.0, 1 / 6, 0.5, 5 / 6, 1.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(share, want, atol=2e-3, rtol=0)
@@ -178,14 +178,14 @@ def test_quantile_level_inverts_the_measured_share_curve():
     """With a correction, a requested cheap fraction maps to the level whose measured share it is, linearly
     between measured points; fraction 1 is exact (+inf threshold) even where the top level fell short."""
     preds = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    cal = damage_probe.Calibration(preds, axis=1, lo=0.4, hi=1.0)
+    cal = probe_scheduler.Calibration(preds, axis=1, lo=0.4, hi=1.0)
     cor = cal.corrected(torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.6]))
     lv = cor.quantile_level(torch.tensor([0.0, 0.125, 0.25, 0.425, 0.6, 0.9], dtype=torch.float64))
     torch.testing.assert_close(lv, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.0], dtype=torch.float64))
-    thr = damage_probe.budget_thresholds(cor, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.4, 1.0], [1.0, 0.85, 1.0]]))
+    thr = probe_scheduler.budget_thresholds(cor, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.4, 1.0], [1.0, 0.85, 1.0]]))
     assert thr[0] == -math.inf and thr[1] == math.inf and abs(float(thr[2]) - 0.5) < 1e-6  # float32 budgets
     # a non-monotone measurement is made non-decreasing
-    assert damage_probe.Calibration(preds, 1, 0.4, 1.0).corrected(
+    assert probe_scheduler.Calibration(preds, 1, 0.4, 1.0).corrected(
         torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.125])).shares.tolist() == [0.25, 0.25]
 
 
@@ -195,21 +195,21 @@ def test_in_episode_calibration_reproduces_its_measured_share(tiny):
     cfg, lm, blocks = tiny
     cheap = _prune_only_probe(lm)
     with torch.inference_mode():
-        data = damage_probe.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
-    sched, _ = damage_probe.fit_scheduler(data, "+scalars", lm.actions, cheap)
+        data = damage_map.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
+    sched, _ = probe_scheduler.fit_scheduler(data, "+scalars", lm.actions, cheap)
     levels = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-    cor = damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels, batch_size=2,
+    cor = probe_scheduler.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels, batch_size=2,
                                             progress=False)
     assert cor.levels.tolist() == levels.tolist() and cor.fit_predictions is sched.calibration.fit_predictions
     j = int(torch.nonzero(cor.shares > 0).min())
     sched.calibration = cor
-    budget = damage_probe.level_budgets(cor, torch.tensor([float(cor.shares[j])], dtype=torch.float64))
+    budget = probe_scheduler.level_budgets(cor, torch.tensor([float(cor.shares[j])], dtype=torch.float64))
     with torch.inference_mode():
-        ep = damage_probe.run_episode(lm, blocks, sched, budget.repeat(len(blocks), 1), cfg.context_len)
+        ep = engine.run_episode(lm, blocks, sched, budget.repeat(len(blocks), 1), cfg.context_len)
     realised = (ep.actions[ep.effective] == cheap).double().mean()
     assert abs(float(realised) - float(cor.shares[j])) < 1e-9
     with pytest.raises(ValueError):
-        damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels)
+        probe_scheduler.calibrate_in_episode(lm, sched, blocks, cfg.context_len, levels)
 
 
 def test_budget_tracking_teacher_meets_every_row_budget_to_within_one_step(tiny):
@@ -218,8 +218,8 @@ def test_budget_tracking_teacher_meets_every_row_budget_to_within_one_step(tiny)
     cfg, lm, blocks = tiny
     cheap = _prune_only_probe(lm)
     with torch.inference_mode():
-        data = damage_probe.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
-    sched, _ = damage_probe.fit_scheduler(data, "+scalars", lm.actions, cheap)
+        data = damage_map.collect(lm, blocks, cfg.context_len, 4, cheap, progress=False)
+    sched, _ = probe_scheduler.fit_scheduler(data, "+scalars", lm.actions, cheap)
     cal = sched.calibration
     rho = torch.tensor([1.0, 0.95, 0.85, 0.75, 0.62, 0.5], dtype=torch.float64)
     rho = rho * (cal.hi - cal.lo) + cal.lo  # cheap fractions 0 .. 1 on the grid's prune axis
@@ -228,13 +228,13 @@ def test_budget_tracking_teacher_meets_every_row_budget_to_within_one_step(tiny)
     rows = budgets.repeat(len(blocks), 1)
     sched.track = True
     with torch.inference_mode():
-        ep = damage_probe.run_episode(lm, blocks, sched, rows, cfg.context_len, len(rho))
+        ep = engine.run_episode(lm, blocks, sched, rows, cfg.context_len, len(rho))
     eff = ep.effective
     taken = (ep.actions[eff] == cheap).double().sum(0).cpu()
     wanted = cal.cheap_fraction(rows[:, cal.axis]) * int(eff.sum())
     assert ((taken - wanted).abs() < 1 + 1e-4).all()
     assert (taken[wanted == 0] == 0).all() and (taken[wanted == int(eff.sum())] == int(eff.sum())).all()
     with pytest.raises(ValueError):
-        damage_probe.PredictedDamageScheduler(sched.model, "+scalars", eff, cheap, threshold=0.0, track=True)
+        probe_scheduler.PredictedDamageScheduler(sched.model, "+scalars", eff, cheap, threshold=0.0, track=True)
     with pytest.raises(ValueError):  # the correction must be measured open-loop
-        damage_probe.calibrate_in_episode(lm, sched, blocks, cfg.context_len, torch.tensor([0.5, 1.0]))
+        probe_scheduler.calibrate_in_episode(lm, sched, blocks, cfg.context_len, torch.tensor([0.5, 1.0]))

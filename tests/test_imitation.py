@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import damage_probe, imitation
+from utils import damage_map, damage_probe, imitation, probe_scheduler
 from utils.checkpoint import load_checkpoint
 from utils.engine import Scheduler, run_episode
 from utils.grpo import sample_budgets
@@ -83,8 +83,8 @@ def test_cloned_policy_acts_like_the_teacher_in_its_own_episodes(tiny):
     cfg, lm, blocks = tiny
     cheap = _prune_probe(lm)
     with torch.inference_mode():
-        fit_map = damage_probe.collect(lm, torch.from_numpy(blocks[:8]), cfg.context_len, 4, cheap, progress=False)
-    teacher, _ = damage_probe.fit_scheduler(fit_map, "position", lm.actions, cheap)
+        fit_map = damage_map.collect(lm, torch.from_numpy(blocks[:8]), cfg.context_len, 4, cheap, progress=False)
+    teacher, _ = probe_scheduler.fit_scheduler(fit_map, "position", lm.actions, cheap)
     torch.manual_seed(0)
     policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     gen = torch.Generator().manual_seed(0)

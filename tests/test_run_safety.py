@@ -488,3 +488,28 @@ def test_a_failed_set_up_releases_the_run_lock_and_leaves_nothing(tmp_path, monk
     assert "no space left on device" in _one_error_line(capsys) and not out.exists()
     monkeypatch.setattr(trainer_mod, "save_config", real)
     assert train.main(argv) == 0  # the lock of the failed set-up is gone
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one CLI layer: the same bad target gives the same line everywhere; one target resolver
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--tgt_prune_keep", "1.5"), ("--tgt_quant_bits", "1"), ("--tgt_keep", "nan")])
+def test_every_entry_point_gives_the_same_line_for_the_same_bad_target(flag, value, tiny_ckpt_dir, capsys):
+    lines = {}
+    for module in ("eval_perplexity", "eval_downstream", "gen_policy_vs_dense", "utils.placement"):
+        rc = _cli(module)(["--ckpt_dir", str(tiny_ckpt_dir), flag, value])
+        lines[module] = (rc, _one_error_line(capsys))
+    assert len(set(lines.values())) == 1, lines
+    rc, line = next(iter(lines.values()))
+    assert rc == 2 and line.startswith(f"error: {flag} must be in"), line
+
+
+def test_eval_targets_fall_back_to_eval_fields_then_training_targets():
+    from utils.config import eval_targets, load_config
+
+    cfg = load_config(TINY, ["C_target=0.4", "C_target_prune=0.6", "C_target_quant_bits=8"])
+    assert eval_targets(cfg) == (0.4, 0.6, 8.0)
+    cfg = load_config(TINY, ["C_target=0.4", "eval_C_tok=0.3", "eval_C_pru=0.7", "eval_C_qbits=12"])
+    assert eval_targets(cfg) == (0.3, 0.7, 12.0)
+    assert eval_targets(cfg, 0.9, None, 6) == (0.9, 0.7, 6.0)

@@ -16,7 +16,6 @@ Exporting such a run once (`export ... --trust_checkpoint`) turns it into the sa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import shutil

@@ -352,6 +352,17 @@ def save_config(cfg: Config, path: str) -> None:
     atomic_write(path, lambda fh: yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False, default_flow_style=None))
 
 
+def eval_targets(cfg: Config, tgt_keep: float | None = None, tgt_prune_keep: float | None = None,
+                 tgt_quant_bits: float | None = None) -> tuple[float, float, float]:
+    """The requested (κ, ρ, bits) of an evaluation: each `--tgt_*` flag given, else the config's `eval_C_*`,
+    else its training default `C_target*`. The one resolver every evaluator uses."""
+    def pick(flag: float | None, eval_value: float | None, default: float) -> float:
+        return float(flag if flag is not None else eval_value if eval_value is not None else default)
+
+    return (pick(tgt_keep, cfg.eval_C_tok, cfg.C_target), pick(tgt_prune_keep, cfg.eval_C_pru, cfg.C_target_prune),
+            pick(tgt_quant_bits, cfg.eval_C_qbits, cfg.C_target_quant_bits))
+
+
 def field_docs() -> dict[str, str]:
     """Field name -> one-line description."""
     return {n: f.metadata["doc"] for n, f in _FIELDS.items()}

@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _run(a: argparse.Namespace) -> dict:
     from utils.checkpoint import save_checkpoint
     from utils.config import config_to_dict, default_device, load_config, save_config
-    from utils.damage_probe import _load_map, calibrate_in_episode, fit_scheduler
+    from utils.damage_map import load_damage_map
+    from utils.probe_scheduler import calibrate_in_episode, fit_scheduler
     from utils.data import load_blocks
     from utils.lm import ControlledLM
     from utils.model import load_lm
@@ -179,7 +180,7 @@ def _run(a: argparse.Namespace) -> dict:
     need(os.path.isfile(a.config), f"config not found: {a.config}")
     out = Path(a.output_dir)
     need(not (out / "policy_latest.pt").exists(), f"{out} already holds a policy; pick another --output_dir")
-    fit_map, meta = _load_map(a.teacher)
+    fit_map, meta = load_damage_map(a.teacher)
     cfg = load_config(a.config, a.set)
 
     def blocks_for(rows_per_block: int) -> int:  # blocks per batched episode

@@ -33,6 +33,7 @@ import torch
 
 from utils.cli import TRUST_HELP, OneLineErrorParser, SOLError, check_output_file, check_targets, need
 from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
+from utils.stats import pearson, spearman
 
 
 class ProbeScheduler(Scheduler):
@@ -80,17 +81,6 @@ def single_step_damage(lm, prefill: Prefill, probe_idx: int, rows_per_forward: i
 def cheapest_action(actions) -> int:
     """Index of the grid's cheapest action by net usage (κ + ρ/P_MAX + bits/16): the default probe."""
     return int((actions.keep + actions.prune / actions.prune_max + actions.bits.float() / 16.0).argmin())
-
-
-def _rank(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().double()
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    den = (a.norm() * b.norm()).item()
-    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
 @dataclass
@@ -142,7 +132,7 @@ def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets
         damage_mean=float(d.mean()), damage_std=float(d.std()),
         damage_local_share=float(d_loc.mean() / d.mean()) if float(d.mean()) != 0 else float("nan"),
         policy_cheap_frac=float(c.double().mean()),
-        corr_spend_damage=_corr(s, d), spearman_spend_damage=_corr(_rank(s.flatten()), _rank(d.flatten())),
+        corr_spend_damage=pearson(s, d), spearman_spend_damage=spearman(s, d),
         policy_cheap_damage=float((d * c).sum(0).mean()),
         random_cheap_damage=float((d.mean(0) * n_cheap).mean()),
         oracle_cheap_damage=float(oracle.mean()),
@@ -171,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    from utils.config import eval_targets
     from utils.data import load_blocks
     from utils.evaluation import load_policy_eval
 
@@ -187,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
             probe_idx = acts.tags.index(a.probe)
         need(probe_idx != acts.dense_idx, "the probe action is the dense action: nothing to measure")
-        targets = (a.tgt_keep if a.tgt_keep is not None else cfg.C_target,
-                   a.tgt_prune_keep if a.tgt_prune_keep is not None else cfg.C_target_prune,
-                   (a.tgt_quant_bits if a.tgt_quant_bits is not None else cfg.C_target_quant_bits) / 16.0)
+        keep, prune, bits = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
+        targets = (keep, prune, bits / 16.0)
         blocks = torch.as_tensor(load_blocks(cfg, lm.tokenizer, a.split)[: a.blocks].copy())
         with torch.inference_mode():
             rep = placement_report(lm, policy, blocks, cfg.context_len, targets, a.batch_size, probe_idx,
