@@ -1,6 +1,8 @@
-"""lm-evaluation-harness adapter: an `lm_eval` `LM` whose log-likelihoods and generations run through the
-SOL streaming runtime (`utils/runtime.py`), so every continuation token is one controlled decode step
+"""lm-evaluation-harness adapter: an `lm_eval` `TemplateLM` whose log-likelihoods and generations run through
+the SOL streaming runtime (`utils/runtime.py`), so every continuation token is one controlled decode step
 under the policy, the fixed baseline or the dense model, with dense episode replay every `episode_len`.
+lm-eval's `TemplateLM` does the request plumbing (`loglikelihood` → `_loglikelihood_tokens`, the empty-context
+rule, moving trailing context whitespace into the continuation); what is ours is below.
 
 Choices:
 * Tokenisation. `loglikelihood` tokenises context + continuation *jointly* (trailing context whitespace
@@ -12,7 +14,7 @@ Choices:
   context (lm-eval's HF model would score a span that starts inside the context). The reference always
   tokenises the two separately. No special tokens are added, except a BOS when the tokenizer itself adds
   one to plain text. An empty context becomes the prefix token (BOS if the tokenizer has one, else
-  EOS), as in lm-eval's HF model.
+  EOS), by `TemplateLM`'s rule.
 * Truncation. Each context is left-truncated so that it and its own continuation fit the model's
   `max_position_embeddings` (or `max_length`); a continuation longer than that is an error.
 * `loglikelihood_rolling` uses lm-eval's own rolling windows (prefix token, disjoint windows of
@@ -43,7 +45,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from lm_eval import utils as lm_utils
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from utils.cli import SOLError
@@ -60,7 +62,7 @@ class TaskNameError(SOLError, ValueError):
     """Unknown lm-eval task name (one-line message with close matches)."""
 
 
-class SOLHarnessLM(LM):
+class SOLHarnessLM(TemplateLM):
     """An lm-eval model over a ControlledLM and one scheduler (None = plain dense steps, actions=None).
 
     One scheduler instance serves every request; the runtime calls its `start()` at each episode, so a
@@ -104,8 +106,10 @@ class SOLHarnessLM(LM):
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
-    def tok_encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+    def tok_encode(self, text: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids of `text` without special tokens (a BOS is added by `_encode_pair` when the tokenizer
+        adds one to plain text)."""
+        return list(self.tokenizer(text, add_special_tokens=bool(add_special_tokens)).input_ids)
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -114,9 +118,16 @@ class SOLHarnessLM(LM):
         return [self.tokenizer.bos_token_id] if self._add_bos else []
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) by joint tokenisation, split at the common prefix (see module doc)."""
+        """The (context ids, continuation ids) `loglikelihood` scores for one request: `TemplateLM`'s rule for an
+        empty context, else `_encode_pair`."""
         if context == "":
-            return [self.prefix_token_id], self.tok_encode(continuation)
+            cont = self.tok_encode(continuation)
+            return ([self.prefix_token_id], cont) if not cont or cont[0] != self.prefix_token_id else (cont[:1], cont[1:])
+        return self._encode_pair(context, continuation)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) of a non-empty context by joint tokenisation, split at the common
+        prefix; the continuation alone when a token straddles the boundary (see module doc)."""
         n_space = len(context) - len(context.rstrip())
         if n_space:
             context, continuation = context[:-n_space], context[-n_space:] + continuation
@@ -142,15 +153,16 @@ class SOLHarnessLM(LM):
         """Σ log p(cont | ctx) through the runtime (records usage)."""
         return self.score_batch(ctx, [cont])[0]
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        requests = list(requests)
-        rows = []
-        for req in requests:
-            ctx, cont = self.encode_pair(*req.args)
-            rows.append((self._truncate(ctx, cont) if cont else ctx, cont))
+    def loglikelihood(self, requests, disable_tqdm: bool | None = None) -> list[tuple[float, bool]]:
+        return super().loglikelihood(list(requests), disable_tqdm=not self.progress if disable_tqdm is None
+                                     else disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Score tokenised requests `((context, continuation), context ids, continuation ids)` in batches of
+        rows with equal context lengths (`plan_batches`), each context left-truncated to fit."""
+        rows = [(self._truncate(ctx, cont) if cont else ctx, cont) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc=f"{self.name} loglikelihood", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(requests), desc=f"{self.name} loglikelihood", disable=disable_tqdm, dynamic_ncols=True)
         for i, (_, cont) in enumerate(rows):
             if not cont:  # nothing to score
                 out[i] = (0.0, True)
@@ -163,8 +175,8 @@ class SOLHarnessLM(LM):
                 out[i] = (logp, greedy)
             bar.update(len(batch))
         bar.close()
-        for req, r in zip(requests, out):
-            self.cache_hook.add_partial("loglikelihood", req.args, r)
+        for (args, _, _), r in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", args, r)
         return out
 
     def score_batch(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
@@ -187,7 +199,7 @@ class SOLHarnessLM(LM):
             token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
             max_seq_len=self.max_length, context_len=1)]
 
-    def loglikelihood_rolling(self, requests) -> list[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for req in self._bar(list(requests), "loglikelihood_rolling"):
             (text,) = req.args
@@ -196,7 +208,7 @@ class SOLHarnessLM(LM):
             out.append(total)
         return out
 
-    def generate_until(self, requests) -> list[str]:
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
         for req in self._bar(list(requests), "generate_until"):
             context, gen_kwargs = req.args
