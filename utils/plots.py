@@ -44,6 +44,11 @@ class PlotError(SOLError, ValueError):
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a results CSV as strings, refusing a damaged file with its line number.
+
+    The csv module, not pandas: `pandas.read_csv` fills the missing fields of a short row (what a full disk
+    leaves behind a non-atomic writer) with empty strings or NaN, indistinguishable from empty cells, so it
+    cannot tell a damaged row from a sparse one."""
     p = Path(path)
     if not p.is_file():
         raise PlotError(f"CSV not found: {path}")
