@@ -46,7 +46,7 @@ import torch
 
 from utils.cli import OneLineErrorParser, SOLError, check_output_file, need
 from utils.damage_map import collect, load_damage_map
-from utils.placement import cheapest_action
+from utils.placement import probe_action
 from utils.probe_fit import FEATURE_SETS, probe_report
 from utils.probe_scheduler import schedule_eval
 
@@ -106,12 +106,7 @@ def _collect(a: argparse.Namespace) -> None:
     model, tok = load_lm(cfg.model_name, cfg.dtype, default_device(cfg))
     lm = ControlledLM.from_config(cfg, model, tok)
     acts = lm.actions
-    if a.probe is None:
-        probe_idx = cheapest_action(acts)
-    else:
-        need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
-        probe_idx = acts.tags.index(a.probe)
-    need(probe_idx != acts.dense_idx, "the probe action is the dense action: nothing to measure")
+    probe_idx = probe_action(acts, a.probe)
     blocks = torch.as_tensor(load_blocks(cfg, tok, a.split)[: a.blocks].copy())
     with torch.inference_mode():
         data = collect(lm, blocks, cfg.context_len, a.batch_size, probe_idx,

@@ -83,6 +83,18 @@ def cheapest_action(actions) -> int:
     return int((actions.keep + actions.prune / actions.prune_max + actions.bits.float() / 16.0).argmin())
 
 
+def probe_action(actions, tag: str | None) -> int:
+    """Index of the `--probe` action `tag` (None: the cheapest); one-line errors for a tag not in the grid
+    or the dense action, which has nothing to measure."""
+    if tag is None:
+        idx = cheapest_action(actions)
+    else:
+        need(tag in actions.tags, f"--probe {tag!r} is not an action of this grid: {', '.join(actions.tags)}")
+        idx = actions.tags.index(tag)
+    need(idx != actions.dense_idx, "the probe action is the dense action: nothing to measure")
+    return idx
+
+
 @dataclass
 class PlacementReport:
     n_sequences: int
@@ -171,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         check_output_file("--json", a.json_path)
         cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, trust=a.trust_checkpoint)
-        acts = lm.actions
-        if a.probe is None:
-            probe_idx = cheapest_action(acts)
-        else:
-            need(a.probe in acts.tags, f"--probe {a.probe!r} is not an action of this grid: {', '.join(acts.tags)}")
-            probe_idx = acts.tags.index(a.probe)
-        need(probe_idx != acts.dense_idx, "the probe action is the dense action: nothing to measure")
+        probe_idx = probe_action(lm.actions, a.probe)
         keep, prune, bits = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         targets = (keep, prune, bits / 16.0)
         blocks = torch.as_tensor(load_blocks(cfg, lm.tokenizer, a.split)[: a.blocks].copy())

@@ -66,6 +66,16 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
+def _save(fig, out: str | Path, **kw) -> Path:
+    """Lay out, write (creating the directory) and close a figure; returns the path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, **kw)
+    plt.close(fig)
+    return out
+
+
 def _num(s: str | None) -> float | None:
     if s is None or s.strip() == "":
         return None
@@ -137,12 +147,7 @@ def plot_pareto(rows: list[dict[str, str]], out: str | Path, title: str | None =
     ax.set_title(title or f"Quality vs efficiency: Pareto fronts ({sub})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 ADHERENCE_AXES = (
@@ -181,12 +186,7 @@ def plot_adherence(rows: list[dict[str, str]], out: str | Path, title: str | Non
         plt.close(fig)
         raise PlotError("no row has both a requested target and a policy usage")
     fig.suptitle(title or f"Budget adherence of the policy ({len(rows)} target points)", fontsize=11)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -261,10 +261,7 @@ def plot_curve(records: list[dict], out: str | Path, title: str | None = None, w
     bottom[2].set(xlabel="update", title="dev placement: spends where cheap steps hurt?", ylim=(-1.05, 1.05),
                   ylabel="correlation")
     fig.suptitle(title or "training curve")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out, dpi=120)
 
 
 def _cell(row: dict[str, str], col: str, fmt: str = "{:.2f}") -> str:
