@@ -7,7 +7,7 @@
 
 Every continuation token is scored by one controlled decode step (policy / fixed / dense actions) after a
 dense prefill of the context, with a dense episode replay every `--episode_len` tokens (utils/runtime.py,
-utils/lm_eval_adapter.py). Flow (reference §3.2): the policy at the requested targets; with
+utils/lm_eval_adapter.py). Flow (as the reference repository's downstream evaluation): the policy at the requested targets; with
 `--fixed_from_policy` the fixed baseline (content-blind two-level dither) matched to the policy's global
 realised averages (κ̄, ρ̄/P_MAX, bits/16 over all effective steps); with `--dense_baseline` also the dense
 model (added beside the other blocks, the reference dropped the fixed block). With the fixed baseline, the
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         except TaskNameError as e:
             raise UsageError(str(e)) from None
         _quiet_lm_eval()
-        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint)
+        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution)
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
         lm = b.lm
         common = dict(batch_size=a.batch_size, max_gen_toks=a.max_gen_toks, progress=not a.no_progress, seed=a.seed)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 _write_json(a.export_sparsity_json, out)
 
         print(f"checkpoint {b.ckpt_path}  model {b.cfg.model_name}  tasks {','.join(tasks)}  episode_len {E}  "
-              f"limit {a.limit}  num_fewshot {a.num_fewshot}", flush=True)
+              f"limit {a.limit}  num_fewshot {a.num_fewshot}  execution {a.execution}", flush=True)
         if a.only_dense:
             h = harness("dense", (1.0, 1.0, 1.0))
             _, acc, sec = run_harness(h, tasks, tm, a)

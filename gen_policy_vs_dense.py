@@ -8,6 +8,8 @@ the policy continuation picks an action per token (KV cache, dense episode repla
 tokens, utils/runtime.py). Prints both continuations with their character counts, the mean per-token
 log-prob of each continuation under the dense model (one dense forward each, on the generated token ids),
 and the policy's achieved token keep, prune keep and quant ratio (averages over effective steps).
+Also prints the decode speed of both continuations (tokens/s after the prompt prefill; the policy's includes
+its network and the dense replays; both run in the same --execution mode).
 Generation stops after --generation_tokens tokens or at the tokenizer's EOS token.
 """
 from __future__ import annotations
@@ -52,6 +54,11 @@ def _mean_logprob(lm, prompt_ids: list[int], ids: list[int]) -> float:
     return float(dense_token_logprobs(lm, prompt_ids, ids).mean())
 
 
+def _tokens_per_s(n_tokens: int, seconds: float) -> float:
+    """Generated tokens per second of decoding (nan when nothing was timed)."""
+    return n_tokens / seconds if seconds > 0 else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         random.seed(a.seed)
         np.random.seed(a.seed)
         torch.manual_seed(a.seed)
-        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint)
+        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution)
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -78,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     sample = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
 
     print(f"checkpoint {b.ckpt_path}  model {b.cfg.model_name}  episode_len {E}  targets: keep {budgets[0]:.3f}  "
-          f"prune_keep {budgets[1]:.3f}  quant_bits {16 * budgets[2]:.2f}  policy {'greedy' if a.greedy_policy else 'sampled'}")
+          f"prune_keep {budgets[1]:.3f}  quant_bits {16 * budgets[2]:.2f}  policy {'greedy' if a.greedy_policy else 'sampled'}"
+          f"  execution {a.execution}")
     print(f"\nPrompt: {a.input_sentence}")
 
     gen = torch.Generator(device=lm.device).manual_seed(a.seed)
-    dense_ids, _ = generate(lm, make_scheduler("plain", lm), prompt_ids, max_new, (1.0, 1.0, 1.0), E,
-                            generator=gen, stop_ids=stop_ids, **sample)
+    dense_ids, dense_stats = generate(lm, make_scheduler("plain", lm), prompt_ids, max_new, (1.0, 1.0, 1.0), E,
+                                      generator=gen, stop_ids=stop_ids, **sample)
     dense_text = tok.decode(dense_ids, skip_special_tokens=True)
     print(f"\nDense continuation:\n{dense_text}\n[chars: {len(dense_text)}]")
 
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Realised attention keep: {100 * s['attn_keep_realised_eff']:.1f}%  channel keep: "
           f"{100 * s['channel_keep_realised_eff']:.1f}%  FLOPs: {s['flops_ratio']:.3f}x dense  "
           f"steps: {s['n_steps']} ({s['effective_steps']} effective, {s['dense_refreshes']} dense replays)")
+    print(f"Tokens/s -> policy: {_tokens_per_s(len(pol_ids), stats.decode_seconds):.1f}, "
+          f"dense: {_tokens_per_s(len(dense_ids), dense_stats.decode_seconds):.1f}")
     return 0
 
 

@@ -33,12 +33,17 @@ def is_effective(kv_len: int, Ts: int, Tw: int) -> bool:
 def recency_keep(kv_len: int, kappa: torch.Tensor, Ts: int, Tw: int) -> torch.Tensor:
     """[B, K] mask: Ts sinks, then the current token, Tw window tokens and ceil(κ·old) most recent others."""
     pos = torch.arange(kv_len, device=kappa.device)
-    thr = Ts + Tw + 1
-    if kv_len <= thr:
+    if kv_len <= Ts + Tw + 1:
         return torch.ones(kappa.shape[0], kv_len, dtype=torch.bool, device=kappa.device)
-    n_extra = ceil_count(kappa, kv_len - thr)
-    start = torch.clamp(kv_len - (Tw + 1 + n_extra), min=Ts)  # [B]
+    start = recency_start(kv_len, kappa, Ts, Tw)
     return (pos[None, :] < Ts) | (pos[None, :] >= start[:, None])
+
+
+def recency_start(kv_len: int, kappa: torch.Tensor, Ts: int, Tw: int) -> torch.Tensor:
+    """[B] first position of each row's recent span (>= Ts): recency keeps [0, Ts) and [start, kv_len).
+    Only meaningful when kv_len > Ts + Tw + 1 (`is_effective`)."""
+    n_extra = ceil_count(kappa, kv_len - (Ts + Tw + 1))
+    return torch.clamp(kv_len - (Tw + 1 + n_extra), min=Ts)
 
 
 def protected_positions(kv_len: int, Ts: int, n_recent: int, device: torch.device) -> torch.Tensor:
@@ -151,19 +156,26 @@ def quest_keep(
     the Tw window tokens and the current token are always kept as well. `bounds`: the keys' page max/min if
     already known (`GrowableLayer.page_bounds`), else computed here.
     """
-    B, Hq, _ = query.shape
     K = keys.shape[2]
     kmax, kmin = bounds if bounds is not None else quest_page_bounds(keys, page)
+    keep_pages = quest_select_pages(query, K, kappa, page, kmax, kmin, kappa_levels)
+    keep = keep_pages.repeat_interleave(page, dim=-1)[..., :K]
+    if keep_sink_window:
+        keep = keep | protected_positions(K, Ts, Tw + 1, keys.device)
+    return keep
+
+
+def quest_select_pages(query: torch.Tensor, K: int, kappa: torch.Tensor, page: int, kmax: torch.Tensor,
+                       kmin: torch.Tensor, kappa_levels: Sequence[float] | None = None) -> torch.Tensor:
+    """[B, Hq, P] mask of the pages each query head keeps: the top ceil(ceil(κ·K)/page) by Quest bound
+    (ties kept), from the page max/min [B, Hkv, P, D] of a cache of K keys. `quest_keep` expands it to tokens."""
     scores = quest_page_scores(query, kmax, kmin)  # [B, Hq, P]
     n_pages = scores.shape[-1]
+
     def n_keep_pages(frac: torch.Tensor) -> torch.Tensor:
         budget = ceil_count(frac, K).clamp(1, K)
         return torch.ceil(budget.double() / page).long().clamp(max=n_pages)
 
     all_pages = torch.ones_like(scores, dtype=torch.bool)
-    keep_pages = topk_by_threshold(scores, all_pages, n_keep_pages(kappa)[:, None],
-                                   count_choices(kappa_levels, n_keep_pages))
-    keep = keep_pages.repeat_interleave(page, dim=-1)[..., :K]
-    if keep_sink_window:
-        keep = keep | protected_positions(K, Ts, Tw + 1, keys.device)
-    return keep
+    return topk_by_threshold(scores, all_pages, n_keep_pages(kappa)[:, None],
+                             count_choices(kappa_levels, n_keep_pages))

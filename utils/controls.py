@@ -6,6 +6,8 @@
   single-token decode step it computes QKᵀ once, masks the keys each row/head may not see and finishes
   with softmax·V, so relevancy ranks the very logits it then uses.
 * MLP: a forward pre-hook prunes the MLP input channels, a forward hook fake-quantizes the MLP output.
+* `execution="gathered"` computes the same decode step from the kept keys and channels only (utils/gathered.py):
+  the MLP forward is replaced by an input-major gather-GEMV, the attention gathers the kept keys.
 
 One `Controls` object per model holds the per-row settings of the current step and accumulates the
 realised usage (keys attended, channels kept) over layers, as tensors, without host syncs.
@@ -20,7 +22,11 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from utils.attention import CRITERIA, quest_keep, recency_keep, relevancy_keep
+from utils import gathered
+from utils.attention import (
+    CRITERIA, ceil_count, protected_positions, quest_keep, quest_page_bounds, quest_select_pages, recency_keep,
+    recency_start, relevancy_keep, topk_by_threshold,
+)
 from utils.mlp_controls import fake_quantize, prune_channels
 
 ATTN_IMPL = "sol"
@@ -53,8 +59,7 @@ def decode_attention(query, key, value, attention_mask, scaling, keep_fn, padded
     Hkv, K = key.shape[1], key.shape[2]
     g = Hq // Hkv
     q = query[:, :, 0]
-    kmat = key if padded is None else padded[0]
-    logits = (q.reshape(B, Hkv, g, D) @ kmat.transpose(-1, -2)).reshape(B, Hq, -1)[..., :K] * scaling
+    logits = decode_logits(query, key, scaling, padded)
     keep = torch.ones(1, 1, K, dtype=torch.bool, device=q.device) if keep_fn is None else keep_fn(q, key, logits)
     if attention_mask is not None:
         allowed = attention_mask[:, :, -1, :K]
@@ -69,6 +74,23 @@ def decode_attention(query, key, value, attention_mask, scaling, keep_fn, padded
         full[..., :K] = probs
         out = full.reshape(B, Hkv, g, -1) @ vbuf
     return out.reshape(B, 1, Hq, D), keep
+
+
+def decode_logits(query, key, scaling, padded=None) -> torch.Tensor:
+    """Scaled logits [B, Hq, K] of one query token [B, Hq, 1, D] against keys [B, Hkv, K, D] (GQA groups
+    shared; `padded` as in `decode_attention`)."""
+    B, Hq, _, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    kmat = key if padded is None else padded[0]
+    return (query[:, :, 0].reshape(B, Hkv, Hq // Hkv, D) @ kmat.transpose(-1, -2)).reshape(B, Hq, -1)[..., :K] * scaling
+
+
+def _allowed(attention_mask, K: int) -> torch.Tensor | None:
+    """[B, 1, K] bool: the keys the attention mask lets the current (last) query see; None = all."""
+    if attention_mask is None:
+        return None
+    allowed = attention_mask[:, :, -1, :K]
+    return allowed if allowed.dtype == torch.bool else allowed == 0
 
 
 AttentionInterface.register(ATTN_IMPL, _sol_attention)
@@ -90,11 +112,20 @@ class Controls:
         quant_enabled: bool = True,
         keep_levels: Sequence[float] | None = None,
         prune_levels: Sequence[float] | None = None,
+        execution: str = "simulated",
     ) -> None:
         """`keep_levels` / `prune_levels`: every κ / ρ a row can be given (the action grid's values); they
-        let top-k selections use one O(n) selection per level instead of a sort (see topk_by_threshold)."""
+        let top-k selections use one O(n) selection per level instead of a sort (see topk_by_threshold).
+        `execution`: "simulated" (dense math, then masks: the reference) or "gathered" (utils/gathered.py)."""
+        self.execution = gathered.check_execution(execution)
         if criteria not in CRITERIA:
             raise ValueError(f"unknown sparsity_criteria {criteria!r}; expected one of {CRITERIA}")
+        # gathered MLP: gather-GEMV while the rows' kept channels add up to at most `gather_limit` dense passes
+        # (each row reads its own weight rows; a masked dense product reads the matrix once for the whole
+        # batch), else the masked dense product; both exact. Tunable: on the 2-core CPU the fp32 embedding
+        # bag streams at ~0.7x the dense GEMV's bandwidth, so its break-even there is below ρ = 1.
+        self.gather_limit = 1.0
+        self.kv_read_sum = 0.0
         self.criteria, self.Ts, self.Tw, self.page_size = criteria, Ts, Tw, page_size
         self.relevancy_tier, self.quest_keep_sink_window = relevancy_tier, quest_keep_sink_window
         self.prune_enabled, self.quant_enabled = prune_enabled, quant_enabled
@@ -118,6 +149,23 @@ class Controls:
         self._recency = recency_keep(kv_len, kappa, self.Ts, self.Tw) if self.criteria == "recency" else None
         self.key_frac_sum = torch.zeros(kappa.shape[0], device=kappa.device)
         self.channel_sum = torch.zeros(kappa.shape[0], device=kappa.device)
+        # gathered only: fraction of the cache's key and value bytes each layer read, summed over layers
+        # (kept past `clear`, for benchmarks: the physical bound of the step)
+        self.kv_read_sum = 0.0
+        if self.execution == "gathered":
+            self._plan_gathered(kappa, rho, kv_len)
+
+    def _plan_gathered(self, kappa: torch.Tensor, rho: torch.Tensor, kv_len: int) -> None:
+        """What the gathered kernels need on the host, once per step (not once per layer): the κ values and
+        channel counts present in the batch (selections then run one threshold per present level) and the
+        recency spans."""
+        self._kappa_present = sorted(set(kappa.tolist()))
+        self._ch_plan = None  # (width, counts [B], present counts, total): set by the first MLP call
+        if self.criteria == "recency":
+            start = recency_start(kv_len, kappa, self.Ts, self.Tw)
+            self._rec_lo = int(start.min())
+            self._rec_start = None if bool((start == self._rec_lo).all()) else start
+            self._rec_frac = self._recency.float().mean(-1)
 
     def token_keep(self, q: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor,
                    layer_idx: int | None = None) -> torch.Tensor:
@@ -126,19 +174,87 @@ class Controls:
             return self._recency[:, None, :]
         if self.criteria == "relevancy":
             return relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier, self.keep_levels)
-        bounds = None
-        layers = getattr(self.cache, "layers", None)
-        if layers is not None and layer_idx is not None and hasattr(layers[layer_idx], "page_bounds") \
-                and layers[layer_idx].keys is keys:
-            bounds = layers[layer_idx].page_bounds(self.page_size)
+        bounds = self._page_bounds(keys, layer_idx)
         return quest_keep(q, keys, self.kappa, self.page_size, self.quest_keep_sink_window, self.Ts, self.Tw,
                           self.keep_levels, bounds)
 
+    def _page_bounds(self, keys: torch.Tensor, layer_idx: int | None):
+        """The cache layer's incrementally kept page max/min for `keys`, or None (then computed from keys)."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is not None and layer_idx is not None and hasattr(layers[layer_idx], "page_bounds") \
+                and layers[layer_idx].keys is keys:
+            return layers[layer_idx].page_bounds(self.page_size)
+        return None
+
     def sparse_decode_attention(self, query, key, value, attention_mask, scaling, layer_idx=None, padded=None):
+        if self.execution == "gathered":
+            return self.gathered_decode_attention(query, key, value, attention_mask, scaling, layer_idx, padded)
         out, keep = decode_attention(query, key, value, attention_mask, scaling,
                                      lambda q, k, logits: self.token_keep(q, k, logits, layer_idx), padded)
         self.key_frac_sum += keep.float().mean(dim=(1, 2))
         return out, None
+
+    def gathered_decode_attention(self, query, key, value, attention_mask, scaling, layer_idx=None, padded=None):
+        """The controlled decode attention of `execution="gathered"`: same kept keys as
+        `sparse_decode_attention`, only those read (utils/gathered.py)."""
+        B, Hq, _, _ = query.shape
+        K = key.shape[2]
+        allowed = _allowed(attention_mask, K)
+        if self.criteria == "recency":
+            out = gathered.recency_attention(query, key, value, scaling, self.Ts, self._rec_lo, self._rec_start,
+                                             allowed)
+            self.kv_read_sum += (K if self._rec_lo <= self.Ts else self.Ts + K - self._rec_lo) / K
+            if allowed is None:
+                self.key_frac_sum += self._rec_frac
+            else:
+                self.key_frac_sum += (self._recency[:, None, :] & allowed).expand(B, Hq, K).float().mean(dim=(1, 2))
+        elif self.criteria == "relevancy":
+            logits = decode_logits(query, key, scaling, padded)
+            keep = relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier, self._kappa_present)
+            if allowed is not None:
+                keep = keep & allowed
+            out, n_read = gathered.relevancy_attention(logits, keep, value)
+            self.kv_read_sum += 0.5 + 0.5 * n_read / K  # every key, the kept values
+            self.key_frac_sum += keep.float().mean(dim=(1, 2))
+        else:
+            bounds = self._page_bounds(key, layer_idx) or quest_page_bounds(key, self.page_size)
+            pages = quest_select_pages(query[:, :, 0], K, self.kappa, self.page_size, *bounds, self._kappa_present)
+            prot = protected_positions(K, self.Ts, self.Tw + 1, key.device) if self.quest_keep_sink_window else None
+            out, kept, n_read = gathered.quest_attention(query, key, value, scaling, pages, self.page_size, prot,
+                                                         allowed)
+            self.key_frac_sum += kept / (Hq * K)
+            self.kv_read_sum += n_read / K + 1 / self.page_size  # the kept pages and every page's key max/min
+        return out, None
+
+    def gate_up(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None) -> torch.Tensor:
+        """gate/up pre-activations [B, T, 2I] of x [B, T, D] with each row's input channels pruned exactly as
+        `prune_channels` does, computed from the kept rows of the input-major `w_in` (a gather-GEMV) when that
+        reads less than a dense product; counts the kept channels."""
+        B, T, D = x.shape
+        if self._ch_plan is None or self._ch_plan[0] != D:  # once per step: the channel counts on the host
+            count = ceil_count(self.rho, D).clamp(1, D)
+            host = count.tolist()
+            self._ch_plan = (D, count, sorted(set(host)), sum(host))
+        _, count, choices, total = self._ch_plan
+        if choices[0] >= D:  # every row keeps every channel
+            self.channel_sum += D
+            gu = x @ w_in
+            return gu if b_in is None else gu + b_in
+        gather = T == 1 and total <= self.gather_limit * D
+        if gather and B == 1:  # the fast path: `topk_by_threshold` of one row with a known count, in few ops
+            row = x.reshape(D)
+            score = row.detach().abs()
+            idx = torch.nonzero(score >= score.kthvalue(D - choices[0] + 1).values).flatten()  # ties kept
+            self.channel_sum += idx.shape[0]
+            return gathered.gather_gemv(row, idx, w_in, b_in, gathered.default_bags(x.device)).view(1, 1, -1)
+        score = x.detach().abs().amax(dim=1).float()
+        keep = topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, choices)
+        self.channel_sum += keep.sum(-1)
+        if gather:
+            return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, gathered.default_bags(x.device))[:, None]
+        # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes
+        gu = (x * keep[:, None].to(x.dtype)) @ w_in
+        return gu if b_in is None else gu + b_in
 
     def mlp_pre_hook(self, module: nn.Module, args):
         if not (self.active and self.prune_enabled):
@@ -162,7 +278,10 @@ def install_controls(model: nn.Module, controls: Controls) -> Controls:
     for m in attn:
         m._sol_controls = controls
     for m in mlps:
-        m.register_forward_pre_hook(controls.mlp_pre_hook)
+        if controls.execution == "gathered":
+            gathered.install_gathered_mlp(m, controls)  # prunes inside its forward
+        else:
+            m.register_forward_pre_hook(controls.mlp_pre_hook)
         m.register_forward_hook(controls.mlp_post_hook)
     model.set_attn_implementation(ATTN_IMPL)
     return controls

@@ -1,4 +1,5 @@
-"""Teacher-forced perplexity evaluation of several schedulers on the same blocks (reference §2, SPEC §8).
+"""Teacher-forced perplexity evaluation of several schedulers on the same blocks, as the reference
+repository evaluates (akhauriyash/SOL).
 
 Every batch is prefilled densely ONCE (`prefill_blocks`) and every method decodes from a clone of that
 prefill with `run_episode`, so all methods score exactly the same positions with the same code path; only
@@ -365,16 +366,21 @@ def append_csv_row(path: str, row: Mapping[str, str], columns: Sequence[str] = P
 # ---------------------------------------------------------------------------------------------------------
 
 def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str, object] | None = None,
-                     device: str | None = None, trust: bool = False):
+                     device: str | None = None, trust: bool = False, execution: str = "simulated"):
     """(cfg, ControlledLM, SOLPolicy in eval mode) from a training checkpoint and its stored config.
 
     `overrides` replace config fields (e.g. dataset_name); `device` None resolves the config's `device`
-    (auto = CUDA when available); `trust` reads old pickled checkpoints (`utils.checkpoint.read_pt`). Raises CheckpointError / ConfigError / ModelLoadError with one-line messages.
+    (auto = CUDA when available); `trust` reads old pickled checkpoints (`utils.checkpoint.read_pt`);
+    `execution`: "simulated" or "gathered" (see ControlledLM). Raises CheckpointError / ConfigError /
+    ModelLoadError / ExecutionError with one-line messages.
     """
     from utils.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
     from utils.config import default_device
+    from utils.gathered import check_execution
     from utils.model import load_lm
     from utils.policy import SOLPolicy
+
+    check_execution(execution)  # before anything is loaded
 
     ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
     cfg = checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if v is not None})
@@ -382,7 +388,7 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"device {dev} requested but CUDA is not available on this machine")
     model, tok = load_lm(cfg.model_name, cfg.dtype, dev)
-    lm = ControlledLM.from_config(cfg, model, tok)
+    lm = ControlledLM.from_config(cfg, model, tok, execution)
     policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.get_input_embeddings().embedding_dim,
                                    lm.actions)
     try:

@@ -45,17 +45,25 @@ class StepOutput:
 
 
 class ControlledLM:
-    """A frozen Llama with per-row efficiency controls installed."""
+    """A frozen Llama with per-row efficiency controls installed.
+
+    `execution`: "simulated" (default; the reference: dense math, then keys masked and channels zeroed) or
+    "gathered" (inference: controlled decode steps read only the kept keys and MLP input channels,
+    utils/gathered.py; same schedulers, same selections, same logits up to float rounding). Chosen at load:
+    "gathered" lays the MLP gate/up weights out input-major in place.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, actions: ActionSpace, criteria: str = "recency",
                  Ts: int = 4, Tw: int = 1, page_size: int = 16, relevancy_tier: str = "per_head",
-                 quest_keep_sink_window: bool = False) -> None:
+                 quest_keep_sink_window: bool = False, execution: str = "simulated") -> None:
         self.model, self.tokenizer, self.actions = model, tokenizer, actions
         self.Ts, self.Tw = Ts, Tw
+        self.execution = execution
         self.controls = install_controls(model, Controls(
             criteria, Ts, Tw, page_size, relevancy_tier, quest_keep_sink_window,
             prune_enabled=actions.has_prune, quant_enabled=actions.has_quant,
-            keep_levels=actions.keep_values + (1.0,), prune_levels=actions.prune_values + (1.0,)))
+            keep_levels=actions.keep_values + (1.0,), prune_levels=actions.prune_values + (1.0,),
+            execution=execution))
         c = model.config
         self.n_layers, self.hidden_size, self.vocab_size = c.num_hidden_layers, c.hidden_size, c.vocab_size
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -64,9 +72,9 @@ class ControlledLM:
         self._act_tables = tuple(t.to(self.device) for t in (actions.keep, actions.prune, actions.bits))
 
     @classmethod
-    def from_config(cls, cfg, model: nn.Module, tokenizer) -> "ControlledLM":
+    def from_config(cls, cfg, model: nn.Module, tokenizer, execution: str = "simulated") -> "ControlledLM":
         return cls(model, tokenizer, ActionSpace.from_config(cfg), cfg.sparsity_criteria, cfg.Ts, cfg.Tw,
-                   cfg.quest_page_size, cfg.relevancy_tier, cfg.quest_keep_sink_window)
+                   cfg.quest_page_size, cfg.relevancy_tier, cfg.quest_keep_sink_window, execution)
 
     # ---- model calls --------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Streaming runtime: score a continuation, or generate text, one controlled decode step per token.
 
 Built on the same single-step API (`ControlledLM.step`) and `Scheduler` interface as the episode engine,
-so the policy, the fixed baseline and the dense model all go through one code path. Protocol (reference
-`policy_runtime.py`, with SPEC §9.5):
+so the policy, the fixed baseline and the dense model all go through one code path. Protocol (the reference
+repository's `policy_runtime.py`, with the fixes listed in docs/deviations.md):
 
 1. dense prefill of `context[:-1]`; the last context token is the first *controlled* token, so the first
    continuation token is already predicted under a scheduled action;
@@ -26,6 +26,7 @@ budget/target arguments the CLIs share.
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +38,7 @@ from transformers import DynamicCache
 from utils.attention import is_effective
 from utils.cli import MAX_BITS, TRUST_HELP, SOLError, check_finite, check_targets
 from utils.engine import Scheduler, StepObs, step_scalars
+from utils.gathered import EXECUTIONS
 from utils.lm import ControlledLM
 
 _USAGE_LISTS = ("keep", "prune", "qratio", "attn_keep", "channel_keep", "flops")
@@ -64,6 +66,7 @@ class StreamStats:
     logp: list[float] = field(default_factory=list)  # log p(token) under the controlled LM
     refresh_steps: list[int] = field(default_factory=list)  # step indices preceded by a dense replay
     n_episodes: int = 0
+    decode_seconds: float = 0.0  # wall time after the prompt prefill (decode steps, scheduler, dense replays)
 
     @property
     def n_steps(self) -> int:
@@ -237,6 +240,7 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Se
     if max_steps <= 0:
         return stats
     cache, h, logits = _row_prefixes(lm, ctxs, memo)
+    t_start = time.perf_counter()
     ep_start = lm.clone_cache(cache) if max_steps > E else None  # dense cache before the episode
     ep_tokens: list[list[int]] = []
     x = [c[-1] for c in ctxs]
@@ -294,6 +298,9 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Se
                 done[r] = True
         ep_tokens.append(x)
         x, h, logits = ys, out.hidden, out.logits
+    seconds = time.perf_counter() - t_start
+    for s in stats:
+        s.decode_seconds = seconds
     return stats
 
 
@@ -404,13 +411,13 @@ class EvalBundle:
 
 
 def load_eval_bundle(ckpt_dir: str, mode: str = "latest", device: str | None = None,
-                     trust: bool = False) -> EvalBundle:
-    """The checkpoint's training config, the frozen LM wrapped as a ControlledLM and the policy (eval),
-    through the evaluators' shared loader (`utils.evaluation.load_policy_eval`)."""
+                     trust: bool = False, execution: str = "simulated") -> EvalBundle:
+    """The checkpoint's training config, the frozen LM wrapped as a ControlledLM (in `execution` mode) and
+    the policy (eval), through the evaluators' shared loader (`utils.evaluation.load_policy_eval`)."""
     from utils.checkpoint import find_checkpoint
     from utils.evaluation import load_policy_eval
 
-    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, device=device, trust=trust)
+    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, device=device, trust=trust, execution=execution)
     return EvalBundle(cfg, lm, policy, str(find_checkpoint(ckpt_dir, mode)))
 
 
@@ -462,6 +469,10 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tgt_quant_bits", type=float, default=None, help="bit-width target in [2, 16]")
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the checkpoint's device / auto)")
+    p.add_argument("--execution", choices=EXECUTIONS, default="simulated",
+                   help="simulated (default; the reference: dense math, then keys masked and MLP channels zeroed) "
+                        "or gathered (controlled decode steps read only the kept keys and MLP input channels: "
+                        "same actions, same logits up to float rounding, faster at batch 1 on CPU)")
 
 
 def check_policy_args(args) -> None:
@@ -481,11 +492,9 @@ def check_policy_args(args) -> None:
 
 def resolve_policy_settings(args, cfg) -> tuple[tuple[float, float, float], tuple[float, float, float], int]:
     """(budgets (κ, ρ, bits/16), biases, episode_len) from the CLI, else the checkpoint's eval_* / C_target*."""
-    keep = args.tgt_keep if args.tgt_keep is not None else (cfg.eval_C_tok if cfg.eval_C_tok is not None else cfg.C_target)
-    prune = args.tgt_prune_keep if args.tgt_prune_keep is not None else (
-        cfg.eval_C_pru if cfg.eval_C_pru is not None else cfg.C_target_prune)
-    bits = args.tgt_quant_bits if args.tgt_quant_bits is not None else (
-        cfg.eval_C_qbits if cfg.eval_C_qbits is not None else cfg.C_target_quant_bits)
+    from utils.config import eval_targets
+
+    keep, prune, bits = eval_targets(cfg, args.tgt_keep, args.tgt_prune_keep, args.tgt_quant_bits)
     biases = tuple(float(v if v is not None else d) for v, d in (
         (args.sparsity_bias, cfg.eval_sparsity_bias), (args.prune_bias, cfg.eval_prune_bias),
         (args.quant_bias, cfg.eval_quant_bias)))

@@ -1,0 +1,234 @@
+"""Gathered vs simulated execution (utils/gathered.py): what physically skipping the removed work buys.
+
+    python benchmarks/bench_gathered.py                                  # SmolLM2-135M, float32
+    python benchmarks/bench_gathered.py --model tiny --tokens 8 --prompt_lens 64 --e2e_prompt 16   # smoke run
+
+Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
+1. MLP gate+up alone, per layer, on the model's own weights (all layers in turn, so nothing stays in cache),
+   x random: the dense fused product x·W_in, the simulated mode's masked dense product, the gather kernel
+   alone (`gather_gemv`) and channel selection + gather (`Controls.gate_up`, what a controlled batch-1 step
+   runs), at ρ = 0.4/0.6/0.8.
+2. End-to-end decode tokens/s after an --e2e_prompt-token prompt, s40 (κ=1, ρ=0.4, 16 bits) on every step:
+   both executions, against plain dense steps (actions=None) and against the stock Hugging Face forward
+   (SDPA attention, DynamicCache) of an untouched copy of the model.
+3. Attention alone (ρ=1, 16 bits) at κ=0.25 with long prompts: recency, QUEST and relevancy, each execution
+   against its own dense steps (the gathered execution's dense steps differ too: gate and up run as one
+   input-major product).
+
+"bound" is the bytes a step must read relative to a dense step (weights incl. the LM head, plus the KV
+cache): what a perfect kernel would reach on a memory-bound CPU. For table 1 it is ρ; "KV read" is the
+fraction of the cache's bytes the gathered step read: for QUEST the gathered pages (the union over the query
+heads of a KV head) plus the page key max/min (1/page of the cache); for relevancy every key (all logits are
+needed to rank them) plus the kept values. Tokens/s count
+decode steps only (the prompt prefill is excluded). Run it alone: on 2 cores a second process distorts it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import gathered  # noqa: E402
+from utils.actions import ActionSpace  # noqa: E402
+from utils.attention import ceil_count, topk_by_threshold  # noqa: E402
+from utils.lm import _CACHE_KW, ControlledLM  # noqa: E402
+from utils.model import SMOLLM2_ALIAS, TINY_ALIAS, load_lm  # noqa: E402
+
+MODELS = {"tiny": TINY_ALIAS, "smollm2": SMOLLM2_ALIAS}
+SPACE = ActionSpace.build([0.25, 1.0], ["s40", "s60", "s80", "s100"], ["q16"])
+
+
+def median_time(fn, runs: int) -> float:
+    """Median seconds of fn() over `runs` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- bytes a decode step reads -----------------------------------------------------------------------
+def step_bytes(model, kv_len: int, gate_up_keep: float = 1.0, kv_read: float = 1.0) -> float:
+    """Bytes one batch-1 decode step reads: every Linear weight (gate/up scaled by `gate_up_keep`), the LM
+    head, and `kv_read` of the KV cache of kv_len tokens."""
+    c = model.config
+    es = next(model.parameters()).element_size()
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    H, I, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    attn = H * (c.num_attention_heads * D + 2 * c.num_key_value_heads * D) + c.num_attention_heads * D * H
+    weights = L * (attn + I * H + 2 * I * H * gate_up_keep) + c.vocab_size * H
+    kv = L * 2 * c.num_key_value_heads * kv_len * D
+    return es * (weights + kv * kv_read)
+
+
+# ---- table 1: the MLP gate+up product ---------------------------------------------------------------
+def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
+    """Per-layer µs of the gate+up product: dense, the simulated masked product, the gather kernel alone and
+    the controlled step's whole batch-1 path (`Controls.gate_up`: channel selection + gather)."""
+    mlps = [m for m in lm.model.modules() if hasattr(m, "_sol_w_in")]
+    H, ctl = lm.hidden_size, lm.controls
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 1, H, generator=gen).to(m._sol_w_in.dtype) for m in mlps]
+    bags = gathered.default_bags(lm.device)
+    per_layer = 1e6 / len(mlps)
+    rows = []
+    with torch.inference_mode():
+        dense = median_time(lambda: [x @ m._sol_w_in for x, m in zip(xs, mlps)], runs) * per_layer
+        for rho in (0.4, 0.6, 0.8):
+            count = ceil_count(torch.tensor([rho]), H).clamp(1, H)
+            keeps = []
+            for x in xs:
+                score = x[0].abs().float()
+                keeps.append(topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, count.tolist()))
+            masked = median_time(lambda: [(x * k.to(x.dtype)) @ m._sol_w_in for x, k, m in zip(xs, keeps, mlps)],
+                                 runs) * per_layer
+            idx = [k[0].nonzero().flatten() for k in keeps]
+            kernel = median_time(lambda: [gathered.gather_gemv(x.view(-1), i, m._sol_w_in, None, bags)
+                                          for x, i, m in zip(xs, idx, mlps)], runs) * per_layer
+
+            ctl.set(torch.ones(1), torch.tensor([rho]), torch.tensor([16]), 2 * (lm.Ts + lm.Tw + 1))
+            full = median_time(lambda: [ctl.gate_up(x, m._sol_w_in, None) for x, m in zip(xs, mlps)], runs) * per_layer
+            ctl.clear()
+            rows.append(f"| ρ={rho} | {dense:.1f} | {masked:.1f} | {kernel:.1f} | {full:.1f} | {full / dense:.2f} | "
+                        f"{count.item() / H:.2f} |")
+    head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer, median of {runs} runs over {len(mlps)} layers, "
+            f"{bags} bag(s) per row\n",
+            "| setting | dense x·W_in | masked dense (simulated) | gather kernel | select + gather | "
+            "select + gather × dense | bound |",
+            "|---|---|---|---|---|---|---|"]
+    return head + rows
+
+
+# ---- decode throughput -------------------------------------------------------------------------------
+def lm_tokens_per_s(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | None, runs: int):
+    """(decode tokens/s, the last step's usage, its KV bytes read per layer relative to dense (gathered
+    execution only, else 0)) of `tokens` greedy decode steps after a dense prefill of `prompt`."""
+    cache, _, logits = lm.prefill(prompt)
+    first = logits.argmax(-1)
+    acts = None if action is None else torch.tensor([action])
+    last = []
+
+    def go():
+        c = lm.clone_cache(cache, spare=tokens + 1)
+        tok = first
+        for _ in range(tokens):
+            out = lm.step(c, tok, acts)
+            tok = out.logits.argmax(-1)
+        last.append(out.usage)
+
+    tps = tokens / median_time(go, runs)
+    return tps, last[-1], lm.controls.kv_read_sum / lm.n_layers
+
+
+def hf_tokens_per_s(model, prompt: torch.Tensor, tokens: int, runs: int) -> float:
+    """Decode tokens/s of the stock Hugging Face forward (an untouched copy of the model)."""
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True)
+        cache0, first = getattr(out, _CACHE_KW), out.logits[:, -1].argmax(-1)
+
+        def go():
+            c, tok = copy.deepcopy(cache0), first
+            for _ in range(tokens):
+                o = model(input_ids=tok[:, None], use_cache=True, **{_CACHE_KW: c})
+                c, tok = getattr(o, _CACHE_KW), o.logits[:, -1].argmax(-1)
+
+        return tokens / median_time(go, runs)
+
+
+def make_lm(base, tok, criteria: str, execution: str, page: int) -> ControlledLM:
+    return ControlledLM(copy.deepcopy(base), tok, SPACE, criteria, Ts=4, Tw=2, page_size=page, execution=execution)
+
+
+def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int) -> list[str]:
+    s40 = SPACE.index(1.0, 0.4, 16)
+    P = prompt.shape[1]
+    dense_b = step_bytes(base, P + tokens // 2)
+    hf = hf_tokens_per_s(copy.deepcopy(base), prompt, tokens, runs)
+    rows, dense = [], None
+    for execution in ("simulated", "gathered"):
+        lm = make_lm(base, tok, "recency", execution, page)
+        d, _, _ = lm_tokens_per_s(lm, prompt, tokens, None, runs)
+        s, usage, _ = lm_tokens_per_s(lm, prompt, tokens, s40, runs)
+        dense = d if dense is None else dense
+        bound = step_bytes(base, P + tokens // 2, gate_up_keep=usage.channel_keep.item()) / dense_b
+        rows += [f"| dense steps | {execution} | {d:.1f} | {d / dense:.2f} | {d / hf:.2f} | 1.00 |",
+                 f"| s40 every step | {execution} | {s:.1f} | {s / dense:.2f} | {s / hf:.2f} | {bound:.2f} |"]
+        del lm
+    head = [f"\nEnd-to-end decode, prompt {P} tokens, {tokens} new tokens, median of {runs} runs\n",
+            "| method | execution | tokens/s | × dense (simulated) | × stock HF | bound |",
+            "|---|---|---|---|---|---|",
+            f"| stock HF forward (sdpa) | - | {hf:.1f} | {hf / dense:.2f} | 1.00 | 1.00 |"]
+    return head + rows
+
+
+def attention_table(base, tok, prompt_lens: list[int], tokens: int, runs: int, page: int) -> list[str]:
+    k25 = SPACE.index(0.25, 1.0, 16)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {P: torch.randint(0, base.config.vocab_size, (1, P), generator=gen) for P in prompt_lens}
+    dense: dict[tuple[str, int], float] = {}  # dense steps per execution (gathered also lays the MLP out anew)
+    rows = []
+    for criteria in ("recency", "quest", "relevancy"):
+        res = {}
+        for execution in ("simulated", "gathered"):
+            lm = make_lm(base, tok, criteria, execution, page)
+            for P, prompt in prompts.items():
+                if (execution, P) not in dense:
+                    dense[execution, P] = lm_tokens_per_s(lm, prompt, tokens, None, runs)[0]
+                res[execution, P] = lm_tokens_per_s(lm, prompt, tokens, k25, runs)
+            del lm
+        for P in prompt_lens:
+            (sim, _, _), (gat, _, read) = res["simulated", P], res["gathered", P]
+            ds, dg = dense["simulated", P], dense["gathered", P]
+            kv = P + tokens // 2
+            bound = step_bytes(base, kv, kv_read=read) / step_bytes(base, kv)
+            rows.append(f"| {criteria} | {P} | {ds:.1f} | {sim:.1f} | {dg:.1f} | {gat:.1f} | {sim / ds:.2f} | "
+                        f"{gat / dg:.2f} | {read:.2f} | {bound:.2f} |")
+    head = [f"\nAttention sparsity κ=0.25 (ρ=1, 16 bits), {tokens} new tokens, QUEST page {page}, "
+            f"median of {runs} runs; × dense is against dense steps of the same execution\n",
+            "| criterion | prompt | dense tok/s (sim.) | simulated tok/s | dense tok/s (gath.) | gathered tok/s | "
+            "simulated × dense | gathered × dense | KV read (gathered) | bound |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    return head + rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="tiny (random 2-layer) or smollm2")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="LM dtype (default float32)")
+    p.add_argument("--tokens", type=int, default=64, help="decode steps per timed run (default 64)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per cell, median reported (>= 3; default 3)")
+    p.add_argument("--e2e_prompt", type=int, default=128, help="prompt length of table 2 (default 128)")
+    p.add_argument("--prompt_lens", type=int, nargs="+", default=[1024, 2048],
+                   help="prompt lengths of table 3 (default 1024 2048)")
+    p.add_argument("--page_size", type=int, default=4, help="QUEST page size (default 4, as the configs)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--skip", nargs="*", choices=["mlp", "e2e", "attention"], default=[], help="tables to skip")
+    a = p.parse_args(argv)
+    if a.runs < 3 or a.tokens < 1 or a.e2e_prompt < 8 or min(a.prompt_lens) < 8:
+        p.error("need --runs >= 3, --tokens >= 1 and prompts of at least 8 tokens")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    base, tok = load_lm(MODELS[a.model], a.dtype)
+    print(f"bench_gathered: {a.model} {a.dtype}, torch threads {torch.get_num_threads()}")
+    out: list[str] = []
+    if "mlp" not in a.skip:
+        out += mlp_table(make_lm(base, tok, "recency", "gathered", a.page_size), a.runs)
+    if "e2e" not in a.skip:
+        prompt = torch.randint(0, base.config.vocab_size, (1, a.e2e_prompt), generator=torch.Generator().manual_seed(2))
+        out += e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size)
+    if "attention" not in a.skip:
+        out += attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

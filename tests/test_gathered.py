@@ -1,0 +1,439 @@
+"""Gathered execution (utils/gathered.py) against the simulated one and against independent computations.
+
+The gathered mode must give the simulated mode's logits (atol 1e-4, float32) for every criterion, κ, ρ and
+bit-width of the grid, on the dense prefill and on several decode steps, at batch 1 and with different
+actions per row; its kernels are checked against plain loops / masked dense products.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from utils import gathered
+from utils.actions import ActionSpace
+from utils.attention import ceil_count, topk_by_threshold
+from utils.cli import SOLError
+from utils.controls import Controls
+from utils.lm import ControlledLM
+from utils.model import load_lm
+
+TS, TW, PAGE = 4, 2, 4
+CTX, STEPS = 30, 5
+SPACE = ActionSpace.build([0.25, 0.5, 1.0], ["s40", "s60", "s100"], ["q4", "q8", "q16"])
+CRIT = [("recency", "per_head", False), ("relevancy", "per_head", False), ("relevancy", "per_layer", False),
+        ("quest", "per_head", False), ("quest", "per_head", True)]
+CRIT_IDS = ["recency", "relevancy-head", "relevancy-layer", "quest", "quest-sinkwin"]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_lm("tiny-random-llama")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2000, (3, CTX + STEPS), generator=g)
+    return model, tok, ids
+
+
+def pair(tiny, crit, space=SPACE) -> dict[str, ControlledLM]:
+    """A simulated and a gathered ControlledLM of the same weights (separate copies: installing patches them)."""
+    model, tok, _ = tiny
+    return {e: ControlledLM(copy.deepcopy(model), tok, space, *crit[:1], TS, TW, PAGE, crit[1], crit[2], execution=e)
+            for e in ("simulated", "gathered")}
+
+
+def run(lm: ControlledLM, ids: torch.Tensor, actions) -> tuple[torch.Tensor, list]:
+    """Prefill ids[:, :CTX], then STEPS decode steps under `actions` ([B] or a list of [B] per step):
+    (logits [STEPS + 1, B, V] prefill first, usages)."""
+    cache, _, logits = lm.prefill(ids[:, :CTX])
+    out, usages = [logits], []
+    for s in range(STEPS):
+        a = actions[s] if isinstance(actions, list) else actions
+        o = lm.step(cache, ids[:, CTX + s], a)
+        out.append(o.logits)
+        usages.append(o.usage)
+    return torch.stack(out), usages
+
+
+def assert_same(sim, gat) -> None:
+    (ls, us), (lg, ug) = sim, gat
+    torch.testing.assert_close(lg, ls, atol=ATOL, rtol=0)
+    for a, b in zip(us, ug):
+        assert a.effective == b.effective
+        torch.testing.assert_close(b.attn_keep, a.attn_keep, atol=1e-6, rtol=0)
+        assert torch.equal(b.channel_keep, a.channel_keep)
+        assert torch.equal(b.keep, a.keep) and torch.equal(b.prune, a.prune) and torch.equal(b.qratio, a.qratio)
+
+
+# ==== validation and layout =============================================================================
+
+def test_execution_value_checked(tiny):
+    model, tok, _ = tiny
+    with pytest.raises(SOLError, match="unknown execution 'fast'; expected one of simulated, gathered"):
+        ControlledLM(copy.deepcopy(model), tok, SPACE, execution="fast")
+    with pytest.raises(gathered.ExecutionError):
+        Controls("recency", TS, TW, PAGE, execution="")
+    assert ControlledLM(copy.deepcopy(model), tok, SPACE).execution == "simulated"
+
+
+def test_layout_mlp_keeps_weights_and_shares_memory(tiny):
+    model, _, _ = tiny
+    mlp = copy.deepcopy(model.model.layers[0].mlp)
+    ref = copy.deepcopy(mlp)
+    gathered.layout_mlp(mlp)
+    I = mlp.gate_proj.weight.shape[0]
+    w = mlp._sol_w_in
+    assert w.is_contiguous() and w.shape == (model.config.hidden_size, 2 * I)
+    assert torch.equal(mlp.gate_proj.weight, ref.gate_proj.weight)
+    assert torch.equal(mlp.up_proj.weight, ref.up_proj.weight)
+    assert mlp.gate_proj.weight.data_ptr() == w.data_ptr()  # a view, not a second copy
+    x = torch.randn(2, 3, model.config.hidden_size)
+    torch.testing.assert_close(mlp(x), ref(x), atol=1e-6, rtol=0)  # the Linear layers still work on the views
+
+
+# ==== kernels against independent computations ==========================================================
+
+@pytest.mark.parametrize("n_bags", [1, 2, 3, 7])
+def test_gathered_gate_up_vs_loop_and_masked_matmul(n_bags):
+    g = torch.Generator().manual_seed(1)
+    B, D, N = 4, 40, 24
+    x = torch.randn(B, D, generator=g)
+    w = torch.randn(D, N, generator=g)
+    b = torch.randn(N, generator=g)
+    keep = torch.rand(B, D, generator=g) < torch.tensor([0.1, 0.4, 0.9, 1.0])[:, None]
+    keep[0] = False
+    keep[0, 5] = True  # a row with a single channel
+    got = gathered.gathered_gate_up(x, keep, w, b, n_bags)
+    loop = torch.zeros(B, N, dtype=torch.float64)
+    for r in range(B):
+        for c in range(D):
+            if keep[r, c]:
+                loop[r] += x[r, c].double() * w[c].double()
+    loop += b.double()
+    torch.testing.assert_close(got.double(), loop, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, (x * keep) @ w + b, atol=1e-5, rtol=0)
+    got1 = gathered.gathered_gate_up(x[2:3], keep[2:3], w, None, n_bags)
+    torch.testing.assert_close(got1, (x[2:3] * keep[2:3]) @ w, atol=1e-5, rtol=0)
+    for r in range(B):  # the single-row kernel of the batch-1 fast path
+        row = gathered.gather_gemv(x[r], keep[r].nonzero().flatten(), w, b, n_bags)
+        torch.testing.assert_close(row.double(), loop[r], atol=1e-5, rtol=0)
+
+
+def test_gather_rows_from_buffer_views():
+    g = torch.Generator().manual_seed(2)
+    buf = torch.randn(2, 3, 50, 8, generator=g)
+    x = buf[:, :, :37]  # a cache view: strided batch/head dims
+    idx = torch.randint(0, 37, (2, 3, 11), generator=g)
+    want = torch.stack([torch.stack([x[b, h, idx[b, h]] for h in range(3)]) for b in range(2)])
+    assert torch.equal(gathered.gather_rows(x, idx), want)
+    assert torch.equal(gathered.gather_rows(x.transpose(-1, -2).contiguous().transpose(-1, -2), idx), want)
+
+
+@pytest.mark.parametrize("crit", CRIT, ids=CRIT_IDS)
+def test_gathered_attention_equals_simulated_with_masks(crit):
+    """Direct calls: the same keys kept and the same output as the simulated attention, with and without an
+    attention mask, rows with different κ (recency's spans then differ per row)."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, K, D = 3, 4, 2, 37, 8
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    buf_k, buf_v = torch.randn(B, Hkv, K + 9, D, generator=g), torch.randn(B, Hkv, K + 9, D, generator=g)
+    k, v = buf_k[:, :, :K], buf_v[:, :, :K]
+    kappa = torch.tensor([0.25, 0.5, 1.0])
+    mask = torch.ones(B, 1, 1, K, dtype=torch.bool)
+    mask[0, 0, 0, 10:14] = False
+    mask[1, 0, 0, 30] = False
+    mask[2, 0, 0, 20] = False
+    for m in (None, mask, torch.where(mask, 0.0, float("-inf"))):
+        outs = {}
+        for e in ("simulated", "gathered"):
+            ctl = Controls(crit[0], TS, TW, PAGE, crit[1], crit[2], keep_levels=(0.25, 0.5, 1.0), execution=e)
+            ctl.set(kappa, torch.ones(B), torch.full((B,), 16), K)
+            out, _ = ctl.sparse_decode_attention(q, k, v, m, D ** -0.5)
+            outs[e] = (out, ctl.key_frac_sum)
+        torch.testing.assert_close(outs["gathered"][0], outs["simulated"][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(outs["gathered"][1], outs["simulated"][1], atol=1e-6, rtol=0)
+    assert outs["gathered"][1][2].item() < 1.0  # the mask removed keys of the κ = 1 row too
+
+
+# ==== the controlled tiny model: gathered == simulated ==================================================
+
+@pytest.mark.parametrize("crit", CRIT, ids=CRIT_IDS)
+def test_every_action_batch1_matches_simulated(tiny, crit):
+    _, _, ids = tiny
+    lms = pair(tiny, crit)
+    dense = run(lms["simulated"], ids[:1], None)[0]
+    for a in range(len(SPACE)):
+        acts = torch.tensor([a])
+        sim, gat = run(lms["simulated"], ids[:1], acts), run(lms["gathered"], ids[:1], acts)
+        assert_same(sim, gat)
+        if a != SPACE.dense_idx:  # the action really changed the computation
+            assert (gat[0][1:] - dense[1:]).abs().max().item() > 2 * ATOL, SPACE.tags[a]
+
+
+@pytest.mark.parametrize("crit", CRIT, ids=CRIT_IDS)
+@pytest.mark.parametrize("limit", [1.0, float("inf"), 0.0], ids=["auto", "always-gather", "never-gather"])
+def test_batch_rows_with_different_actions_match_simulated(tiny, crit, limit):
+    """Batch 2 and 3, every row its own action (changing per step), including dense rows: the gathered MLP
+    with per-row bags (`limit` inf forces it even where a masked dense product reads less) or the masked
+    dense fallback (`limit` 0, at batch 1 too), attention padded to the largest kept set."""
+    _, _, ids = tiny
+    lms = pair(tiny, crit)
+    lms["gathered"].controls.gather_limit = limit
+    A = SPACE.index
+    schedules = [
+        [torch.tensor([A(0.25, 0.4, 4)])] * STEPS,
+        [torch.tensor([A(0.25, 0.4, 4), A(0.5, 0.6, 16)])] * STEPS,
+        [torch.tensor([A(0.25, 0.4, 8), SPACE.dense_idx])] * STEPS,
+        [torch.tensor([(s * 5 + r * 11) % len(SPACE) for r in range(3)]) for s in range(STEPS)],
+        [torch.tensor([A(0.25, 1.0, 16), A(0.5, 1.0, 4), A(1.0, 0.4, 16)])] * STEPS,
+    ]
+    for sched in schedules:
+        B = sched[0].shape[0]
+        assert_same(run(lms["simulated"], ids[:B], sched), run(lms["gathered"], ids[:B], sched))
+
+
+def test_gathered_kernels_are_the_ones_running(tiny, monkeypatch):
+    """The gathered mode really takes the gathered kernels (not a silent simulated fallback)."""
+    _, _, ids = tiny
+    calls: dict[str, int] = {}
+    for name in ("gather_gemv", "gathered_gate_up", "recency_attention", "relevancy_attention", "quest_attention"):
+        fn = getattr(gathered, name)
+
+        def spy(*a, _fn=fn, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(gathered, name, spy)
+    acts = torch.tensor([SPACE.index(0.25, 0.4, 4)])
+    for crit in CRIT[:2] + CRIT[3:4]:
+        run(pair(tiny, crit)["gathered"], ids[:1], acts)
+    L = 2 * STEPS  # layers × decode steps
+    assert calls == {"gather_gemv": 3 * L, "recency_attention": L, "relevancy_attention": L, "quest_attention": L}
+    calls.clear()
+    run(pair(tiny, CRIT[0])["gathered"], ids[:2], torch.tensor([SPACE.index(0.25, 0.4, 4), SPACE.index(1.0, 0.4, 16)]))
+    assert calls == {"gathered_gate_up": L, "recency_attention": L}  # 2 rows at ρ=0.4: 0.8 of a dense pass
+
+
+@pytest.mark.parametrize("criteria", ["recency", "quest"])
+def test_dense_and_short_cache_steps_match(tiny, criteria):
+    """actions=None, the dense action and non-effective steps (cache too short) run dense in both modes."""
+    _, _, ids = tiny
+    lms = pair(tiny, (criteria, "per_head", False))
+    sparse = torch.tensor([SPACE.index(0.25, 0.4, 4)] * 2)
+    for lm_acts in (None, torch.tensor([SPACE.dense_idx] * 2)):
+        assert_same(run(lms["simulated"], ids[:2], lm_acts), run(lms["gathered"], ids[:2], lm_acts))
+    res = {}
+    for e, lm in lms.items():
+        cache, _, _ = lm.prefill(ids[:2, :5])
+        res[e] = [lm.step(cache, ids[:2, t], sparse) for t in range(5, 9)]  # kv_len 6, 7 dense; 8, 9 controlled
+    for s, g in zip(res["simulated"], res["gathered"]):
+        assert s.usage.effective == g.usage.effective
+        torch.testing.assert_close(g.logits, s.logits, atol=ATOL, rtol=0)
+    assert [o.usage.effective for o in res["gathered"]] == [False, False, True, True]
+
+
+def test_gathered_quest_pages_follow_growing_cache(tiny):
+    """Long decode across page boundaries and a cache reallocation: the incrementally kept page bounds and
+    the gathered pages stay in step with the simulated mode."""
+    from utils.kv_cache import SPARE_TOKENS
+
+    model, tok, _ = tiny
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 2000, (1, 12 + SPARE_TOKENS + 6), generator=g)
+    acts = torch.tensor([SPACE.index(0.25, 0.6, 8)])
+    out = {}
+    for e, lm in pair(tiny, ("quest", "per_head", True)).items():
+        cache, _, _ = lm.prefill(ids[:, :12])
+        out[e] = torch.stack([lm.step(cache, ids[:, t], acts).logits for t in range(12, ids.shape[1])])
+    torch.testing.assert_close(out["gathered"], out["simulated"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("criteria", ["recency", "relevancy", "quest"])
+def test_bfloat16_gathered_agrees(criteria):
+    """bfloat16 (the SmolLM2 configs' dtype) takes the same gathered kernels; agreement to bf16 rounding."""
+    model, tok = load_lm("tiny-random-llama", "bfloat16")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 2000, (2, CTX + STEPS), generator=g)
+    lms = pair((model, tok, ids), (criteria, "per_head", False))
+    for acts in (torch.tensor([SPACE.index(0.25, 0.4, 4)]), torch.tensor([SPACE.index(0.5, 0.6, 16)] * 2)):
+        B = acts.shape[0]
+        (ls, _), (lg, _) = run(lms["simulated"], ids[:B], acts), run(lms["gathered"], ids[:B], acts)
+        torch.testing.assert_close(lg, ls, atol=5e-2, rtol=0)
+
+
+# ==== SmolLM2 (skipped when the embedded model is not installed) =========================================
+
+@pytest.fixture(scope="module")
+def smol():
+    from utils.model import SMOLLM2_ALIAS, ModelLoadError, smollm2_dir
+
+    try:
+        smollm2_dir()
+    except ModelLoadError as e:
+        pytest.skip(f"SmolLM2 not available: {e}")
+    model, tok = load_lm(SMOLLM2_ALIAS)
+    text = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, " * 3
+    ids = tok(text, return_tensors="pt").input_ids[:, :CTX + STEPS]
+    return model, tok, torch.cat([ids, ids.flip(1)])
+
+
+SMOL_SPACE = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s80", "s100"], ["q5", "q7", "q16"])
+
+
+def _channel_flip_step(xs: dict[str, list[torch.Tensor]], rho: torch.Tensor, n_layers: int) -> list[int]:
+    """Per row, the first decode step at which the two modes kept a different MLP channel set in some layer
+    (STEPS if never), from the MLP inputs of every step and layer in call order; asserts that up to there the
+    inputs agree to float tolerance and that the swapped channels score within 1e-4 of the threshold (a tie
+    that rounding broke differently, not a different selection rule)."""
+    first = [STEPS] * rho.shape[0]
+    for i, (a, b) in enumerate(zip(xs["simulated"], xs["gathered"])):
+        step = i // n_layers
+        D = a.shape[-1]
+        count = ceil_count(rho, D).clamp(1, D)
+        sa, sb = a.abs().amax(1).float(), b.abs().amax(1).float()
+        ka = topk_by_threshold(sa, torch.ones_like(sa, dtype=torch.bool), count)
+        kb = topk_by_threshold(sb, torch.ones_like(sb, dtype=torch.bool), count)
+        for r in range(rho.shape[0]):
+            if step >= first[r]:
+                continue  # the row's trajectories parted at an earlier tie
+            torch.testing.assert_close(b[r], a[r], atol=1e-4, rtol=1e-4)
+            if not torch.equal(ka[r], kb[r]):
+                thr = sa[r][ka[r]].min()
+                assert ((sa[r] - thr).abs()[ka[r] != kb[r]] <= 1e-4 * thr).all()
+                first[r] = step
+    return first
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("criteria", ["recency", "relevancy", "quest"])
+def test_smollm2_gathered_matches_simulated(smol, criteria):
+    """Every κ and ρ level at 16 bits, batch 1 and a batch of 2 with different actions: logits within 1e-4
+    on the prefill and every decode step. Both modes select from inputs that agree only to float rounding, so
+    a channel sitting at the top-k threshold can swap over 30 layers; the test finds such swaps (and checks
+    they are ties) and compares each row up to its first one. (Below 16 bits a rounding boundary of the fake
+    quantization does the same, more often: bit-widths are checked layer by layer below.)"""
+    model, tok, ids = smol
+    A = SMOL_SPACE.index
+    plans = [torch.tensor([A(0.1, 0.4, 16)]), torch.tensor([A(0.6, 0.8, 16)]), torch.tensor([A(1.0, 0.4, 16)]),
+             torch.tensor([A(0.1, 0.8, 16), A(0.6, 0.4, 16)])]
+    res: dict[str, list] = {}
+    xs: dict[str, list] = {}
+    for e in ("simulated", "gathered"):
+        lm = ControlledLM(copy.deepcopy(model), tok, SMOL_SPACE, criteria, TS, TW, PAGE, execution=e)
+        mlps = [m for m in lm.model.modules() if hasattr(m, "gate_proj")]
+        xs[e] = []
+        for m in mlps:
+            m.register_forward_pre_hook(
+                lambda mod, args, _xs=xs[e], _ctl=lm.controls: _xs.append(args[0].clone()) if _ctl.active else None,
+                prepend=True)
+        res[e] = [run(lm, ids[:a.shape[0]], a) for a in plans]
+        n_layers = len(mlps)
+        del lm
+    per_run = STEPS * n_layers
+    compared = 0
+    for k, acts in enumerate(plans):
+        (ls, us), (lg, ug) = res["simulated"][k], res["gathered"][k]
+        sl = slice(k * per_run, (k + 1) * per_run)
+        first = _channel_flip_step({e: xs[e][sl] for e in xs}, SMOL_SPACE.prune[acts], n_layers)
+        torch.testing.assert_close(lg[0], ls[0], atol=ATOL, rtol=0)  # the prefill
+        for r, f in enumerate(first):
+            torch.testing.assert_close(lg[1:f + 1, r], ls[1:f + 1, r], atol=ATOL, rtol=0)  # up to the first swap
+            compared += f
+        for a, b in zip(us, ug):
+            torch.testing.assert_close(b.attn_keep, a.attn_keep, atol=1e-6, rtol=0)
+    assert compared >= STEPS * 3  # most rows ran their whole decode without a tie
+
+
+@pytest.mark.smollm2
+def test_smollm2_quantized_mlp_layer_by_layer(smol):
+    """Each installed MLP (prune + fake quantization hooks vs gather-GEMV + the same hook) on the real inputs
+    of a decode step: equal to float tolerance before quantization; after it every element is on the same
+    level except the rare ones a float-noise difference moved across a rounding boundary (one level)."""
+    model, tok, ids = smol
+    lms = {e: ControlledLM(copy.deepcopy(model), tok, SMOL_SPACE, "recency", TS, TW, PAGE, execution=e)
+           for e in ("simulated", "gathered")}
+    mlps = {e: [m for m in lm.model.modules() if hasattr(m, "gate_proj")] for e, lm in lms.items()}
+    cache, _, _ = lms["simulated"].prefill(ids[:1, :CTX])
+    xs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: xs.append(args[0].clone()), prepend=True)
+             for m in mlps["simulated"]]
+    lms["simulated"].step(cache, ids[:1, CTX], torch.tensor([SMOL_SPACE.index(0.6, 0.4, 5)]))
+    for h in hooks:
+        h.remove()
+    assert len(xs) == model.config.num_hidden_layers
+    flips = total = 0
+    with torch.inference_mode():
+        for rho in (0.4, 0.8):
+            for bits in (16, 7, 5):
+                for i, x in enumerate(xs):
+                    y = {}
+                    for e, lm in lms.items():
+                        lm.controls.set(torch.ones(1), torch.tensor([rho]), torch.tensor([bits]), CTX + 1)
+                        y[e] = mlps[e][i](x)
+                        lm.controls.clear()
+                    if bits == 16:
+                        torch.testing.assert_close(y["gathered"], y["simulated"], atol=1e-4, rtol=1e-5)
+                        continue
+                    step = y["simulated"].abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+                    levels = ((y["gathered"] - y["simulated"]) / step).abs()
+                    assert levels.max().item() < 1.01  # at most one level apart
+                    flips += int((levels > 0.5).sum())
+                    total += levels.numel()
+    assert flips <= 1e-3 * total, (flips, total)
+
+
+# ==== command-line flag =================================================================================
+
+def _main(module: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """A script's main() in-process: (exit code, stdout, stderr)."""
+    import importlib
+
+    try:
+        rc = importlib.import_module(module).main(list(args))
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_gen_policy_vs_dense_execution_flag(tiny_ckpt_dir, capsys):
+    import re
+
+    base = ["--ckpt_dir", str(tiny_ckpt_dir), "--input_sentence", "The capital of France is", "--generation_tokens",
+            "8", "--episode_len", "4", "--tgt_keep", "0.25", "--tgt_prune_keep", "0.5", "--seed", "3"]
+    res = {}
+    for e in ("simulated", "gathered"):
+        rc, out, err = _main("gen_policy_vs_dense", base + ["--execution", e], capsys)
+        assert rc == 0, err[-2000:]
+        assert f"execution {e}" in out
+        m = re.search(r"Tokens/s -> policy: (\d+\.\d), dense: (\d+\.\d)", out)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0
+        res[e] = out.split("Prompt:")[1].split("Tokens/s")[0]
+    assert res["gathered"] == res["simulated"]  # same continuations, usage and log-probs (to 4 decimals)
+    rc, _, err = _main("gen_policy_vs_dense", base + ["--execution", "fast"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and "--execution" in lines[0]
+
+
+def test_eval_downstream_execution_flag(tiny_ckpt_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    import json
+
+    blocks = {}
+    for e in ("simulated", "gathered"):
+        path = tmp_path / f"{e}.json"
+        rc, out, err = _main("eval_downstream", ["--ckpt_dir", str(tiny_ckpt_dir), "--tasks", "tiny_mc_local",
+                                                 "--limit", "2", "--episode_len", "4", "--tgt_keep", "0.25",
+                                                 "--execution", e, "--export_sparsity_json", str(path),
+                                                 "--no_progress"], capsys)
+        assert rc == 0, err[-2000:]
+        assert f"execution {e}" in out
+        blocks[e] = json.loads(path.read_text())["policy"]
+    sim, gat = blocks["simulated"], blocks["gathered"]
+    for k in ("accuracy", "token_keep_avg", "prune_keep_avg", "quant_ratio_avg", "n_steps", "action_hist",
+              "channel_keep_realised"):
+        assert gat[k] == sim[k], k
+    assert gat["attn_keep_realised"] == pytest.approx(sim["attn_keep_realised"], abs=1e-6)
+    rc, _, err = _main("eval_downstream", ["--ckpt_dir", str(tiny_ckpt_dir), "--execution", "x"], capsys)
+    assert rc == 2 and err.strip().startswith("error:") and "--execution" in err

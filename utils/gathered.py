@@ -1,0 +1,240 @@
+"""Gathered execution: a controlled decode step that reads only what its action keeps.
+
+The simulated execution (the reference's) runs the dense math and then masks keys and zeroes MLP input
+channels, so a cheap step costs as much as a dense one. At batch 1 a CPU decode step is bound by the bytes
+it reads (weights, then the KV cache), so this module computes the same result from the kept data only:
+
+* MLP input channels (ρ): gate_proj and up_proj are laid out once, input-major, as one [H, 2I] matrix
+  (a contiguous row of gate and up weights per input channel; the Linear weights become views of it, so
+  nothing is duplicated). A step computes gate/up as Σ_c x_c · W_in[c] over the kept channels with
+  `F.embedding_bag(..., per_sample_weights=x[kept], mode="sum")`: a fused gather-GEMV reading ρ of the rows.
+  The kept list is split into one bag per thread (one bag runs on one thread) and the partial sums added.
+  Masking then a dense product saves nothing; `index_select` then a product copies the rows first and is
+  several times slower than dense. (The input-channel sparse GEMV of activation sparsity, as in TEAL,
+  Liu et al. 2024.)
+* Attention keys (κ): recency hands SDPA the sinks and the contiguous window + recent slice of the cache;
+  QUEST (Tang et al. 2024) scores pages from per-page key max/min that the cache keeps up to date as tokens
+  arrive (`GrowableLayer.page_bounds`), then gathers, per KV head, the union of the pages its query heads
+  selected (one `index_select` of key/value rows) and attends them with each head's own page mask;
+  relevancy must compute every logit to rank them, so only softmax·V runs over the gathered union of kept
+  keys (its saving is at most the unread values, about half of the cache bytes).
+* MLP-output bits stay simulated (fake quantization of an already computed output saves nothing).
+
+Rows of a batch may carry different actions: the MLP uses one bag list per row (offsets), the attention
+pads every (row, KV head) to the largest kept set and masks the rest, so results are exact at any batch size;
+only batch 1 (and small batches) read less than dense. Every choice is made by the same selection functions
+as the simulated mode (utils/attention.py, utils/mlp_controls.py), so both modes keep the same keys and
+channels and agree to float rounding.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.cli import SOLError
+
+EXECUTIONS = ("simulated", "gathered")
+
+
+class ExecutionError(SOLError, ValueError):
+    """A bad `execution` value (one-line message)."""
+
+
+def check_execution(execution: str) -> str:
+    """`execution` if it names an execution mode, else ExecutionError."""
+    if execution not in EXECUTIONS:
+        raise ExecutionError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
+    return execution
+
+
+# ==== MLP: input-major gate/up and the gather-GEMV =======================================================
+
+def layout_mlp(mlp: nn.Module) -> None:
+    """Lay gate_proj and up_proj out input-major once: buffer `_sol_w_in` [H, 2I] (row c = input channel c's
+    gate weights then up weights) and `_sol_b_in` [2I] or None; the two Linear weights become views of it
+    (same values, no second copy), so every other use of the module is unchanged."""
+    if hasattr(mlp, "_sol_w_in"):
+        return
+    gate, up = mlp.gate_proj, mlp.up_proj
+    with torch.no_grad():
+        w_in = torch.cat([gate.weight, up.weight], dim=0).t().contiguous()  # [H, 2I]
+        I = gate.weight.shape[0]
+        gate.weight = nn.Parameter(w_in[:, :I].t(), requires_grad=False)
+        up.weight = nn.Parameter(w_in[:, I:].t(), requires_grad=False)
+        b_in = torch.cat([gate.bias, up.bias]) if gate.bias is not None else None
+    mlp.register_buffer("_sol_w_in", w_in, persistent=False)
+    mlp.register_buffer("_sol_b_in", b_in, persistent=False)
+
+
+def gathered_gate_up(x: torch.Tensor, keep: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
+                     n_bags: int = 1) -> torch.Tensor:
+    """Σ over each row's kept channels of x[b, c] · w_in[c] (+ bias): [B, D] x, [B, D] bool keep -> [B, 2I].
+
+    Equal to `(x * keep) @ w_in` without reading the dropped rows of w_in. One embedding bag per (row, chunk):
+    each row's kept channels are split into `n_bags` chunks (bags are the unit of parallelism) and summed."""
+    B, D = x.shape
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: each row's channels are contiguous, in order
+    weights = x[rows, cols]
+    if B == 1 and n_bags == 1:
+        out = F.embedding_bag(cols, w_in, torch.zeros(1, dtype=torch.long, device=x.device), mode="sum",
+                              per_sample_weights=weights)
+    else:
+        n = keep.sum(-1)
+        chunk = (n + n_bags - 1) // n_bags
+        step = torch.arange(n_bags, device=x.device) * chunk[:, None]  # [B, n_bags]
+        offsets = (n.cumsum(0) - n)[:, None] + torch.minimum(step, n[:, None])
+        out = F.embedding_bag(cols, w_in, offsets.flatten(), mode="sum", per_sample_weights=weights)
+        out = out.view(B, n_bags, -1)
+        out = out.sum(1) if out.dtype == torch.float32 else out.sum(1, dtype=torch.float32).to(out.dtype)
+    return out if b_in is None else out + b_in
+
+
+def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
+                n_bags: int = 1) -> torch.Tensor:
+    """One row: Σ_i x[idx_i] · w_in[idx_i] (+ bias) for x [D] and kept channels idx [n] -> [2I]
+    (`gathered_gate_up` of a single row, with no mask to decode)."""
+    n = idx.shape[0]
+    if n_bags == 1 or n < 2 * n_bags:
+        offsets = torch.zeros(1, dtype=torch.long, device=x.device)
+    else:
+        offsets = torch.arange(0, n, -(-n // n_bags), device=x.device)
+    out = F.embedding_bag(idx, w_in, offsets, mode="sum", per_sample_weights=x[idx])
+    if out.shape[0] > 1:
+        out = out.sum(0) if out.dtype == torch.float32 else out.sum(0, dtype=torch.float32).to(out.dtype)
+    else:
+        out = out[0]
+    return out if b_in is None else out + b_in
+
+
+def default_bags(device: torch.device) -> int:
+    """Bags per row for `gathered_gate_up`: one per CPU thread (CUDA parallelises inside a bag)."""
+    return 1 if device.type == "cuda" else max(1, torch.get_num_threads())
+
+
+def install_gathered_mlp(mlp: nn.Module, controls) -> None:
+    """Replace `mlp.forward` by the gathered one (hooks keep running around it: the bit-width post-hook)."""
+    layout_mlp(mlp)
+    mlp._sol_controls = controls
+    mlp.forward = types.MethodType(_gathered_mlp_forward, mlp)
+
+
+def _gathered_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaMLP.forward with gate and up computed from the input-major weights: dense (one fused product)
+    unless the controls prune this call's channels (`Controls.gate_up`)."""
+    ctl = self._sol_controls
+    if ctl.active and ctl.prune_enabled:
+        gu = ctl.gate_up(x, self._sol_w_in, self._sol_b_in)
+    else:
+        gu = x @ self._sol_w_in
+        if self._sol_b_in is not None:
+            gu = gu + self._sol_b_in
+    g, u = gu.chunk(2, dim=-1)
+    return self.down_proj(self.act_fn(g) * u)
+
+
+# ==== attention over the kept keys =======================================================================
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[b, h, idx[b, h, t]] for x [B, H, K, D] (a view of a cache buffer is fine) and idx [B, H, T]:
+    [B, H, T, D], one `index_select` of D-element rows from the memory x lives in (no copy of x)."""
+    B, H, K, D = x.shape
+    if x.stride(-1) != 1 or x.stride(-2) != D or x.stride(0) % D or x.stride(1) % D:
+        x = x.contiguous()
+    s0, s1 = x.stride(0) // D, x.stride(1) // D
+    n_rows = (B - 1) * s0 + (H - 1) * s1 + K
+    flat = x.as_strided((n_rows, D), (D, 1))
+    base = (torch.arange(B, device=x.device) * s0)[:, None] + (torch.arange(H, device=x.device) * s1)[None, :]
+    rows = (base[:, :, None] + idx).flatten()
+    return flat.index_select(0, rows).view(B, H, idx.shape[-1], D)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None,
+           scaling: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling over `keep`)·v per KV group: q [B, Hkv, g, D], keys/values [B, Hkv, T, D],
+    keep broadcastable to [B, Hkv, g, T] (None = all) -> [B, Hkv, g, Dv]. Float32 softmax as the simulated mode."""
+    logits = (q @ keys.transpose(-1, -2)) * scaling
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.softmax(logits.float(), dim=-1).to(values.dtype) @ values
+
+
+def recency_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, Ts: int,
+                      lo: int, start: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query [B, Hq, 1, D] over the keys [0, Ts) and [lo, K) only: the cache slice itself
+    when the two touch, else the sinks and the recent slice joined (a copy of the kept keys only), handed
+    to SDPA. `start` [B] (>= lo): rows that keep less than [lo, K) mask [lo, start); None = every row starts
+    at lo. `allowed` [B, 1, K] bool: an attention mask. Returns [B, 1, Hq, D]."""
+    B, Hq = query.shape[:2]
+    Hkv, K = key.shape[1], key.shape[2]
+    if lo <= Ts:
+        k, v = key, value
+        pos = torch.arange(K, device=key.device)
+    else:
+        k = torch.cat([key[:, :, :Ts], key[:, :, lo:]], dim=2)
+        v = torch.cat([value[:, :, :Ts], value[:, :, lo:]], dim=2)
+        pos = torch.cat([torch.arange(Ts, device=key.device), torch.arange(lo, K, device=key.device)])
+    mask = None
+    if start is not None:
+        mask = ((pos < Ts) | (pos >= start[:, None]))[:, None, None]  # [B, 1, 1, T]
+    if allowed is not None:
+        a = allowed[:, :, pos][:, :, None]
+        mask = a if mask is None else mask & a
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling, enable_gqa=Hq != Hkv)
+    return out.transpose(1, 2)
+
+
+def _union_index(union: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Positions of the True entries of union [B, H, N], in order, padded to the largest count with False
+    ones: ([B, H, M] long, M)."""
+    m = int(union.sum(-1).max())
+    order = torch.sort(union.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return order[..., :m], m
+
+
+def quest_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                    pages: torch.Tensor, page: int, protected: torch.Tensor | None = None,
+                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over QUEST's selected pages only. `pages` [B, Hq, P]: each query head's kept pages;
+    `protected` [K] bool: positions kept for every head (keep_sink_window); `allowed` [B, 1, K]: a mask.
+
+    Per KV head the union of its query heads' pages (and the protected ones) is gathered once; each query
+    head then attends its own pages within it. Returns (output [B, 1, Hq, D], kept keys per row [B], tokens
+    read per (row, KV head): the largest union, every (row, head) being padded to it)."""
+    B, Hq, _, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    g, P = Hq // Hkv, pages.shape[-1]
+    sel = pages.view(B, Hkv, g, P)
+    union = sel.any(2)
+    if protected is not None:
+        union = union | F.pad(protected, (0, P * page - K)).view(P, page).any(-1)
+    pidx, m = _union_index(union)  # [B, Hkv, m]
+    tok = (pidx[..., None] * page + torch.arange(page, device=key.device)).flatten(-2)  # [B, Hkv, m·page]
+    inside = tok < K  # the last page may be partial
+    tok = tok.clamp(max=K - 1)
+    keep = sel.gather(-1, pidx[:, :, None].expand(B, Hkv, g, m)).repeat_interleave(page, dim=-1)
+    if protected is not None:
+        keep = keep | protected[tok][:, :, None]
+    keep = keep & inside[:, :, None]
+    if allowed is not None:
+        keep = keep & allowed[:, 0].gather(-1, tok.flatten(1)).view(B, Hkv, 1, -1)
+    q = query[:, :, 0].reshape(B, Hkv, g, D)
+    out = attend(q, gather_rows(key, tok), gather_rows(value, tok), keep, scaling)
+    return out.reshape(B, 1, Hq, -1), keep.sum(dim=(1, 2, 3)), min(m * page, K)
+
+
+def relevancy_attention(logits: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """softmax·V over the kept keys only, from the full scaled logits [B, Hq, K] (relevancy ranks all of
+    them) and the keep mask [B, Hq, K]: the V rows of the union of each KV group's kept keys are gathered.
+    Returns (output [B, 1, Hq, Dv], value rows read per (row, KV head): the largest union)."""
+    B, Hq, K = logits.shape
+    Hkv = value.shape[1]
+    g = Hq // Hkv
+    kg = keep.reshape(B, Hkv, g, K)
+    tok, m = _union_index(kg.any(2))  # [B, Hkv, m]
+    at = tok[:, :, None].expand(B, Hkv, g, m)
+    sub = logits.reshape(B, Hkv, g, K).gather(-1, at).masked_fill(~kg.gather(-1, at), float("-inf"))
+    probs = torch.softmax(sub.float(), dim=-1).to(value.dtype)
+    return (probs @ gather_rows(value, tok)).reshape(B, 1, Hq, -1), m
