@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import statistics
 import sys
 import time
@@ -33,12 +34,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from utils import gathered  # noqa: E402
 from utils.actions import ActionSpace  # noqa: E402
 from utils.attention import ceil_count, topk_by_threshold  # noqa: E402
+from utils.engine import Scheduler  # noqa: E402
 from utils.lm import _CACHE_KW, ControlledLM  # noqa: E402
 from utils.model import SMOLLM2_ALIAS, TINY_ALIAS, load_lm  # noqa: E402
+from utils.runtime import generate  # noqa: E402
 
 MODELS = {"tiny": TINY_ALIAS, "smollm2": SMOLLM2_ALIAS}
 SPACE = ActionSpace.build([0.25, 1.0], ["s40", "s60", "s80", "s100"], ["q16"])
@@ -199,18 +203,117 @@ def attention_table(base, tok, prompt_lens: list[int], tokens: int, runs: int, p
     return head + rows
 
 
+class TimedScheduler(Scheduler):
+    """Wraps a scheduler and adds up the wall time of its `choose` calls (the policy's share of a step)."""
+
+    def __init__(self, inner: Scheduler) -> None:
+        self.inner, self.seconds = inner, 0.0
+        self.name, self.uses_lm_scalars = inner.name, inner.uses_lm_scalars
+
+    def start(self, lm, budgets, group_size) -> None:
+        super().start(lm, budgets, group_size)
+        self.inner.start(lm, budgets, group_size)
+
+    def choose(self, obs):
+        t0 = time.perf_counter()
+        a = self.inner.choose(obs)
+        self.seconds += time.perf_counter() - t0
+        return a
+
+    def observe(self, out) -> None:
+        self.inner.observe(out)
+
+
+def _median_generation(lm, make_sched, prompt: list[int], tokens: int, budgets, episode_len: int, runs: int):
+    """(tokens/s, scheduler share of the decode time, mean realised channel keep) of greedy generation, the
+    median run of `runs` after a warm-up (every run decodes exactly `tokens` tokens: no stop token)."""
+    res = []
+    for i in range(runs + 1):
+        sched = make_sched()
+        _, st = generate(lm, sched, prompt, tokens, budgets, episode_len)
+        share = sched.seconds / st.decode_seconds if isinstance(sched, TimedScheduler) else 0.0
+        keep = statistics.fmean(k for k, e in zip(st.channel_keep, st.effective) if e) if any(st.effective) else 1.0
+        if i:
+            res.append((st.n_steps / st.decode_seconds, share, keep))
+    return sorted(res)[len(res) // 2]
+
+
+def policy_table(ckpt_dir: str, prompt: list[int], tokens: int, runs: int, dtype: str,
+                 rhos=(0.5, 0.7, 0.9), ppl_csv: str | None = None) -> list[str]:
+    """The shipped prune policy generating at requested ρ: tokens/s in both executions against plain dense
+    steps of the same execution, the policy network's share of the decode time, and the test PPL of that
+    budget point from the policy's results CSV (teacher-forced, same actions as either execution)."""
+    from utils.runtime import load_eval_bundle
+    from utils.schedulers import PolicyScheduler
+
+    ppl = {}
+    if ppl_csv and Path(ppl_csv).is_file():
+        with open(ppl_csv, newline="") as fh:
+            for r in csv.DictReader(fh):
+                ppl[round(float(r["target_prune_keep"]), 3)] = (f"{float(r['policy_ppl']):.2f}",
+                                                                 f"{float(r['fixed_ppl']):.2f}")
+    rows = []
+    for execution in ("simulated", "gathered"):
+        cfg, lm, policy = (lambda b: (b.cfg, b.lm, b.policy))(load_eval_bundle(ckpt_dir, device="cpu",
+                                                                               execution=execution))
+        if str(next(lm.model.parameters()).dtype).split(".")[-1] != dtype:
+            lm.model.to(getattr(torch, dtype))
+        E = cfg.rollout_len
+        dense = _median_generation(lm, lambda: None, prompt, tokens, (1.0, 1.0, 1.0), E, runs)[0]
+        rows.append(f"| dense steps | {execution} | - | {dense:.1f} | 1.00 | - | - |")
+        for rho in rhos:
+            tps, share, keep = _median_generation(
+                lm, lambda: TimedScheduler(PolicyScheduler(policy, 0.6, greedy=True)), prompt, tokens,
+                (1.0, rho, 1.0), E, runs)
+            p, fx = ppl.get(round(rho, 3), ("-", "-"))
+            rows.append(f"| policy ρ={rho} | {execution} | {keep:.3f} | {tps:.1f} | {tps / dense:.2f} | "
+                        f"{100 * share:.1f}% | {p} (fixed {fx}) |")
+        del lm
+    head = [f"\nShipped prune policy ({ckpt_dir}), greedy generation of {tokens} tokens after a {len(prompt)}-token "
+            f"prompt, dense replay every rollout_len steps, median of {runs} runs\n",
+            "| method | execution | realised channel keep | tokens/s | × dense steps (same execution) | policy share of "
+            "decode time | test PPL (teacher-forced) |",
+            "|---|---|---|---|---|---|---|"]
+    return head + rows
+
+
+def joint_table(base, tok, P: int, tokens: int, runs: int, page: int) -> list[str]:
+    """κ and ρ together on every step (κ=0.25 recency and ρ=0.4: the fixed joint corner) at a long prompt."""
+    idx = SPACE.index(0.25, 0.4, 16)
+    prompt = torch.randint(0, base.config.vocab_size, (1, P), generator=torch.Generator().manual_seed(3))
+    rows = []
+    for execution in ("simulated", "gathered"):
+        lm = make_lm(base, tok, "recency", execution, page)
+        d, _, _ = lm_tokens_per_s(lm, prompt, tokens, None, runs)
+        j, usage, read = lm_tokens_per_s(lm, prompt, tokens, idx, runs)
+        kv = P + tokens // 2
+        bound = step_bytes(base, kv, gate_up_keep=usage.channel_keep.item(),
+                           kv_read=read if execution == "gathered" else 1.0) / step_bytes(base, kv)
+        rows.append(f"| κ=0.25 + s40 | {execution} | {d:.1f} | {j:.1f} | {j / d:.2f} | {bound:.2f} |")
+        del lm
+    head = [f"\nJoint κ and ρ on every step, recency, prompt {P}, {tokens} new tokens, median of {runs} runs\n",
+            "| action | execution | dense tok/s | tok/s | × dense (same execution) | bound |", "|---|---|---|---|---|---|"]
+    return head + rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="tiny (random 2-layer) or smollm2")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="LM dtype (default float32)")
-    p.add_argument("--tokens", type=int, default=64, help="decode steps per timed run (default 64)")
+    p.add_argument("--tokens", type=int, default=256, help="decode steps per timed run (default 256)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per cell, median reported (>= 3; default 3)")
-    p.add_argument("--e2e_prompt", type=int, default=128, help="prompt length of table 2 (default 128)")
-    p.add_argument("--prompt_lens", type=int, nargs="+", default=[1024, 2048],
-                   help="prompt lengths of table 3 (default 1024 2048)")
+    p.add_argument("--e2e_prompt", type=int, default=256,
+                   help="prompt length of the end-to-end and policy tables (default 256)")
+    p.add_argument("--prompt_lens", type=int, nargs="+", default=[2048, 8192],
+                   help="prompt lengths of the attention table; the longest also for the joint row (default 2048 8192)")
     p.add_argument("--page_size", type=int, default=4, help="QUEST page size (default 4, as the configs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--skip", nargs="*", choices=["mlp", "e2e", "attention"], default=[], help="tables to skip")
+    p.add_argument("--ckpt_dir", default="results/ckpt_prune_bc_cal",
+                   help="prune policy for the policy table (default: the shipped headline policy)")
+    p.add_argument("--ppl_csv", default="results/headline_prune_bc_cal/test_ppl.csv",
+                   help="that policy's test results, for the PPL column")
+    p.add_argument("--skip", nargs="*", choices=["mlp", "e2e", "attention", "policy", "joint"], default=[],
+                   help="tables to skip")
     a = p.parse_args(argv)
     if a.runs < 3 or a.tokens < 1 or a.e2e_prompt < 8 or min(a.prompt_lens) < 8:
         p.error("need --runs >= 3, --tokens >= 1 and prompts of at least 8 tokens")
@@ -227,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         out += e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size)
     if "attention" not in a.skip:
         out += attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size)
+    if "joint" not in a.skip:
+        out += joint_table(base, tok, max(a.prompt_lens), a.tokens, a.runs, a.page_size)
+    if "policy" not in a.skip and a.model == "smollm2":
+        text = " ".join(open(REPO / "data" / "wikitext-2" / "test.txt", encoding="utf-8").read().split()[:2000])
+        prompt = tok(text, add_special_tokens=False).input_ids[: a.e2e_prompt]
+        out += policy_table(a.ckpt_dir, prompt, a.tokens, a.runs, a.dtype, ppl_csv=a.ppl_csv)
     print("\n".join(out))
 
 
