@@ -17,25 +17,19 @@ import os
 import sys
 import time
 
-from utils.cli import TRUST_HELP, OneLineErrorParser, SOLError, UsageError, check_finite, check_output_file, check_targets
+from utils.cli import (OneLineErrorParser, SOLError, UsageError, add_checkpoint_flags, add_target_flags, check_finite,
+                       check_mode, check_output_file, check_targets)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_dir", required=True, help="training run directory holding policy_*.pt, or an exported "
-                   "policy (policy.safetensors)")
-    p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_{mode}.pt)")
-    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
+    add_checkpoint_flags(p)
     p.add_argument("--dataset_name", help="data source (default: the checkpoint config's, i.e. shipped WikiText-2)")
     p.add_argument("--dataset_config", help="datasets config name for a hub dataset (e.g. wikitext-2-raw-v1)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; train/dev/validation)")
     p.add_argument("--eval_batches", type=int, default=7, help="number of batches (default 7, as the reference)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per batch (default 16)")
-    p.add_argument("--tgt_keep", type=float, help="requested token keep κ (default: cfg eval_C_tok, else C_target)")
-    p.add_argument("--tgt_prune_keep", type=float,
-                   help="requested MLP channel keep ρ (default: cfg eval_C_pru, else C_target_prune)")
-    p.add_argument("--tgt_quant_bits", type=float,
-                   help="requested MLP-output bits (default: cfg eval_C_qbits, else C_target_quant_bits)")
+    add_target_flags(p)
     p.add_argument("--num_trials", type=int, default=1, help="random-baseline trials, seeds seed..seed+N-1 (0: none)")
     p.add_argument("--seed", type=int, default=1234, help="first random-baseline seed (default 1234)")
     p.add_argument("--sparsity_bias", type=float,
@@ -88,7 +82,7 @@ def _check_args(a: argparse.Namespace) -> None:
     need(a.keep_prefill_mb >= 0, f"--keep_prefill_mb must be >= 0, got {a.keep_prefill_mb}")
     need(a.rows_per_forward is None or a.rows_per_forward >= 0,
          f"--rows_per_forward must be >= 0, got {a.rows_per_forward}")
-    need(a.mode == "latest" or a.mode.isdigit(), f"--mode must be latest or an update number, got {a.mode!r}")
+    check_mode(a.mode)
     need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
 
 
@@ -103,9 +97,10 @@ def run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from utils.baselines import DACScheduler, EMCScheduler, FixedRefScheduler, FixedScheduler, RandomScheduler
+    from utils.checkpoint import load_policy_eval
     from utils.config import eval_targets
     from utils.data import load_blocks
-    from utils.evaluation import (append_csv_row, check_csv_header, evaluate_matched, fmt, load_policy_eval,
+    from utils.evaluation import (append_csv_row, check_csv_header, evaluate_matched, fmt,
                                   method_cells, paired_bootstrap_ci)
     from utils.schedulers import DenseScheduler, PolicyScheduler
 

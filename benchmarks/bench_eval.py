@@ -20,7 +20,7 @@ from utils.baselines import DACScheduler, EMCScheduler, FixedScheduler, RandomSc
 from utils.config import load_config  # noqa: E402
 from utils.data import load_blocks  # noqa: E402
 from utils.engine import prefill_blocks, run_episode  # noqa: E402
-from utils.evaluation import load_policy_eval  # noqa: E402
+from utils.checkpoint import load_policy_eval  # noqa: E402
 from utils.lm import ControlledLM  # noqa: E402
 from utils.model import load_lm  # noqa: E402
 from utils.policy import SOLPolicy  # noqa: E402

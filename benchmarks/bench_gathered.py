@@ -322,21 +322,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     base, tok = load_lm(MODELS[a.model], a.dtype)
     print(f"bench_gathered: {a.model} {a.dtype}, torch threads {torch.get_num_threads()}")
-    out: list[str] = []
+
+    def show(lines: list[str]) -> None:  # each table as soon as it is measured
+        print("\n".join(lines), flush=True)
+
     if "mlp" not in a.skip:
-        out += mlp_table(make_lm(base, tok, "recency", "gathered", a.page_size), a.runs)
+        show(mlp_table(make_lm(base, tok, "recency", "gathered", a.page_size), a.runs))
     if "e2e" not in a.skip:
         prompt = torch.randint(0, base.config.vocab_size, (1, a.e2e_prompt), generator=torch.Generator().manual_seed(2))
-        out += e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size)
+        show(e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size))
     if "attention" not in a.skip:
-        out += attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size)
+        show(attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size))
     if "joint" not in a.skip:
-        out += joint_table(base, tok, max(a.prompt_lens), a.tokens, a.runs, a.page_size)
+        show(joint_table(base, tok, max(a.prompt_lens), a.tokens, a.runs, a.page_size))
     if "policy" not in a.skip and a.model == "smollm2":
         text = " ".join(open(REPO / "data" / "wikitext-2" / "test.txt", encoding="utf-8").read().split()[:2000])
         prompt = tok(text, add_special_tokens=False).input_ids[: a.e2e_prompt]
-        out += policy_table(a.ckpt_dir, prompt, a.tokens, a.runs, a.dtype, ppl_csv=a.ppl_csv)
-    print("\n".join(out))
+        show(policy_table(a.ckpt_dir, prompt, a.tokens, a.runs, a.dtype, ppl_csv=a.ppl_csv))
 
 
 if __name__ == "__main__":

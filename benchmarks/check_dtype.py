@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.baselines import FixedScheduler  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import load_blocks  # noqa: E402
-from utils.evaluation import evaluate_methods, load_policy_eval, paired_bootstrap_ci  # noqa: E402
+from utils.checkpoint import load_policy_eval  # noqa: E402
+from utils.evaluation import evaluate_methods, paired_bootstrap_ci  # noqa: E402
 from utils.lm import ControlledLM  # noqa: E402
 from utils.model import load_lm  # noqa: E402
 from utils.schedulers import DenseScheduler, PolicyScheduler  # noqa: E402

@@ -14,8 +14,8 @@ import torch
 import eval_perplexity
 import train
 from utils import io as sol_io
-from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.evaluation import PPL_CSV_COLUMNS, append_csv_row, load_policy_eval
+from utils.checkpoint import CheckpointError, load_policy_eval, save_checkpoint
+from utils.evaluation import PPL_CSV_COLUMNS, append_csv_row
 from utils.plots import PlotError, read_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -273,3 +273,47 @@ def test_bad_inputs(tiny):
         score_continuation(lm, None, ids[:3], ids[3:6], (1, 1, 1), 0)
     with pytest.raises(RuntimeInputError):
         make_scheduler("nope", lm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one decode loop: a teacher-forced episode and streaming scoring give the same numbers
+# ---------------------------------------------------------------------------------------------------------
+
+class _ReplayActions(Scheduler):
+    """Takes actions[t] at step t (the same schedule for any driver of the loop)."""
+
+    def __init__(self, actions: torch.Tensor) -> None:
+        self.actions = actions
+
+    def choose(self, obs):
+        return self.actions[obs.t].expand(obs.input_ids.shape[0]).clone()
+
+
+@pytest.mark.parametrize("kind", ["replay", "policy"])
+def test_streaming_scoring_and_an_episode_share_the_decode_loop(tiny, kind):
+    """The same block decoded by `run_episode` (C context tokens, T teacher-forced steps) and by streaming
+    scoring (context = its first C + 1 tokens, continuation = the next T, episode_len = T) gives the same
+    actions, per-token log-likelihoods and usage: both drive `engine.DecodeLoop`."""
+    from utils.engine import run_episode
+    from utils.schedulers import PolicyScheduler
+
+    cfg, lm, _, policy, ids = tiny
+    C, T = 12, 10
+    block = torch.tensor(ids[: C + T + 1])
+    budgets = torch.tensor([[0.5, 0.7, 0.5]])
+    acts = torch.randint(0, len(lm.actions.tags), (T,), generator=torch.Generator().manual_seed(3))
+
+    def make():
+        return _ReplayActions(acts) if kind == "replay" else PolicyScheduler(policy, 0.6, greedy=True)
+
+    with torch.no_grad():
+        ep = run_episode(lm, block[None], make(), budgets, C)
+    (logp, _, st), = score_continuations(lm, make(), block[: C + 1].tolist(), [block[C + 1:].tolist()],
+                                         tuple(budgets[0].tolist()), episode_len=T)
+    assert st.actions == ep.actions[:, 0].tolist()
+    assert len(set(st.actions)) > 1  # a schedule that actually varies
+    torch.testing.assert_close(torch.tensor(st.logp), ep.logp[:, 0].float(), atol=ATOL, rtol=0)
+    assert math.isclose(logp, float(ep.logp.sum()), abs_tol=10 * ATOL)
+    assert st.effective == ep.effective.tolist()
+    for k in ("keep", "prune", "qratio", "channel_keep", "attn_keep"):
+        torch.testing.assert_close(torch.tensor(getattr(st, k)), ep.usage[k][:, 0].float(), atol=1e-6, rtol=0)

@@ -59,7 +59,7 @@ def test_shipped_joint_checkpoint_runs_out_of_the_box():
     from pathlib import Path
 
     from utils.engine import run_episode
-    from utils.evaluation import load_policy_eval
+    from utils.checkpoint import load_policy_eval
     from utils.schedulers import PolicyScheduler
 
     ckpt = Path(__file__).resolve().parents[1] / "results" / "ckpt_joint"
@@ -80,7 +80,7 @@ def test_shipped_prune_checkpoint_follows_its_budget():
     from pathlib import Path
 
     from utils.engine import run_episode
-    from utils.evaluation import load_policy_eval
+    from utils.checkpoint import load_policy_eval
     from utils.schedulers import PolicyScheduler
 
     ckpt = Path(__file__).resolve().parents[1] / "results" / "ckpt_prune"
@@ -103,7 +103,7 @@ def test_shipped_cloned_prune_checkpoint_follows_its_budget_on_real_text():
 
     from utils.data import load_blocks
     from utils.engine import run_episode
-    from utils.evaluation import load_policy_eval
+    from utils.checkpoint import load_policy_eval
     from utils.schedulers import PolicyScheduler
 
     ckpt = Path(__file__).resolve().parents[1] / "results" / "ckpt_prune_bc_cal"

@@ -17,7 +17,6 @@ import math
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -94,12 +93,6 @@ def assert_optimizer_states_equal(a: dict, b: dict) -> None:
         for k in sa:
             va, vb = sa[k], sb[k]
             assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb, f"optimizer state[{i}][{k}] differs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +253,7 @@ def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
     """No --output_dir: each rank derives the run directory name from rank 0's broadcast timestamp. Each rank
     decodes its share of the update cycle (2 rollout batches per rank) in one batched forward."""
     parent = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), "--config", TINY, "--total_updates", "4",
            "--set", f"block_cache_dir={block_cache}", "--set", f"output_dir={parent}", "--set", "run_name=ddp",
            "--set", "ppo_target_batch_size=128"]
@@ -283,7 +276,7 @@ def test_torchrun_two_ranks_only_rank0_writes(tmp_path, block_cache):
 
 
 def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), *args]
     return subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
@@ -411,7 +404,7 @@ def test_exported_checkpoint_evaluates_warm_starts_and_refuses_resume(tmp_path, 
     from safetensors.torch import load_file
 
     from utils.checkpoint import main as ckpt_main
-    from utils.evaluation import load_policy_eval
+    from utils.checkpoint import load_policy_eval
     out = tmp_path / "ship"
     assert ckpt_main(["export", str(tiny_run), str(out)]) == 0
     full = load_ckpt(tiny_run / "policy_latest.pt")

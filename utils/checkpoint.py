@@ -22,7 +22,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -144,6 +144,45 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = N
     d = dict(ckpt["cfg"])
     d.update(overrides or {})
     return config_from_dict(d)
+
+
+def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str, object] | None = None,
+                     device: str | None = None, trust: bool = False, execution: str = "simulated"):
+    """(cfg, ControlledLM, SOLPolicy in eval mode) from a checkpoint (a run's or an export) and its stored
+    config: the one loader of every evaluator, the generator and the benchmarks.
+
+    `overrides` replace config fields (e.g. dataset_name); `device` None resolves the config's `device`
+    (auto = CUDA when available); `trust` reads old pickled checkpoints (`read_pt`);
+    `execution`: "simulated" or "gathered" (see ControlledLM). Raises CheckpointError / ConfigError /
+    ModelLoadError / ExecutionError with one-line messages.
+    """
+    from utils.config import default_device
+    from utils.gathered import check_execution
+    from utils.lm import ControlledLM
+    from utils.model import load_lm
+    from utils.policy import SOLPolicy
+
+    check_execution(execution)  # before anything is loaded
+
+    ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
+    cfg = checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if v is not None})
+    dev = device or default_device(cfg)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {dev} requested but CUDA is not available on this machine")
+    model, tok = load_lm(cfg.model_name, cfg.dtype, dev)
+    lm = ControlledLM.from_config(cfg, model, tok, execution)
+    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.get_input_embeddings().embedding_dim,
+                                   lm.actions)
+    try:
+        policy.load_state_dict(ckpt["policy_state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"policy weights in {ckpt_dir} do not fit its config: {str(e).splitlines()[0]}") from None
+    bad = [k for k, v in ckpt["policy_state_dict"].items() if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"policy weights in {ckpt_dir} are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                              "the run that wrote them diverged")
+    policy.to(dev).eval().requires_grad_(False)
+    return cfg, lm, policy
 
 
 _EXPORT_KEYS = ("cfg", "update_step", "batches_done", "total_updates", "action_tags", "policy_num_params",

@@ -27,6 +27,30 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """--ckpt_dir, --mode, --trust_checkpoint: which policy an evaluator loads (the same on every CLI)."""
+    p.add_argument("--ckpt_dir", required=True, help="a training run directory (policy_<mode>.pt inside) or an "
+                   "exported policy (policy.safetensors, e.g. results/ckpt_prune_bc_cal)")
+    p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_<mode>.pt)")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """--tgt_keep, --tgt_prune_keep, --tgt_quant_bits: the requested budget (`config.eval_targets` fills the
+    ones not given; `check_targets` validates them), the same on every CLI."""
+    p.add_argument("--tgt_keep", type=float, help="requested token keep κ in [0, 1] (default: the checkpoint "
+                   "config's eval_C_tok, else C_target)")
+    p.add_argument("--tgt_prune_keep", type=float, help="requested MLP channel keep ρ in [0, 1] (default: "
+                   "eval_C_pru, else C_target_prune)")
+    p.add_argument("--tgt_quant_bits", type=float, help=f"requested MLP-output bits in [{MIN_BITS}, {MAX_BITS}] "
+                   "(default: eval_C_qbits, else C_target_quant_bits)")
+
+
+def check_mode(mode: str, error: type[Exception] = UsageError) -> None:
+    if not (mode == "latest" or str(mode).isdigit()):
+        raise error(f"--mode must be latest or an update number, got {mode!r}")
+
+
 def need(ok: bool, msg: str) -> None:
     """Raise UsageError(msg) unless ok: argument checks read as a list of requirements."""
     if not ok:

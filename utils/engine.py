@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from utils.attention import is_effective
 from utils.lm import ControlledLM, StepOutput, StepUsage
 from utils.records import StepScalars
 
@@ -147,6 +148,47 @@ class Episode:
 step_scalars = StepScalars.build  # the policy's scalars of one step; layout in utils.records.StepScalars
 
 
+class DecodeLoop:
+    """The one controlled decode loop: per step, the policy scalars from the row budgets and the usage of the
+    episode so far, the scheduler's choice, one batched `ControlledLM.step`, the scheduler's observation and
+    the usage sums. Teacher-forced episodes (`run_episode`: training and every evaluator) and streaming
+    scoring and generation (`utils.runtime`) differ only in where each step's input token comes from and
+    what they record, so both drive this object; one instance is one episode of up to T steps.
+
+    `scheduler=None` runs plain dense steps (actions=None, no scalars). `kv_len` is the cache length before
+    the first step."""
+
+    def __init__(self, lm: ControlledLM, scheduler: "Scheduler | None", budgets: torch.Tensor, T: int,
+                 kv_len: int, group_size: int = 1) -> None:
+        self.lm, self.scheduler, self.budgets, self.T = lm, scheduler, budgets, T
+        self.t, self.kv_len, self.n_eff = 0, kv_len, 0
+        self.usage_sum = torch.zeros(budgets.shape[0], 3, device=budgets.device)
+        if scheduler is not None:
+            scheduler.start(lm, budgets, group_size)
+
+    def step(self, cache, x: torch.Tensor, hidden: torch.Tensor, prev_logits: torch.Tensor
+             ) -> tuple[torch.Tensor | None, StepOutput]:
+        """Decode input tokens x [N] on `cache` (appended in place); hidden / prev_logits are the previous
+        LM call's. Returns (the actions taken [N] or None, the step's output)."""
+        lm, sched, t = self.lm, self.scheduler, self.t
+        self.kv_len += 1  # the cache length including this step's token
+        effective = is_effective(self.kv_len, lm.Ts, lm.Tw)
+        a = None
+        if sched is not None:
+            scalars = step_scalars(t, self.T, effective, self.budgets, self.usage_sum, self.n_eff,
+                                   prev_logits if sched.uses_lm_scalars else None, x)
+            a = sched.choose(StepObs(t, self.T, x, hidden, prev_logits, scalars, effective)).reshape(-1)
+        out = lm.step(cache, x, a)
+        if sched is not None:
+            sched.observe(out)
+        u = out.usage
+        if u.effective:
+            self.usage_sum += torch.stack([u.keep, u.prune, u.qratio], dim=-1)
+            self.n_eff += 1
+        self.t += 1
+        return a, out
+
+
 @dataclass
 class Prefill:
     """A dense prefill of B blocks, reusable by any number of schedulers (each run clones the cache)."""
@@ -202,38 +244,25 @@ def run_episode(lm: ControlledLM, blocks: torch.Tensor | None, scheduler: Schedu
         if row_budgets.shape[0] != B:
             raise ValueError(f"budgets for {row_budgets.shape[0]} rows; expected {B} (per input) or {N} (per row)")
         row_budgets = row_budgets.repeat_interleave(K, dim=0)
-    scheduler.start(lm, row_budgets, K)
+    loop = DecodeLoop(lm, scheduler, row_budgets, T, kv_len=C, group_size=K)
 
-    usage_sum = torch.zeros(N, 3, device=lm.device)
-    n_eff = 0
     acts, logps, kls, effs, dflops = [], [], [], [], []
     usage = {k: [] for k in USAGE_FIELDS}
     for t in range(T):
         x = blocks[:, C + t].repeat_interleave(K)
         y = labels[t].repeat_interleave(K)
-        kv_len = C + t + 1
-        effective = kv_len > lm.Ts + lm.Tw + 1
-        lm_feats = scheduler.uses_lm_scalars
-        obs = StepObs(t, T, x, hidden, prev_logits,
-                      step_scalars(t, T, effective, row_budgets, usage_sum, n_eff, prev_logits if lm_feats else None,
-                                   x), effective)
-        a = scheduler.choose(obs)
-        out = lm.step(cache, x, a)
-        scheduler.observe(out)
+        a, out = loop.step(cache, x, hidden, prev_logits)
         logprobs = F.log_softmax(out.logits, dim=-1)
         logps.append(logprobs.gather(-1, y[:, None])[:, 0])
         if need_kl:
             ref = dense_logprobs[t].repeat_interleave(K, dim=0)
             kls.append((ref.exp() * (ref - logprobs)).sum(-1))
         u = out.usage
-        if u.effective:
-            usage_sum += torch.stack([u.keep, u.prune, u.qratio], dim=-1)
-            n_eff += 1
         for k in USAGE_FIELDS:
             usage[k].append(getattr(u, k))
         acts.append(a)
         effs.append(u.effective)
-        dflops.append(lm.dense_step_flops(kv_len))
+        dflops.append(lm.dense_step_flops(loop.kv_len))
         hidden, prev_logits = out.hidden, out.logits
     return Episode(
         actions=torch.stack(acts), logp=torch.stack(logps),

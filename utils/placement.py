@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from utils.cli import TRUST_HELP, OneLineErrorParser, SOLError, check_output_file, check_targets, need
+from utils.cli import (OneLineErrorParser, SOLError, add_checkpoint_flags, add_target_flags, check_mode,
+                       check_output_file, check_targets, need)
 from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
 from utils.stats import pearson, spearman
 
@@ -157,15 +158,11 @@ def placement_report(lm, policy, blocks: torch.Tensor, context_len: int, targets
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineErrorParser(prog="python -m utils.placement", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_dir", required=True, help="run directory (or exported checkpoint) with policy_*.pt")
-    p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number")
-    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
+    add_checkpoint_flags(p)
     p.add_argument("--split", default="dev", help="blocks to probe (default dev: this is for choosing, not reporting)")
     p.add_argument("--blocks", type=int, default=32, help="sequences to probe (default 32; cost: T+1 episodes each)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per batch (default 16)")
-    p.add_argument("--tgt_keep", type=float, help="requested κ (default: the checkpoint's C_target)")
-    p.add_argument("--tgt_prune_keep", type=float, help="requested ρ (default: C_target_prune)")
-    p.add_argument("--tgt_quant_bits", type=float, help="requested bits (default: C_target_quant_bits)")
+    add_target_flags(p)
     p.add_argument("--probe", help="action tag of the cheap step (default: the grid's cheapest action)")
     p.add_argument("--json", dest="json_path", help="also write the report to this JSON file")
     return p.parse_args(argv)
@@ -175,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from utils.config import eval_targets
     from utils.data import load_blocks
-    from utils.evaluation import load_policy_eval
+    from utils.checkpoint import load_policy_eval
 
     try:
         need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
         need(a.blocks >= 1 and a.batch_size >= 1, "--blocks and --batch_size must be >= 1")
+        check_mode(a.mode)
         check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         check_output_file("--json", a.json_path)
         cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, trust=a.trust_checkpoint)

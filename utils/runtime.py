@@ -7,7 +7,7 @@ repository's `policy_runtime.py`, with the fixes listed in docs/deviations.md):
 1. dense prefill of `context[:-1]`; the last context token is the first *controlled* token, so the first
    continuation token is already predicted under a scheduled action;
 2. each continuation token (scoring) or each new token (generation) costs one `lm.step` with the
-   scheduler's action; scalars come from `engine.step_scalars` with T = `episode_len`;
+   scheduler's action, through the engine's one decode loop (`engine.DecodeLoop`, T = `episode_len`);
 3. every `episode_len` controlled steps (when more follow) the dense cache saved before the episode is
    restored, the episode's input tokens are re-run densely in one multi-token forward (dense replay), and
    the scheduler is restarted (fresh policy state, budget running means reset). Every scheduler, the fixed
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from utils.attention import is_effective
-from utils.cli import MAX_BITS, TRUST_HELP, SOLError, check_finite, check_targets
-from utils.engine import Scheduler, StepObs, step_scalars
+from utils.cli import (MAX_BITS, SOLError, add_checkpoint_flags, add_target_flags, check_finite, check_mode,
+                       check_targets)
+from utils.engine import DecodeLoop, Scheduler
 from utils.gathered import EXECUTIONS
 from utils.lm import ControlledLM
 
@@ -245,8 +245,6 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Se
     ep_tokens: list[list[int]] = []
     x = [c[-1] for c in ctxs]
     done = [n <= 0 for n in lengths]
-    usage_sum = torch.zeros(N, 3, device=dev)
-    n_eff = 0
     for i in range(max_steps):
         if all(done):
             break
@@ -260,29 +258,13 @@ def _stream(lm: ControlledLM, scheduler: Scheduler | None, contexts: Sequence[Se
                 for r in range(N):
                     if not done[r]:
                         stats[r].refresh_steps.append(i)
-            if scheduler is not None:
-                scheduler.start(lm, b, 1)
-            usage_sum.zero_()
-            n_eff = 0
+            loop = DecodeLoop(lm, scheduler, b, E, kv_len=cache.get_seq_length())  # a new episode
             for r in range(N):
                 if not done[r]:
                     stats[r].n_episodes += 1
-        kv_len = cache.get_seq_length() + 1
-        effective = is_effective(kv_len, lm.Ts, lm.Tw)
         xin = torch.tensor(x, dtype=torch.long, device=dev)
-        if scheduler is None:
-            a = None
-        else:
-            obs = StepObs(t, E, xin, h, logits, step_scalars(t, E, effective, b, usage_sum, n_eff, logits, xin),
-                          effective)
-            a = scheduler.choose(obs).reshape(N)
-        out = lm.step(cache, xin, a)
-        if scheduler is not None:
-            scheduler.observe(out)
-        u = out.usage
-        if u.effective:
-            usage_sum += torch.stack([u.keep, u.prune, u.qratio], dim=-1)
-            n_eff += 1
+        a, out = loop.step(cache, xin, h, logits)
+        kv_len, u = loop.kv_len, out.usage
         ys = [int(y) for y in pick(i, out.logits)]
         logp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, torch.tensor(ys, device=dev)[:, None])[:, 0]
         dense_flops = lm.dense_step_flops(kv_len)
@@ -413,9 +395,9 @@ class EvalBundle:
 def load_eval_bundle(ckpt_dir: str, mode: str = "latest", device: str | None = None,
                      trust: bool = False, execution: str = "simulated") -> EvalBundle:
     """The checkpoint's training config, the frozen LM wrapped as a ControlledLM (in `execution` mode) and
-    the policy (eval), through the evaluators' shared loader (`utils.evaluation.load_policy_eval`)."""
+    the policy (eval), through the evaluators' shared loader (`utils.checkpoint.load_policy_eval`)."""
     from utils.checkpoint import find_checkpoint
-    from utils.evaluation import load_policy_eval
+    from utils.checkpoint import load_policy_eval
 
     cfg, lm, policy = load_policy_eval(ckpt_dir, mode, device=device, trust=trust, execution=execution)
     return EvalBundle(cfg, lm, policy, str(find_checkpoint(ckpt_dir, mode)))
@@ -449,10 +431,7 @@ def make_scheduler(kind: str, lm: ControlledLM, policy=None, *, policy_temperatu
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by eval_downstream.py and gen_policy_vs_dense.py (reference names)."""
-    p.add_argument("--ckpt_dir", required=True, help="run directory holding policy_<mode>.pt, or an exported policy "
-                   "(policy.safetensors)")
-    p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_<mode>.pt)")
-    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
+    add_checkpoint_flags(p)
     p.add_argument("--episode_len", type=int, default=None,
                    help="controlled steps between dense replays (default: the checkpoint's rollout_len)")
     g = p.add_mutually_exclusive_group()
@@ -464,9 +443,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity_bias", type=float, default=None, help="logit bias against dense κ (default: cfg)")
     p.add_argument("--prune_bias", type=float, default=None, help="logit bias against dense ρ (default: cfg)")
     p.add_argument("--quant_bias", type=float, default=None, help="logit bias against high bits (default: cfg)")
-    p.add_argument("--tgt_keep", type=float, default=None, help="token keep target κ in [0, 1]")
-    p.add_argument("--tgt_prune_keep", type=float, default=None, help="MLP channel keep target in [0, 1]")
-    p.add_argument("--tgt_quant_bits", type=float, default=None, help="bit-width target in [2, 16]")
+    add_target_flags(p)
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the checkpoint's device / auto)")
     p.add_argument("--execution", choices=EXECUTIONS, default="simulated",
@@ -482,8 +459,7 @@ def check_policy_args(args) -> None:
                  RuntimeInputError)
     if args.episode_len is not None and args.episode_len < 1:
         raise RuntimeInputError(f"--episode_len must be >= 1, got {args.episode_len}")
-    if not (args.mode == "latest" or str(args.mode).isdigit()):
-        raise RuntimeInputError(f"--mode must be latest or an update number, got {args.mode!r}")
+    check_mode(args.mode, RuntimeInputError)
     if args.policy_temperature <= 0:
         raise RuntimeInputError(f"--policy_temperature must be > 0, got {args.policy_temperature}")
     if not Path(args.ckpt_dir).is_dir():
