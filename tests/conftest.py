@@ -39,3 +39,23 @@ def tiny_ckpt_dir(tiny_test_split, tmp_path_factory):
     policy = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions)
     save_checkpoint({"policy_state_dict": policy.state_dict(), "cfg": config_to_dict(cfg)}, d / "policy_latest.pt")
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_with_ref():
+    """(cfg, ControlledLM, an untouched SDPA copy of the model, an untrained policy in eval mode) on the tiny
+    config: the streaming runtime and the lm-eval adapter are checked against the plain model."""
+    import copy
+
+    import torch
+
+    from utils.policy import SOLPolicy
+
+    cfg = load_config(REPO / "official_configs/tiny.yml", ["device=cpu"])
+    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    lm = ControlledLM.from_config(cfg, model, tok)
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("sdpa")
+    torch.manual_seed(0)
+    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, lm.actions).eval()
+    return cfg, lm, ref, policy

@@ -23,7 +23,6 @@ from utils.lm import ControlledLM  # noqa: E402
 from utils.lm_eval_adapter import (LOCAL_TASKS_DIR, SOLHarnessLM, TaskNameError, _names_cache_path,  # noqa: E402
                                    accuracy_summary, make_task_manager, plan_batches, task_accuracy)
 from utils.model import load_lm  # noqa: E402
-from utils.policy import SOLPolicy  # noqa: E402
 from utils.runtime import make_scheduler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +30,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config("official_configs/tiny.yml", ["device=cpu"])
-    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
-    lm = ControlledLM.from_config(cfg, model, tok)
-    ref = copy.deepcopy(model)
-    ref.set_attn_implementation("sdpa")
-    torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, lm.actions).eval()
-    return cfg, lm, ref, policy
+def tiny(tiny_lm_with_ref):
+    return tiny_lm_with_ref
 
 
 @pytest.fixture(scope="module")

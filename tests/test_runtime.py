@@ -1,18 +1,13 @@
 """Tests of utils/runtime.py: streaming scoring / generation with dense episode replay, on the tiny Llama."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.config import load_config
 from utils.engine import Scheduler
-from utils.lm import ControlledLM
-from utils.model import load_lm
-from utils.policy import SOLPolicy
 from utils.runtime import (PrefixMemo, RuntimeInputError, StreamStats, UsageTracker, dense_token_logprobs,
                            generate, make_scheduler, sample_next, score_continuation, score_continuations,
                            score_rows)
@@ -22,14 +17,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config("official_configs/tiny.yml", ["device=cpu"])
-    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
-    lm = ControlledLM.from_config(cfg, model, tok)
-    ref = copy.deepcopy(model)
-    ref.set_attn_implementation("sdpa")
-    torch.manual_seed(0)
-    policy = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, lm.actions).eval()
+def tiny(tiny_lm_with_ref):
+    cfg, lm, ref, policy = tiny_lm_with_ref
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 5000, (40,), generator=g).tolist()
     return cfg, lm, ref, policy, ids
