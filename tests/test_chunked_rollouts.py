@@ -71,7 +71,7 @@ def test_cycle_in_one_forward_equals_batch_by_batch(tmp_path, block_cache):
         budgets = sample_budgets(tr.cfg, len(idx), tr.budget_gen)  # the draws rollout_batches made, in order
         replay = Replay(batch.actions)
         ep = run_episode(tr.lm, blocks, replay, budgets, C, K, need_kl=True)
-        adv, r_task, _ = tr.score(ep)
+        adv, r_task, _, _ = tr.score(ep)
         part = ep_all.rows(j * len(idx) * K, (j + 1) * len(idx) * K)
         for name in ("logp", "kl", "dense_logp", "budgets"):
             torch.testing.assert_close(getattr(part, name), getattr(ep, name), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty,
                         group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards,
-                        step_budget_costs, task_reward, whiten)
+                        step_budget_costs, step_price_costs, task_reward, usage_slopes, budget_prices, whiten)
 
 
 def close(a, b, tol=1e-5):
@@ -355,3 +355,76 @@ def test_grpo_advantages_accepts_step_costs():
     r = torch.tensor([[1.0, 2.0], [3.0, 1.0]])
     c = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
     close(grpo_advantages(r, c, cfg, 2), group_advantages(r - c, 2, "process", "center"))
+
+
+# budget_credit: price
+# ---------------------------------------------------------------------------------------------------
+
+def test_usage_slopes_are_least_squares_slopes_per_step_and_input():
+    """Each (step, input, axis) slope equals numpy's degree-1 fit of the K rewards on the K usages; no contrast
+    (all K alike) and non-effective steps are NaN."""
+    import numpy as np
+    g = torch.Generator().manual_seed(3)
+    T, B, K = 5, 2, 4
+    usage = torch.randint(0, 2, (T, B * K, 3), generator=g).float() * 0.6 + 0.4
+    usage[1, :K, 1] = 1.0  # input 0, step 1: every rollout dense on the prune axis
+    r = torch.randn(T, B * K, generator=g)
+    eff = torch.tensor([False, True, True, True, True])
+    s = usage_slopes(r, usage, eff, K)
+    assert s.shape == (T, B, 3) and torch.isnan(s[0]).all() and torch.isnan(s[1, 0, 1])
+    for t in range(1, T):
+        for b in range(B):
+            for j in range(3):
+                x, y = usage[t, b * K:(b + 1) * K, j].numpy(), r[t, b * K:(b + 1) * K].numpy()
+                if np.ptp(x) == 0:
+                    assert torch.isnan(s[t, b, j])
+                else:
+                    assert abs(float(s[t, b, j]) - np.polyfit(x, y, 1)[0]) < 1e-4
+
+
+def test_usage_slope_on_two_levels_is_damage_over_gap():
+    """Two of four rollouts cheap (0.4), two dense (1.0): slope = (mean dense r − mean cheap r) / 0.6."""
+    usage = torch.full((1, 4, 3), 1.0)
+    usage[0, :, 1] = torch.tensor([0.4, 1.0, 0.4, 1.0])
+    r = torch.tensor([[-3.0, -1.0, -2.0, -1.5]])
+    s = usage_slopes(r, usage, torch.tensor([True]), 4)
+    close(s[0, 0, 1], ((-1.0 - 1.5) / 2 - (-3.0 - 2.0) / 2) / 0.6)
+    assert torch.isnan(s[0, 0, 0]) and torch.isnan(s[0, 0, 2])
+
+
+def test_budget_prices_are_the_quantile_the_budget_affords():
+    """Price = the (1 − q)-quantile of the finite slopes, q = (b − lo)/(hi − lo) the dense share b allows;
+    NaN slopes are ignored; a one-level axis or too few slopes gives 0."""
+    import numpy as np
+    vals = torch.arange(1.0, 101.0)
+    slopes = torch.stack([vals, vals.flip(0), torch.full((100,), 5.0)], dim=1)
+    slopes = torch.cat([slopes, torch.full((7, 3), float("nan"))])
+    lo, hi = torch.tensor([0.4, 0.4, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+    targets = torch.tensor([[0.5, 0.7, 1.0], [1.0, 0.4, 1.0], [0.9, 0.3, 1.0]])
+    p = budget_prices(slopes, targets, lo, hi)
+    for i, b in enumerate(targets[:, 0].tolist()):
+        q = min(max((b - 0.4) / 0.6, 0.0), 1.0)
+        close(p[i, 0], np.quantile(vals.numpy(), 1 - q), tol=1e-4)
+    close(p[1, 1], 100.0)  # b = lo: no dense step affordable, the price is the largest slope
+    close(p[2, 1], 100.0)  # below lo: clamped
+    assert torch.all(p[:, 2] == 0)  # one level on the axis
+    assert torch.all(budget_prices(slopes[:10], targets, lo, hi, min_cells=16) == 0)
+    # a tighter budget never gets a lower price
+    tb = torch.linspace(0.4, 1.0, 13)[:, None].expand(13, 3)
+    pr = budget_prices(slopes, tb.contiguous(), lo, hi)[:, 0]
+    assert torch.all(pr[1:] <= pr[:-1])
+
+
+def test_price_costs_by_hand_and_what_they_reward():
+    """c_t = Σ price·(u_t − b) on effective steps; with price λ a cheap step (ρ 0.4 vs 1.0) gains the advantage
+    over a dense one exactly where its damage is below 0.6·λ."""
+    usage = torch.tensor([[[1.0, 0.4, 1.0], [1.0, 1.0, 1.0]], [[1.0, 1.0, 1.0], [1.0, 0.4, 1.0]]])  # [T=2, N=2, 3]
+    targets = torch.tensor([[1.0, 0.7, 1.0], [1.0, 0.7, 1.0]])
+    prices = torch.tensor([[9.0, 2.0, 9.0], [9.0, 2.0, 9.0]])
+    c = step_price_costs(usage, targets, torch.tensor([True, True]), prices)
+    close(c, [[2.0 * -0.3, 2.0 * 0.3], [2.0 * 0.3, 2.0 * -0.3]])
+    assert torch.all(step_price_costs(usage, targets, torch.tensor([False, True]), prices)[0] == 0)
+    # step 0: the cheap row loses 1.0 nat, step 1: it loses 1.5; the price makes 0.6 * 2 = 1.2 nats affordable
+    r = torch.tensor([[-2.0, -1.0], [-2.5, -4.0]])
+    A = group_advantages(r - c, 2, "process", "center")
+    assert A[0, 0] > A[0, 1] and A[1, 1] < A[1, 0]

@@ -438,6 +438,20 @@ def test_step_budget_credit_trains(tmp_path, block_cache):
     assert ckpt["update_step"] == 2 and checkpoint_config(ckpt).budget_credit == "step"
 
 
+def test_price_budget_credit_trains_logs_its_price_and_resumes_exactly(tmp_path, block_cache):
+    """budget_credit=price runs end to end, logs a finite price per axis, keeps its window of usage slopes in
+    the checkpoint and resumes exactly (a window lost on resume changes the prices, so the policy)."""
+    sets = ("budget_credit=price", "budget_price_window=3")
+    straight = run_main(tmp_path / "A", block_cache, updates=4, sets=sets)
+    rows = [r for r in read_metrics(straight) if "budgets/price_prune" in r]
+    assert rows and all(math.isfinite(r["budgets/price_prune"]) for r in rows)
+    ckpt = load_ckpt(straight / "policy_latest.pt")
+    assert checkpoint_config(ckpt).budget_credit == "price" and 1 <= len(ckpt["price_window"]) <= 3
+    resumed = run_main(tmp_path / "B", block_cache, updates=2, sets=sets)
+    resume_main(resumed, 4)
+    _check_resume_exact(straight, resumed)
+
+
 def test_dev_eval_logs_learning_curve(tmp_path, block_cache):
     """eval_every_updates > 0 logs the dev-split policy/fixed/dense PPL and achieved usage at those updates."""
     run = run_main(tmp_path / "dev", block_cache, updates=4, sets=("eval_every_updates=2",))

@@ -96,7 +96,12 @@ class Config:
     budget_tolerance: float = _f(0.02, "ours: dead zone of the squared budget penalty (reference hard-codes 0.02)")
     budget_credit: str = _f("episode", "ours: how the budget penalty reaches each step's advantage: episode (the "
                             "reference: every step of a rollout pays its whole-episode penalty) or step (each step "
-                            "pays its own usage at the marginal price of its group's penalty; lower variance)")
+                            "pays its own usage at the marginal price of its group's penalty; lower variance) or "
+                            "price (each step pays its own usage at a price set by the row's budget: the quantile "
+                            "of the counterfactual usage slopes of recent rollouts that the budget affords, "
+                            "utils.grpo.budget_prices; replaces the squared penalty, the alphas only log it)")
+    budget_price_window: int = _f(64, "ours: rollout batches of usage slopes pooled for the price of "
+                                  "budget_credit: price")
     budget_feedback_gain: float = _f(0.0, "ours: integral budget feedback inside the policy (0 = off, the "
                                      "reference). Before each step the policy's raw logits get -g * S . u(a), S the "
                                      "row's cumulative usage surplus over its budget so far (per axis, in budget "
@@ -383,13 +388,13 @@ def describe_fields() -> str:
 _CHOICES = {
     "sparsity_criteria": ("recency", "relevancy", "quest"), "relevancy_tier": ("per_head", "per_layer"),
     "dtype": ("float32", "bfloat16", "float16"), "reward_agg": (None, "sum", "max"),
-    "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step"), "grpo_norm": ("center", "zscore"),
+    "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step", "price"), "grpo_norm": ("center", "zscore"),
 }
 # (fields, description, predicate); a null Optional value skips its rule.
 _RANGES = [
     (("context_len", "rollout_len", "batch_size", "grpo_rollouts_per_input", "epochs", "ppo_epochs",
       "ppo_minibatch_size", "ppo_target_batch_size", "grad_accum_steps", "log_every", "dev_eval_blocks",
-      "quest_page_size", "max_blocks", "policy_d_model", "policy_n_heads", "policy_n_layers", "policy_mlp_ratio",
+      "quest_page_size", "max_blocks", "budget_price_window", "policy_d_model", "policy_n_heads", "policy_n_layers", "policy_mlp_ratio",
       "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
       "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain", "policy_logit_bound",

@@ -117,7 +117,57 @@ def step_budget_costs(usage: Tensor, targets: Tensor, effective: Tensor, alphas:
     g = gap.reshape(N // K, K, 3).mean(dim=1, keepdim=True).expand(N // K, K, 3).reshape(N, 3)
     a = torch.as_tensor(alphas, dtype=usage.dtype, device=usage.device)
     price = 2.0 * a * (g.abs() - float(tolerance)).clamp_min(0.0) * g.sign()  # [N, 3]
-    return ((usage - targets[None]) * eff * price[None]).sum(dim=-1)
+    return step_price_costs(usage, targets, effective, price)
+
+
+def step_price_costs(usage: Tensor, targets: Tensor, effective: Tensor, prices: Tensor) -> Tensor:
+    """Per-step costs `[T, N]` = Σ_axis price_axis·(u_t − b) on effective steps (0 elsewhere).
+
+    `usage` `[T, N, 3]`, `targets` and `prices` `[N, 3]` (nats per unit of nominal usage). Subtracted from the
+    reward, a step under budget earns price·(b − u_t) and one over budget pays price·(u_t − b)."""
+    eff = effective.to(usage.device, usage.dtype)[:, None, None]
+    return ((usage - targets[None]) * eff * prices[None]).sum(dim=-1)
+
+
+def usage_slopes(r: Tensor, usage: Tensor, effective: Tensor, group_size: int) -> Tensor:
+    """Counterfactual value of usage per (step, input) and axis, `[T, B, 3]`: the least-squares slope of the
+    step reward on the step's nominal usage across the input's K rollouts (ours, for `budget_credit: price`).
+
+    The K rollouts of an input read the same tokens and differ only in their actions, so at a step where some
+    were cheap and some dense, slope = cov_K(r_t, u_t) / var_K(u_t) estimates the log-likelihood one unit of
+    usage buys there (on a two-level axis: the damage of the cheap level / the level gap). NaN where the K
+    rollouts used the same level (no contrast) or the step is not effective. `r` `[T, N]`, `usage` `[T, N, 3]`.
+    """
+    T, N, _ = usage.shape
+    K = int(group_size)
+    u = usage.reshape(T, N // K, K, 3).double()
+    y = r.reshape(T, N // K, K, 1).double()
+    du, dy = u - u.mean(2, keepdim=True), y - y.mean(2, keepdim=True)
+    var, cov = du.pow(2).mean(2), (du * dy).mean(2)
+    ok = (var > 1e-12) & effective.to(var.device)[:, None, None]
+    return torch.where(ok, cov / var.clamp_min(1e-12), torch.full_like(var, float("nan"))).to(r.dtype)
+
+
+def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_cells: int = 16) -> Tensor:
+    """Per-row price of one unit of usage `[N, 3]`, set so that the budget is what the price can afford.
+
+    Under a reward r_t − λ·(u_t − b) a two-level axis is worth its dense level exactly at the steps whose
+    usage slope exceeds λ. The budget b allows the dense level on a share q = (b − lo) / (hi − lo) of the
+    steps, so λ(b) is the (1 − q)-quantile of the slopes pooled in `slopes` `[M, 3]` (NaN = no estimate):
+    a tight budget prices usage at a high quantile, a loose one at a low quantile. It is the per-budget
+    Lagrange multiplier of "maximise log-likelihood subject to mean usage b", read off the counterfactual
+    rollouts instead of found by dual ascent. Axes with one level, or fewer than `min_cells` finite slopes,
+    get price 0. `lo`, `hi` `[3]`: the smallest and largest nominal usage of each axis."""
+    out = torch.zeros_like(targets, dtype=torch.float32)
+    for j in range(targets.shape[1]):  # 3 axes
+        s = slopes[:, j].float()
+        s = s[torch.isfinite(s)]
+        span = float(hi[j]) - float(lo[j])
+        if span <= 0 or s.numel() < int(min_cells):
+            continue
+        q_dense = ((targets[:, j].float().cpu() - float(lo[j])) / span).clamp(0.0, 1.0)
+        out[:, j] = torch.quantile(s.cpu(), 1.0 - q_dense).to(out.device)
+    return out.to(targets.device)
 
 
 def shaped_rewards(x: Tensor, penalty: Tensor, level: str) -> Tensor:

@@ -25,8 +25,8 @@ from utils.config import Config, ConfigError, config_to_dict, default_device, re
 from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
 from utils.engine import Episode, run_episode
-from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, grpo_advantages, sample_budgets,
-                        step_budget_costs, task_reward)
+from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, budget_prices,
+                        grpo_advantages, sample_budgets, step_budget_costs, step_price_costs, task_reward, usage_slopes)
 from utils.lm import ControlledLM
 from utils.metrics import MetricsLogger
 from utils.model import load_lm
@@ -220,6 +220,9 @@ class GRPOTrainer:
         self.action_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1000 * self.dist.rank + 1)
         self.batches_done = 0
         self.budget_window: collections.deque[torch.Tensor] = collections.deque(maxlen=BUDGET_WINDOW)
+        self.price_window: collections.deque[torch.Tensor] = collections.deque(maxlen=cfg.budget_price_window)
+        nominal = self.actions.nominal_usage()
+        self.usage_lo, self.usage_hi = nominal.min(0).values, nominal.max(0).values
         per_batch = cfg.batch_size * cfg.grpo_rollouts_per_input * cfg.rollout_len
         self.total_updates = args.total_updates or self._estimate_updates(per_batch)
         self.save_stride = max(1, self.total_updates // 10)
@@ -274,7 +277,8 @@ class GRPOTrainer:
     def _rank_state(self) -> dict[str, Any]:
         """What differs between torchrun ranks: data position, RNGs, the pooled rollouts, the budget window."""
         return {"sampler": self.sampler.state_dict(), "rng": _rng_state(self.budget_gen, self.action_gen),
-                "updater": self.updater.state_dict(), "budget_window": [w.clone() for w in self.budget_window]}
+                "updater": self.updater.state_dict(), "budget_window": [w.clone() for w in self.budget_window],
+                "price_window": [w.clone() for w in self.price_window]}
 
     def _payload(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: rank 0's state at the top level (as a single-process run writes it) and, under
@@ -318,6 +322,7 @@ class GRPOTrainer:
         _set_rng_state(mine["rng"], self.budget_gen, self.action_gen)
         self.batches_done = ckpt["batches_done"]
         self.budget_window.extend(mine.get("budget_window", []))
+        self.price_window.extend(mine.get("price_window", []))
         if self.args.total_updates is None:
             self.total_updates = ckpt["total_updates"]
             self.save_stride = max(1, self.total_updates // 10)
@@ -333,17 +338,23 @@ class GRPOTrainer:
         need = max(1, math.ceil((cfg.ppo_target_batch_size - self.updater.pool_size) / per_batch))
         return max(1, min(need, cfg.rollout_rows_per_forward // rows))
 
-    def score(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Advantages [T, N] of one rollout batch's episodes, with its task rewards [T, N] and penalties [N]."""
+    def score(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Advantages [T, N] of one rollout batch's episodes, with its task rewards [T, N], penalties [N] and
+        price metrics. With `budget_credit: price` it also adds the batch's usage slopes to the price window."""
         cfg = self.cfg
         r_task = task_reward(ep.logp, ep.kl, cfg.task_w_kl)
         penalty = budget_penalty(ep.usage_means(), ep.budgets, self.alphas, cfg.budget_tolerance)
-        charge = penalty
+        charge, extra = penalty, {}
+        usage = torch.stack([ep.usage[k] for k in ("keep", "prune", "qratio")], dim=-1)
         if cfg.budget_credit == "step":
-            usage = torch.stack([ep.usage[k] for k in ("keep", "prune", "qratio")], dim=-1)
             charge = step_budget_costs(usage, ep.budgets, ep.effective, self.alphas, cfg.budget_tolerance,
                                        ep.group_size)
-        return grpo_advantages(r_task, charge, cfg, ep.group_size), r_task, penalty
+        elif cfg.budget_credit == "price":
+            self.price_window.append(usage_slopes(r_task, usage, ep.effective, ep.group_size).reshape(-1, 3).cpu())
+            prices = budget_prices(torch.cat(list(self.price_window)), ep.budgets, self.usage_lo, self.usage_hi)
+            charge = step_price_costs(usage, ep.budgets, ep.effective, prices)
+            extra = {f"budgets/price_{ax}": prices[:, i].mean().item() for i, ax in enumerate(("tok", "prune", "qratio"))}
+        return grpo_advantages(r_task, charge, cfg, ep.group_size), r_task, penalty, extra
 
     def rollout_batches(self, idxs: list[np.ndarray]) -> list[tuple[RolloutBatch, dict[str, float]]]:
         """K policy rollouts for each block of every batch in `idxs`, decoded in ONE batched episode (one
@@ -369,11 +380,12 @@ class GRPOTrainer:
         for i in idxs:
             stop = start + len(i) * K
             ep = ep_all.rows(start, stop)
-            adv, r_task, penalty = self.score(ep)
+            adv, r_task, penalty, price_metrics = self.score(ep)
             batch = RolloutBatch.from_trace(tr_all.rows(start, stop), adv.detach().clone())
             self.budget_window.append(torch.stack([ep.budgets, ep.usage_means()], dim=1).float().cpu())
             m = episode_metrics(ep, r_task, penalty, self.actions.tags)
             m.update(budget_correlations(self.budget_window))
+            m.update(price_metrics)
             out.append((batch, m))
             start = stop
         return out

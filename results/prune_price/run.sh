@@ -1,0 +1,23 @@
+#!/bin/bash
+# GRPO prune policy with the per-step budget price and integral budget feedback
+# (official_configs/cpu_smollm2_prune_price.yml), one training seed per call: trains on the shipped WikiText-2
+# valid.txt (its dev tail held out), exports to results/prune_price/ckpt_seed$SEED (TRAIN=0 skips this); with
+# SCORE=1 it then scores the export once on the test split with the headline prune protocol: 8 batches x 32
+# sequences x 16 steps per point, fixed, fixed_ref, NUM_TRIALS random trials (default 8), EMC/DAC (EMC_DAC=1).
+#   SEED=1234 SCORE=1 results/prune_price/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SEED=${SEED:-1234}
+CONFIG=${CONFIG:-official_configs/cpu_smollm2_prune_price.yml}
+NAME=${NAME:-prune_price}
+if [[ "${TRAIN:-1}" == 1 ]]; then
+  python train.py --config $CONFIG --set seed=$SEED ${EXTRA:-} --output_dir checkpoints/${NAME}_seed$SEED
+  python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED results/$NAME/ckpt_seed$SEED
+fi
+if [[ "${SCORE:-0}" == 1 ]]; then
+  rm -f results/$NAME/test_ppl_seed$SEED.csv
+  CKPT_DIR=results/$NAME/ckpt_seed$SEED CSV_PATH=results/$NAME/test_ppl_seed$SEED.csv SPLIT=test \
+    EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=${NUM_TRIALS:-8} EMC_DAC=${EMC_DAC:-1} \
+    POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" EXTRA="--keep_prefill_mb 4096 --no_progress ${EVAL_EXTRA:-}" \
+    ./eval_perplexity.sh
+fi
