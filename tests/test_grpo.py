@@ -361,8 +361,9 @@ def test_grpo_advantages_accepts_step_costs():
 # ---------------------------------------------------------------------------------------------------
 
 def test_usage_slopes_are_least_squares_slopes_per_step_and_input():
-    """Each (step, input, axis) slope equals numpy's degree-1 fit of the K rewards on the K usages; no contrast
-    (all K alike) and non-effective steps are NaN."""
+    """Each (step, input, axis) slope and its variance equal numpy's degree-1 least-squares fit of the K rewards
+    on the K usages (variance = residual sum of squares / (K − 2) / Σ(u − ū)²); no contrast (all K alike) and
+    non-effective steps are NaN."""
     import numpy as np
     g = torch.Generator().manual_seed(3)
     T, B, K = 5, 2, 4
@@ -371,15 +372,21 @@ def test_usage_slopes_are_least_squares_slopes_per_step_and_input():
     r = torch.randn(T, B * K, generator=g)
     eff = torch.tensor([False, True, True, True, True])
     s = usage_slopes(r, usage, eff, K)
-    assert s.shape == (T, B, 3) and torch.isnan(s[0]).all() and torch.isnan(s[1, 0, 1])
+    assert s.shape == (T, B, 2, 3) and torch.isnan(s[0]).all() and torch.isnan(s[1, 0, :, 1]).all()
+    checked = 0
     for t in range(1, T):
         for b in range(B):
             for j in range(3):
-                x, y = usage[t, b * K:(b + 1) * K, j].numpy(), r[t, b * K:(b + 1) * K].numpy()
+                x, y = usage[t, b * K:(b + 1) * K, j].double().numpy(), r[t, b * K:(b + 1) * K].double().numpy()
                 if np.ptp(x) == 0:
-                    assert torch.isnan(s[t, b, j])
-                else:
-                    assert abs(float(s[t, b, j]) - np.polyfit(x, y, 1)[0]) < 1e-4
+                    assert torch.isnan(s[t, b, :, j]).all()
+                    continue
+                coef, rss, *_ = np.polyfit(x, y, 1, full=True)
+                rss = float(rss[0]) if len(rss) else 0.0
+                assert abs(float(s[t, b, 0, j]) - coef[0]) < 1e-4
+                assert abs(float(s[t, b, 1, j]) - rss / (K - 2) / ((x - x.mean()) ** 2).sum()) < 1e-4
+                checked += 1
+    assert checked > 10
 
 
 def test_usage_slope_on_two_levels_is_damage_over_gap():
@@ -388,31 +395,55 @@ def test_usage_slope_on_two_levels_is_damage_over_gap():
     usage[0, :, 1] = torch.tensor([0.4, 1.0, 0.4, 1.0])
     r = torch.tensor([[-3.0, -1.0, -2.0, -1.5]])
     s = usage_slopes(r, usage, torch.tensor([True]), 4)
-    close(s[0, 0, 1], ((-1.0 - 1.5) / 2 - (-3.0 - 2.0) / 2) / 0.6)
-    assert torch.isnan(s[0, 0, 0]) and torch.isnan(s[0, 0, 2])
+    close(s[0, 0, 0, 1], ((-1.0 - 1.5) / 2 - (-3.0 - 2.0) / 2) / 0.6)
+    assert torch.isnan(s[0, 0, :, 0]).all() and torch.isnan(s[0, 0, :, 2]).all()
+
+
+def _cells(slopes, var):
+    """[M, 2, 3] cells from per-axis slopes [M, 3] and one noise variance for all."""
+    return torch.stack([slopes, torch.full_like(slopes, var)], dim=1)
 
 
 def test_budget_prices_are_the_quantile_the_budget_affords():
-    """Price = the (1 − q)-quantile of the finite slopes, q = (b − lo)/(hi − lo) the dense share b allows;
-    NaN slopes are ignored; a one-level axis or too few slopes gives 0."""
+    """Without noise the price is the (1 − q)-quantile of the finite slopes, q = (b − lo)/(hi − lo) the dense
+    share b allows; NaN cells are ignored; a one-level axis or too few cells gives 0."""
     import numpy as np
     vals = torch.arange(1.0, 101.0)
     slopes = torch.stack([vals, vals.flip(0), torch.full((100,), 5.0)], dim=1)
-    slopes = torch.cat([slopes, torch.full((7, 3), float("nan"))])
+    cells = torch.cat([_cells(slopes, 0.0), torch.full((7, 2, 3), float("nan"))])
     lo, hi = torch.tensor([0.4, 0.4, 1.0]), torch.tensor([1.0, 1.0, 1.0])
     targets = torch.tensor([[0.5, 0.7, 1.0], [1.0, 0.4, 1.0], [0.9, 0.3, 1.0]])
-    p = budget_prices(slopes, targets, lo, hi)
+    p = budget_prices(cells, targets, lo, hi)
     for i, b in enumerate(targets[:, 0].tolist()):
         q = min(max((b - 0.4) / 0.6, 0.0), 1.0)
         close(p[i, 0], np.quantile(vals.numpy(), 1 - q), tol=1e-4)
     close(p[1, 1], 100.0)  # b = lo: no dense step affordable, the price is the largest slope
     close(p[2, 1], 100.0)  # below lo: clamped
     assert torch.all(p[:, 2] == 0)  # one level on the axis
-    assert torch.all(budget_prices(slopes[:10], targets, lo, hi, min_cells=16) == 0)
-    # a tighter budget never gets a lower price
+    assert torch.all(budget_prices(cells[:10], targets, lo, hi, min_cells=16) == 0)
     tb = torch.linspace(0.4, 1.0, 13)[:, None].expand(13, 3)
-    pr = budget_prices(slopes, tb.contiguous(), lo, hi)[:, 0]
-    assert torch.all(pr[1:] <= pr[:-1])
+    pr = budget_prices(cells, tb.contiguous(), lo, hi)[:, 0]
+    assert torch.all(pr[1:] <= pr[:-1])  # a tighter budget never gets a lower price
+
+
+def test_budget_prices_undo_the_noise_of_the_slope_estimates():
+    """True slopes N(1, 0.5²) seen through noise of variance 4 (what a cell's residuals report): the prices are
+    the true slopes' quantiles, not the noisy ones' (which would price ρ 0.9 below zero)."""
+    g = torch.Generator().manual_seed(0)
+    M = 200_000
+    true = 1.0 + 0.5 * torch.randn(M, generator=g)
+    noisy = true + 2.0 * torch.randn(M, generator=g)
+    cells = _cells(noisy[:, None].expand(M, 3).contiguous(), 4.0)
+    lo, hi = torch.tensor([0.4, 0.4, 0.4]), torch.tensor([1.0, 1.0, 1.0])
+    targets = torch.tensor([[0.5] * 3, [0.7] * 3, [0.9] * 3])
+    p = budget_prices(cells, targets, lo, hi)[:, 0]
+    for i, b in enumerate((0.5, 0.7, 0.9)):
+        q = (b - 0.4) / 0.6
+        close(p[i], torch.quantile(true[:100_000], 1 - q), tol=0.03)
+    assert float(torch.quantile(noisy[:100_000], 1 - 5 / 6)) < 0 < float(p[2])
+    # all noise (reported variance ≥ the spread): every budget gets the mean slope
+    flat = budget_prices(_cells(noisy[:, None].expand(M, 3).contiguous(), 100.0), targets, lo, hi)[:, 0]
+    close(flat, torch.full((3,), float(noisy.mean())), tol=1e-4)
 
 
 def test_price_costs_by_hand_and_what_they_reward():

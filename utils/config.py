@@ -108,6 +108,10 @@ class Config:
                                      "units), u(a) an action's nominal usage: an over-spent row is pushed to cheaper "
                                      "actions in proportion to how much it overspent, so the budget holds by "
                                      "construction whatever the text, and the network only ranks the steps")
+    budget_feedback_in_training: bool = _f(True, "ours: false = rollouts and the loss run the policy without the "
+                                           "budget feedback (gain 0), which is then added at inference only (dev "
+                                           "checks, evaluators, generation), so the sampled rollouts keep their "
+                                           "contrast; the checkpoint keeps budget_feedback_gain for inference")
     policy_logit_bound: float = _f(0.0, "ours: bound the network's logits to [-c, c] with c*tanh(logits/c) before the "
                                    "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
                                    "row's usage surplus can then never exceed 2c / (g * level gap): the network "

@@ -130,22 +130,28 @@ def step_price_costs(usage: Tensor, targets: Tensor, effective: Tensor, prices: 
 
 
 def usage_slopes(r: Tensor, usage: Tensor, effective: Tensor, group_size: int) -> Tensor:
-    """Counterfactual value of usage per (step, input) and axis, `[T, B, 3]`: the least-squares slope of the
-    step reward on the step's nominal usage across the input's K rollouts (ours, for `budget_credit: price`).
+    """Counterfactual value of usage per (step, input) and axis, with its sampling variance: `[T, B, 2, 3]`
+    (`[..., 0, :]` slopes, `[..., 1, :]` variances), for `budget_credit: price` (ours).
 
     The K rollouts of an input read the same tokens and differ only in their actions, so at a step where some
     were cheap and some dense, slope = cov_K(r_t, u_t) / var_K(u_t) estimates the log-likelihood one unit of
-    usage buys there (on a two-level axis: the damage of the cheap level / the level gap). NaN where the K
-    rollouts used the same level (no contrast) or the step is not effective. `r` `[T, N]`, `usage` `[T, N, 3]`.
+    usage buys there (on a two-level axis: the damage of the cheap level / the level gap). Its variance is the
+    least-squares one, σ̂² / Σ_K (u − ū)² with σ̂² the residual variance on K − 2 degrees of freedom (the
+    other steps' actions make it noisy). NaN where the K rollouts used the same level (no contrast), the step is
+    not effective or K < 3. `r` `[T, N]`, `usage` `[T, N, 3]`.
     """
     T, N, _ = usage.shape
     K = int(group_size)
     u = usage.reshape(T, N // K, K, 3).double()
     y = r.reshape(T, N // K, K, 1).double()
     du, dy = u - u.mean(2, keepdim=True), y - y.mean(2, keepdim=True)
-    var, cov = du.pow(2).mean(2), (du * dy).mean(2)
-    ok = (var > 1e-12) & effective.to(var.device)[:, None, None]
-    return torch.where(ok, cov / var.clamp_min(1e-12), torch.full_like(var, float("nan"))).to(r.dtype)
+    sxx, sxy = du.pow(2).sum(2), (du * dy).sum(2)
+    slope = sxy / sxx.clamp_min(1e-12)
+    resid = (dy - slope[:, :, None] * du).pow(2).sum(2) / max(K - 2, 1)
+    var = resid / sxx.clamp_min(1e-12)
+    ok = (sxx > 1e-12) & effective.to(sxx.device)[:, None, None] & (K > 2)
+    nan = torch.full_like(slope, float("nan"))
+    return torch.stack([torch.where(ok, slope, nan), torch.where(ok, var, nan)], dim=2).to(r.dtype)
 
 
 def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_cells: int = 16) -> Tensor:
@@ -153,20 +159,27 @@ def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_c
 
     Under a reward r_t − λ·(u_t − b) a two-level axis is worth its dense level exactly at the steps whose
     usage slope exceeds λ. The budget b allows the dense level on a share q = (b − lo) / (hi − lo) of the
-    steps, so λ(b) is the (1 − q)-quantile of the slopes pooled in `slopes` `[M, 3]` (NaN = no estimate):
-    a tight budget prices usage at a high quantile, a loose one at a low quantile. It is the per-budget
-    Lagrange multiplier of "maximise log-likelihood subject to mean usage b", read off the counterfactual
-    rollouts instead of found by dual ascent. Axes with one level, or fewer than `min_cells` finite slopes,
-    get price 0. `lo`, `hi` `[3]`: the smallest and largest nominal usage of each axis."""
-    out = torch.zeros_like(targets, dtype=torch.float32)
+    steps, so λ(b) is the (1 − q)-quantile of the steps' slopes: a tight budget prices usage at a high
+    quantile, a loose one at a low quantile. It is the per-budget Lagrange multiplier of "maximise
+    log-likelihood subject to mean usage b", read off the counterfactual rollouts instead of found by dual
+    ascent. `slopes` `[M, 2, 3]` pools `usage_slopes` cells (NaN = no estimate). Each cell's slope is the
+    true one plus sampling noise, which widens the pooled distribution and would push the prices of loose
+    and tight budgets outside the range of the true slopes; so the quantiles are taken of the slopes shrunk
+    towards their mean by sqrt(1 − mean noise variance / total variance), which restores the true slopes'
+    variance. Axes with one level, or fewer than `min_cells` finite cells, get price 0. `lo`, `hi` `[3]`: the
+    smallest and largest nominal usage of each axis."""
+    out = torch.zeros(targets.shape, dtype=torch.float32)
     for j in range(targets.shape[1]):  # 3 axes
-        s = slopes[:, j].float()
-        s = s[torch.isfinite(s)]
+        s, v = slopes[:, 0, j].double().cpu(), slopes[:, 1, j].double().cpu()
+        ok = torch.isfinite(s) & torch.isfinite(v)
+        s, v = s[ok], v[ok]
         span = float(hi[j]) - float(lo[j])
         if span <= 0 or s.numel() < int(min_cells):
             continue
-        q_dense = ((targets[:, j].float().cpu() - float(lo[j])) / span).clamp(0.0, 1.0)
-        out[:, j] = torch.quantile(s.cpu(), 1.0 - q_dense).to(out.device)
+        mu, total = s.mean(), s.var(unbiased=True)
+        shrink = (1.0 - v.mean() / total).clamp(0.0, 1.0).sqrt() if float(total) > 0 else torch.zeros((), dtype=s.dtype)
+        q_dense = ((targets[:, j].double().cpu() - float(lo[j])) / span).clamp(0.0, 1.0)
+        out[:, j] = (mu + shrink * (torch.quantile(s, 1.0 - q_dense) - mu)).float()
     return out.to(targets.device)
 
 

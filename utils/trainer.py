@@ -6,6 +6,7 @@ episode engine, turn log-likelihoods and budget misses into group-relative advan
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import math
 import os
@@ -212,6 +213,8 @@ class GRPOTrainer:
         self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, self.actions).to(self.device)
         if args.checkpoint_path:
             _warm_start(self.policy, args.checkpoint_path, args.trust_checkpoint)
+        if not cfg.budget_feedback_in_training:
+            self.policy.budget_feedback_gain = 0.0  # rollouts and loss; `_inference` restores it for dev checks
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg)
@@ -350,7 +353,7 @@ class GRPOTrainer:
             charge = step_budget_costs(usage, ep.budgets, ep.effective, self.alphas, cfg.budget_tolerance,
                                        ep.group_size)
         elif cfg.budget_credit == "price":
-            self.price_window.append(usage_slopes(r_task, usage, ep.effective, ep.group_size).reshape(-1, 3).cpu())
+            self.price_window.append(usage_slopes(r_task, usage, ep.effective, ep.group_size).reshape(-1, 2, 3).cpu())
             prices = budget_prices(torch.cat(list(self.price_window)), ep.budgets, self.usage_lo, self.usage_hi)
             charge = step_price_costs(usage, ep.budgets, ep.effective, prices)
             extra = {f"budgets/price_{ax}": prices[:, i].mean().item() for i, ax in enumerate(("tok", "prune", "qratio"))}
@@ -409,6 +412,18 @@ class GRPOTrainer:
             out.append(BatchRecord(self.batches_done, m, step_stats, self.updater.num_updates))
         return out
 
+    @contextlib.contextmanager
+    def _inference(self):
+        """The policy as evaluators will run it: eval mode, with the config's budget feedback gain."""
+        train_gain = self.policy.budget_feedback_gain
+        self.policy.budget_feedback_gain = float(self.cfg.budget_feedback_gain)
+        self.policy.eval()
+        try:
+            yield self.policy
+        finally:
+            self.policy.train()
+            self.policy.budget_feedback_gain = train_gain
+
     def dev_eval(self) -> dict[str, float]:
         """Policy (argmax) on the dev split at the default targets vs dense and the fixed baseline matched to
         the policy's realised usage: the learning-curve numbers (dev PPL gap to fixed, budget adherence)."""
@@ -420,15 +435,12 @@ class GRPOTrainer:
         targets = (cfg.C_target, cfg.C_target_prune, cfg.C_target_quant_bits / 16)
         n = min(len(self.dev_blocks), cfg.dev_eval_blocks)
         bs = min(n, max(16, cfg.rollout_rows_per_forward // 2))  # policy and dense side by side
-        self.policy.eval()
-        try:
+        with self._inference() as policy:
             res, matched = evaluate_matched(
                 self.lm, self.dev_blocks[:n], bs, n // bs,
-                {"policy": PolicyScheduler(self.policy, 1.0, greedy=True), "dense": DenseScheduler()},
+                {"policy": PolicyScheduler(policy, 1.0, greedy=True), "dense": DenseScheduler()},
                 lambda t: {"fixed": FixedScheduler(t)}, targets, context_len=cfg.context_len,
                 rows_per_forward=cfg.rollout_rows_per_forward)
-        finally:
-            self.policy.train()
         pol, fix, den = res["policy"], res["fixed"], res["dense"]
         out = {"dev/policy_ppl": pol.ppl, "dev/fixed_ppl": fix.ppl, "dev/dense_ppl": den.ppl,
                "dev/ppl_gap_policy_minus_fixed": pol.ppl - fix.ppl, "dev/policy_flops_ratio": pol.flops_ratio}
@@ -448,12 +460,9 @@ class GRPOTrainer:
         if n == 0:
             return {}
         blocks = torch.as_tensor(np.asarray(self.dev_blocks[:n], dtype=np.int64))
-        self.policy.eval()
-        try:
-            rep = placement_report(self.lm, self.policy, blocks, self.cfg.context_len, targets, n,
+        with self._inference() as policy:
+            rep = placement_report(self.lm, policy, blocks, self.cfg.context_len, targets, n,
                                    cheapest_action(self.actions), self.cfg.rollout_rows_per_forward)
-        finally:
-            self.policy.train()
         return {"dev/placement_corr": rep.corr_spend_damage, "dev/placement_spearman": rep.spearman_spend_damage,
                 "dev/placement_cheap_damage": rep.policy_cheap_damage,
                 "dev/placement_cheap_damage_random": rep.random_cheap_damage}
