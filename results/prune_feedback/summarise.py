@@ -1,4 +1,5 @@
-"""Summarise the per-seed test sweeps of results/prune_feedback into summary.md (issue 15's success criteria).
+"""Summarise the per-seed test sweeps of a results directory (default results/prune_feedback; e.g.
+`python results/prune_feedback/summarise.py results/prune_price`) into its summary.md (issue 15's success criteria).
 
 Per requested ρ: realised keep (mean and spread over seeds), ΔNLL vs matched fixed per seed with its paired 95%
 interval, how many seeds' intervals exclude zero, and the policy against best-of-N random, EMC, DAC, fixed_ref.
@@ -9,7 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-here = Path(__file__).resolve().parent
+here = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else Path(__file__).resolve().parent
 runs = {p.stem.split("seed")[-1]: list(csv.DictReader(open(p))) for p in sorted(here.glob("test_ppl_seed*.csv"))}
 if not runs:
     sys.exit("no test_ppl_seed*.csv yet")
