@@ -114,7 +114,7 @@ class Config:
                                            "contrast; the checkpoint keeps budget_feedback_gain for inference")
     policy_logit_bound: float = _f(0.0, "ours: bound the network's logits to [-c, c] with c*tanh(logits/c) before the "
                                    "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
-                                   "row's usage surplus can then never exceed 2c / (g * level gap): the network "
+                                   "greedy row takes no dense step while its usage surplus exceeds 2c / (g * level gap): the network "
                                    "decides where inside that band the cheap steps go but cannot outvote the budget")
     task_w_kl: float = _f(0.0, "reward = (1-w) log p(y) - w KL(dense || sparse)")
     reward_agg: Optional[str] = _f(None, "null (immediate), sum (discounted return) or max")
@@ -392,14 +392,15 @@ def describe_fields() -> str:
 _CHOICES = {
     "sparsity_criteria": ("recency", "relevancy", "quest"), "relevancy_tier": ("per_head", "per_layer"),
     "dtype": ("float32", "bfloat16", "float16"), "reward_agg": (None, "sum", "max"),
-    "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step", "price"), "grpo_norm": ("center", "zscore"),
+    "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step", "price"),
+    "grpo_norm": ("center", "zscore"),
 }
 # (fields, description, predicate); a null Optional value skips its rule.
 _RANGES = [
     (("context_len", "rollout_len", "batch_size", "grpo_rollouts_per_input", "epochs", "ppo_epochs",
       "ppo_minibatch_size", "ppo_target_batch_size", "grad_accum_steps", "log_every", "dev_eval_blocks",
-      "quest_page_size", "max_blocks", "budget_price_window", "policy_d_model", "policy_n_heads", "policy_n_layers", "policy_mlp_ratio",
-      "policy_action_dim"), ">= 1", lambda v: v >= 1),
+      "quest_page_size", "max_blocks", "budget_price_window", "policy_d_model", "policy_n_heads", "policy_n_layers",
+      "policy_mlp_ratio", "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
       "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain", "policy_logit_bound",
       "dev_placement_blocks"), ">= 0", lambda v: v >= 0),

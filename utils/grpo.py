@@ -177,7 +177,7 @@ def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_c
         if span <= 0 or s.numel() < int(min_cells):
             continue
         mu, total = s.mean(), s.var(unbiased=True)
-        shrink = (1.0 - v.mean() / total).clamp(0.0, 1.0).sqrt() if float(total) > 0 else torch.zeros((), dtype=s.dtype)
+        shrink = (1.0 - v.mean() / total).clamp(0.0, 1.0).sqrt() if float(total) > 0 else torch.zeros(())
         q_dense = ((targets[:, j].double().cpu() - float(lo[j])) / span).clamp(0.0, 1.0)
         out[:, j] = (mu + shrink * (torch.quantile(s, 1.0 - q_dense) - mu)).float()
     return out.to(targets.device)

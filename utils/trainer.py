@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,10 +354,12 @@ class GRPOTrainer:
             charge = step_budget_costs(usage, ep.budgets, ep.effective, self.alphas, cfg.budget_tolerance,
                                        ep.group_size)
         elif cfg.budget_credit == "price":
-            self.price_window.append(usage_slopes(r_task, usage, ep.effective, ep.group_size).reshape(-1, 2, 3).cpu())
+            slopes = usage_slopes(r_task, usage, ep.effective, ep.group_size)
+            self.price_window.append(slopes.reshape(-1, 2, 3).cpu())
             prices = budget_prices(torch.cat(list(self.price_window)), ep.budgets, self.usage_lo, self.usage_hi)
             charge = step_price_costs(usage, ep.budgets, ep.effective, prices)
-            extra = {f"budgets/price_{ax}": prices[:, i].mean().item() for i, ax in enumerate(("tok", "prune", "qratio"))}
+            extra = {f"budgets/price_{ax}": prices[:, i].mean().item()
+                     for i, ax in enumerate(("tok", "prune", "qratio"))}
         return grpo_advantages(r_task, charge, cfg, ep.group_size), r_task, penalty, extra
 
     def rollout_batches(self, idxs: list[np.ndarray]) -> list[tuple[RolloutBatch, dict[str, float]]]:
@@ -413,7 +416,7 @@ class GRPOTrainer:
         return out
 
     @contextlib.contextmanager
-    def _inference(self):
+    def _inference(self) -> Iterator[SOLPolicy]:
         """The policy as evaluators will run it: eval mode, with the config's budget feedback gain."""
         train_gain = self.policy.budget_feedback_gain
         self.policy.budget_feedback_gain = float(self.cfg.budget_feedback_gain)
