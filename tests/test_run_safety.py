@@ -145,6 +145,7 @@ def test_runtime_clis_share_the_same_validation(tiny_ckpt_dir, flag, value, frag
 
 def test_a_second_trainer_on_a_running_run_directory_is_refused(tmp_path, capsys):
     import json
+    import signal
     import subprocess
     import sys
     import time
@@ -158,7 +159,12 @@ def test_a_second_trainer_on_a_running_run_directory_is_refused(tmp_path, capsys
         while not (out / ".trainer.pid").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert (out / ".trainer.pid").read_text() == str(first.pid)
-        rc = train.main(argv)
+        # paused while the second one starts, so the first cannot finish (and drop its lock) in between
+        first.send_signal(signal.SIGSTOP)
+        try:
+            rc = train.main(argv)
+        finally:
+            first.send_signal(signal.SIGCONT)
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert rc == 2 and len(err) == 1 and f"PID {first.pid}" in err[0] and "in use" in err[0]
     finally:
