@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty,
                         group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards,
-                        step_budget_costs, step_price_costs, task_reward, usage_slopes, budget_prices, whiten)
+                        step_budget_costs, step_price_costs, task_reward, usage_slopes, budget_prices, slope_shrinks, whiten)
 
 
 def close(a, b, tol=1e-5):
@@ -441,6 +441,11 @@ def test_budget_prices_undo_the_noise_of_the_slope_estimates():
         q = (b - 0.4) / 0.6
         close(p[i], torch.quantile(true[:100_000], 1 - q), tol=0.03)
     assert float(torch.quantile(noisy[:100_000], 1 - 5 / 6)) < 0 < float(p[2])
+    mu, shrink, n = slope_shrinks(cells)
+    close(shrink, torch.full((3,), (0.25 / 4.25) ** 0.5, dtype=torch.float64), tol=0.01)  # true var / noisy var
+    close(mu, torch.full((3,), float(noisy.mean()), dtype=torch.float64), tol=1e-6)
+    assert n.tolist() == [M] * 3
+    assert torch.isnan(slope_shrinks(cells[:15])[1]).all()  # fewer than min_cells
     # all noise (reported variance ≥ the spread): every budget gets the mean slope
     flat = budget_prices(_cells(noisy[:, None].expand(M, 3).contiguous(), 100.0), targets, lo, hi)[:, 0]
     close(flat, torch.full((3,), float(noisy.mean())), tol=1e-4)

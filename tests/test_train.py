@@ -445,6 +445,8 @@ def test_price_budget_credit_trains_logs_its_price_and_resumes_exactly(tmp_path,
     straight = run_main(tmp_path / "A", block_cache, updates=4, sets=sets)
     rows = [r for r in read_metrics(straight) if "budgets/price_prune" in r]
     assert rows and all(math.isfinite(r["budgets/price_prune"]) for r in rows)
+    shrinks = [r["budgets/price_shrink_prune"] for r in rows if "budgets/price_shrink_prune" in r]
+    assert shrinks and all(0.0 <= x <= 1.0 for x in shrinks)
     ckpt = load_ckpt(straight / "policy_latest.pt")
     assert checkpoint_config(ckpt).budget_credit == "price" and 1 <= len(ckpt["price_window"]) <= 3
     resumed = run_main(tmp_path / "B", block_cache, updates=2, sets=sets)

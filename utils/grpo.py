@@ -154,6 +154,25 @@ def usage_slopes(r: Tensor, usage: Tensor, effective: Tensor, group_size: int) -
     return torch.stack([torch.where(ok, slope, nan), torch.where(ok, var, nan)], dim=2).to(r.dtype)
 
 
+def slope_shrinks(slopes: Tensor, min_cells: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    """Per axis `[3]`: the pooled slopes' mean, the factor sqrt(1 − mean noise variance / total variance)
+    that shrinks them towards it (`budget_prices`), and the number of finite cells; mean and factor are NaN
+    where fewer than `min_cells` cells are finite. `slopes` `[M, 2, 3]` as in `budget_prices`."""
+    s, v = slopes[:, 0].double().cpu(), slopes[:, 1].double().cpu()
+    ok = torch.isfinite(s) & torch.isfinite(v)
+    n = ok.sum(0)
+    mu = torch.full((3,), float("nan"), dtype=torch.float64)
+    shrink = mu.clone()
+    for j in range(3):
+        sj, vj = s[ok[:, j], j], v[ok[:, j], j]
+        if sj.numel() < max(2, int(min_cells)):
+            continue
+        total = sj.var(unbiased=True)
+        mu[j] = sj.mean()
+        shrink[j] = (1.0 - vj.mean() / total).clamp(0.0, 1.0).sqrt() if float(total) > 0 else 0.0
+    return mu, shrink, n
+
+
 def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_cells: int = 16) -> Tensor:
     """Per-row price of one unit of usage `[N, 3]`, set so that the budget is what the price can afford.
 
@@ -165,21 +184,19 @@ def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_c
     ascent. `slopes` `[M, 2, 3]` pools `usage_slopes` cells (NaN = no estimate). Each cell's slope is the
     true one plus sampling noise, which widens the pooled distribution and would push the prices of loose
     and tight budgets outside the range of the true slopes; so the quantiles are taken of the slopes shrunk
-    towards their mean by sqrt(1 − mean noise variance / total variance), which restores the true slopes'
-    variance. Axes with one level, or fewer than `min_cells` finite cells, get price 0. `lo`, `hi` `[3]`: the
-    smallest and largest nominal usage of each axis."""
+    towards their mean by sqrt(1 − mean noise variance / total variance) (`slope_shrinks`), which restores
+    the true slopes' variance. Axes with one level, or fewer than `min_cells` finite cells, get price 0.
+    `lo`, `hi` `[3]`: the smallest and largest nominal usage of each axis."""
     out = torch.zeros(targets.shape, dtype=torch.float32)
+    mu, shrink, _ = slope_shrinks(slopes, min_cells)
     for j in range(targets.shape[1]):  # 3 axes
-        s, v = slopes[:, 0, j].double().cpu(), slopes[:, 1, j].double().cpu()
-        ok = torch.isfinite(s) & torch.isfinite(v)
-        s, v = s[ok], v[ok]
         span = float(hi[j]) - float(lo[j])
-        if span <= 0 or s.numel() < int(min_cells):
+        if span <= 0 or not bool(torch.isfinite(mu[j])):
             continue
-        mu, total = s.mean(), s.var(unbiased=True)
-        shrink = (1.0 - v.mean() / total).clamp(0.0, 1.0).sqrt() if float(total) > 0 else torch.zeros(())
+        s, v = slopes[:, 0, j].double().cpu(), slopes[:, 1, j].double().cpu()
+        s = s[torch.isfinite(s) & torch.isfinite(v)]
         q_dense = ((targets[:, j].double().cpu() - float(lo[j])) / span).clamp(0.0, 1.0)
-        out[:, j] = (mu + shrink * (torch.quantile(s, 1.0 - q_dense) - mu)).float()
+        out[:, j] = (mu[j] + shrink[j] * (torch.quantile(s, 1.0 - q_dense) - mu[j])).float()
     return out.to(targets.device)
 
 

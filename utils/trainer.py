@@ -28,7 +28,8 @@ from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
 from utils.engine import Episode, run_episode
 from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, budget_prices,
-                        grpo_advantages, sample_budgets, step_budget_costs, step_price_costs, task_reward, usage_slopes)
+                        grpo_advantages, sample_budgets, slope_shrinks, step_budget_costs, step_price_costs,
+                        task_reward, usage_slopes)
 from utils.lm import ControlledLM
 from utils.metrics import MetricsLogger
 from utils.model import load_lm
@@ -356,10 +357,16 @@ class GRPOTrainer:
         elif cfg.budget_credit == "price":
             slopes = usage_slopes(r_task, usage, ep.effective, ep.group_size)
             self.price_window.append(slopes.reshape(-1, 2, 3).cpu())
-            prices = budget_prices(torch.cat(list(self.price_window)), ep.budgets, self.usage_lo, self.usage_hi)
+            pooled = torch.cat(list(self.price_window))
+            prices = budget_prices(pooled, ep.budgets, self.usage_lo, self.usage_hi)
             charge = step_price_costs(usage, ep.budgets, ep.effective, prices)
-            extra = {f"budgets/price_{ax}": prices[:, i].mean().item()
-                     for i, ax in enumerate(("tok", "prune", "qratio"))}
+            _, shrink, _ = slope_shrinks(pooled)
+            extra = {}
+            for i, ax in enumerate(("tok", "prune", "qratio")):
+                if float(self.usage_hi[i]) > float(self.usage_lo[i]):  # axes with one level have no price
+                    extra[f"budgets/price_{ax}"] = prices[:, i].mean().item()
+                    if math.isfinite(float(shrink[i])):  # NaN while the window holds too few cells
+                        extra[f"budgets/price_shrink_{ax}"] = float(shrink[i])
         return grpo_advantages(r_task, charge, cfg, ep.group_size), r_task, penalty, extra
 
     def rollout_batches(self, idxs: list[np.ndarray]) -> list[tuple[RolloutBatch, dict[str, float]]]:
