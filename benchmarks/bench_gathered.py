@@ -173,13 +173,14 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
     return head + rows
 
 
-def attention_table(base, tok, prompt_lens: list[int], tokens: int, runs: int, page: int) -> list[str]:
+def attention_table(base, tok, prompt_lens: list[int], tokens: int, runs: int, page: int,
+                    criteria_list: tuple[str, ...] = ("recency", "quest", "relevancy")) -> list[str]:
     k25 = SPACE.index(0.25, 1.0, 16)
     gen = torch.Generator().manual_seed(1)
     prompts = {P: torch.randint(0, base.config.vocab_size, (1, P), generator=gen) for P in prompt_lens}
     dense: dict[tuple[str, int], float] = {}  # dense steps per execution (gathered also lays the MLP out anew)
     rows = []
-    for criteria in ("recency", "quest", "relevancy"):
+    for criteria in criteria_list:
         res = {}
         for execution in ("simulated", "gathered"):
             lm = make_lm(base, tok, criteria, execution, page)
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt_lens", type=int, nargs="+", default=[2048, 8192],
                    help="prompt lengths of the attention table; the longest also for the joint row (default 2048 8192)")
     p.add_argument("--page_size", type=int, default=4, help="QUEST page size (default 4, as the configs)")
+    p.add_argument("--criteria", nargs="+", choices=["recency", "quest", "relevancy"],
+                   default=["recency", "quest", "relevancy"], help="attention criteria of table 3 (default all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--ckpt_dir", default="results/ckpt_prune_bc_cal",
                    help="prune policy for the policy table (default: the shipped headline policy)")
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         prompt = torch.randint(0, base.config.vocab_size, (1, a.e2e_prompt), generator=torch.Generator().manual_seed(2))
         show(e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size))
     if "attention" not in a.skip:
-        show(attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size))
+        show(attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size, tuple(a.criteria)))
     if "joint" not in a.skip:
         show(joint_table(base, tok, max(a.prompt_lens), a.tokens, a.runs, a.page_size))
     if "policy" not in a.skip and a.model == "smollm2":

@@ -94,7 +94,7 @@ def test_layout_mlp_keeps_weights_and_shares_memory(tiny):
 
 # ==== kernels against independent computations ==========================================================
 
-@pytest.mark.parametrize("n_bags", [1, 2, 3, 7])
+@pytest.mark.parametrize("n_bags", [1, 2, 3, 7, 8])
 def test_gathered_gate_up_vs_loop_and_masked_matmul(n_bags):
     g = torch.Generator().manual_seed(1)
     B, D, N = 4, 40, 24
