@@ -81,7 +81,7 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     H, ctl = lm.hidden_size, lm.controls
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 1, H, generator=gen).to(m._sol_w_in.dtype) for m in mlps]
-    bags = gathered.default_bags(lm.device)
+    bags = gathered.default_bags(lm.device, mlps[0]._sol_w_in.dtype)
     per_layer = 1e6 / len(mlps)
     rows = []
     with torch.inference_mode():

@@ -246,12 +246,14 @@ class Controls:
             score = row.detach().abs()
             idx = torch.nonzero(score >= score.kthvalue(D - choices[0] + 1).values).flatten()  # ties kept
             self.channel_sum += idx.shape[0]
-            return gathered.gather_gemv(row, idx, w_in, b_in, gathered.default_bags(x.device)).view(1, 1, -1)
+            bags = gathered.default_bags(x.device, x.dtype)
+            return gathered.gather_gemv(row, idx, w_in, b_in, bags).view(1, 1, -1)
         score = x.detach().abs().amax(dim=1).float()
         keep = topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, choices)
         self.channel_sum += keep.sum(-1)
         if gather:
-            return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, gathered.default_bags(x.device))[:, None]
+            bags = gathered.default_bags(x.device, x.dtype)
+            return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, bags)[:, None]
         # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes
         gu = (x * keep[:, None].to(x.dtype)) @ w_in
         return gu if b_in is None else gu + b_in
