@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty,
-                        group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards,
-                        step_budget_costs, step_price_costs, task_reward, usage_slopes, budget_prices, slope_shrinks, whiten)
+from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty, budget_prices,
+                        group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards, slope_shrinks,
+                        step_budget_costs, step_price_costs, task_reward, usage_slopes, whiten)
 
 
 def close(a, b, tol=1e-5):
