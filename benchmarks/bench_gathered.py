@@ -76,35 +76,57 @@ def step_bytes(model, kv_len: int, gate_up_keep: float = 1.0, kv_read: float = 1
 # ---- table 1: the MLP gate+up product ---------------------------------------------------------------
 def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     """Per-layer µs of the gate+up product: dense, the simulated masked product, the gather kernel alone and
-    the controlled step's whole batch-1 path (`Controls.gate_up`: channel selection + gather)."""
+    the controlled step's whole batch-1 path (`Controls.gate_up`: channel selection + gather). The cells are
+    timed in turn within each of `runs` rounds (so a drift of the machine's speed hits them alike); each
+    cell is the median over rounds, each ratio the median of the rounds' ratios."""
     mlps = [m for m in lm.model.modules() if hasattr(m, "_sol_w_in")]
     H, ctl = lm.hidden_size, lm.controls
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 1, H, generator=gen).to(m._sol_w_in.dtype) for m in mlps]
     bags = gathered.default_bags(lm.device, mlps[0]._sol_w_in.dtype)
     per_layer = 1e6 / len(mlps)
-    rows = []
-    with torch.inference_mode():
-        dense = median_time(lambda: [x @ m._sol_w_in for x, m in zip(xs, mlps)], runs) * per_layer
-        for rho in (0.4, 0.6, 0.8):
-            count = ceil_count(torch.tensor([rho]), H).clamp(1, H)
-            keeps = []
-            for x in xs:
-                score = x[0].abs().float()
-                keeps.append(topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, count.tolist()))
-            masked = median_time(lambda: [(x * k.to(x.dtype)) @ m._sol_w_in for x, k, m in zip(xs, keeps, mlps)],
-                                 runs) * per_layer
-            idx = [k[0].nonzero().flatten() for k in keeps]
-            kernel = median_time(lambda: [gathered.gather_gemv(x.view(-1), i, m._sol_w_in, None, bags)
-                                          for x, i, m in zip(xs, idx, mlps)], runs) * per_layer
+    rhos = (0.4, 0.6, 0.8)
+    cells = {"dense": lambda: [x @ m._sol_w_in for x, m in zip(xs, mlps)]}
+    counts = {}
+    for rho in rhos:
+        count = ceil_count(torch.tensor([rho]), H).clamp(1, H)
+        counts[rho] = count.item()
+        keeps = []
+        for x in xs:
+            score = x[0].abs().float()
+            keeps.append(topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, count.tolist()))
+        idx = [k[0].nonzero().flatten() for k in keeps]
+        cells[("masked", rho)] = lambda keeps=keeps: [(x * k.to(x.dtype)) @ m._sol_w_in
+                                                       for x, k, m in zip(xs, keeps, mlps)]
+        cells[("kernel", rho)] = lambda idx=idx: [gathered.gather_gemv(x.view(-1), i, m._sol_w_in, None, bags)
+                                                  for x, i, m in zip(xs, idx, mlps)]
 
+        def full(rho=rho):
             ctl.set(torch.ones(1), torch.tensor([rho]), torch.tensor([16]), 2 * (lm.Ts + lm.Tw + 1))
-            full = median_time(lambda: [ctl.gate_up(x, m._sol_w_in, None) for x, m in zip(xs, mlps)], runs) * per_layer
+            t0 = time.perf_counter()
+            for x, m in zip(xs, mlps):
+                ctl.gate_up(x, m._sol_w_in, None)
+            t = time.perf_counter() - t0
             ctl.clear()
-            rows.append(f"| ρ={rho} | {dense:.1f} | {masked:.1f} | {kernel:.1f} | {full:.1f} | {full / dense:.2f} | "
-                        f"{count.item() / H:.2f} |")
-    head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer, median of {runs} runs over {len(mlps)} layers, "
-            f"{bags} bag(s) per row\n",
+            return t
+        cells[("full", rho)] = full
+    times: dict = {c: [] for c in cells}
+    with torch.inference_mode():
+        for fn in cells.values():  # warm-up
+            fn()
+        for _ in range(runs):
+            for c, fn in cells.items():
+                t0 = time.perf_counter()
+                t = fn()
+                times[c].append((t if isinstance(t, float) else time.perf_counter() - t0) * per_layer)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    rows = []
+    for rho in rhos:
+        ratio = statistics.median(f / d for f, d in zip(times[("full", rho)], times["dense"]))
+        rows.append(f"| ρ={rho} | {med['dense']:.1f} | {med[('masked', rho)]:.1f} | {med[('kernel', rho)]:.1f} | "
+                    f"{med[('full', rho)]:.1f} | {ratio:.2f} | {counts[rho] / H:.2f} |")
+    head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer over {len(mlps)} layers, median of {runs} "
+            f"interleaved rounds, {bags} bag(s) per row\n",
             "| setting | dense x·W_in | masked dense (simulated) | gather kernel | select + gather | "
             "select + gather × dense | bound |",
             "|---|---|---|---|---|---|---|"]

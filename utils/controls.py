@@ -139,6 +139,7 @@ class Controls:
         self.kappa = self.rho = self.bits = None
         self._recency = None
         self.key_frac_sum = self.channel_sum = None
+        self._channels_host = 0
 
     def set(self, kappa: torch.Tensor, rho: torch.Tensor, bits: torch.Tensor, kv_len: int, cache=None) -> None:
         """Arm the controls for one decode step of B rows over a cache of kv_len keys (current included);
@@ -149,6 +150,7 @@ class Controls:
         self._recency = recency_keep(kv_len, kappa, self.Ts, self.Tw) if self.criteria == "recency" else None
         self.key_frac_sum = torch.zeros(kappa.shape[0], device=kappa.device)
         self.channel_sum = torch.zeros(kappa.shape[0], device=kappa.device)
+        self._channels_host = 0  # counts of the batch-1 gathered MLP, added to channel_sum by channels_kept
         # gathered only: fraction of the cache's key and value bytes each layer read, summed over layers
         # (kept past `clear`, for benchmarks: the physical bound of the step)
         self.kv_read_sum = 0.0
@@ -235,28 +237,43 @@ class Controls:
             count = ceil_count(self.rho, D).clamp(1, D)
             host = count.tolist()
             self._ch_plan = (D, count, sorted(set(host)), sum(host))
+            self._bags = gathered.default_bags(x.device, x.dtype)
         _, count, choices, total = self._ch_plan
         if choices[0] >= D:  # every row keeps every channel
             self.channel_sum += D
             gu = x @ w_in
             return gu if b_in is None else gu + b_in
         gather = T == 1 and total <= self.gather_limit * D
-        if gather and B == 1:  # the fast path: `topk_by_threshold` of one row with a known count, in few ops
-            row = x.reshape(D)
-            score = row.detach().abs()
-            idx = torch.nonzero(score >= score.kthvalue(D - choices[0] + 1).values).flatten()  # ties kept
-            self.channel_sum += idx.shape[0]
-            bags = gathered.default_bags(x.device, x.dtype)
-            return gathered.gather_gemv(row, idx, w_in, b_in, bags).view(1, 1, -1)
+        if gather and B == 1:
+            return self._gate_up_one_row(x, w_in, b_in, D - choices[0] + 1)
         score = x.detach().abs().amax(dim=1).float()
         keep = topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, choices)
         self.channel_sum += keep.sum(-1)
         if gather:
-            bags = gathered.default_bags(x.device, x.dtype)
-            return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, bags)[:, None]
+            return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, self._bags)[:, None]
         # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes
         gu = (x * keep[:, None].to(x.dtype)) @ w_in
         return gu if b_in is None else gu + b_in
+
+    def _gate_up_one_row(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+                         kth: int) -> torch.Tensor:
+        """`gate_up` of one token of one row, in as few ops as possible (it runs once per layer per step and
+        its selection is most of what the gather saves over dense): `topk_by_threshold` with a known count is
+        the rows at or above the kth smallest |x| (ties kept), then the gather-GEMV. The channel count is
+        added on the host and folded into `channel_sum` once per step (`channels_kept`)."""
+        row = x.view(-1)
+        score = row.abs()
+        idx = (score >= score.kthvalue(kth).values).nonzero().view(-1)
+        n = idx.shape[0]
+        self._channels_host += n
+        return gathered.gather_gemv(row, idx, w_in, b_in, self._bags).view(1, 1, -1)
+
+    def channels_kept(self) -> torch.Tensor | None:
+        """Kept MLP input channels of each row, summed over this step's layers ([B]; None when not armed)."""
+        if self.channel_sum is not None and self._channels_host:
+            self.channel_sum += self._channels_host
+            self._channels_host = 0
+        return self.channel_sum
 
     def mlp_pre_hook(self, module: nn.Module, args):
         if not (self.active and self.prune_enabled):

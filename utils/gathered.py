@@ -97,8 +97,9 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
                 n_bags: int = 1) -> torch.Tensor:
     """One row: Σ_i x[idx_i] · w_in[idx_i] (+ bias) for x [D] and kept channels idx [n] -> [2I]
     (`gathered_gate_up` of a single row, with no mask to decode)."""
-    out = F.embedding_bag(idx, w_in, _bag_offsets(idx.shape[0], n_bags, x.device), mode="sum",
-                          per_sample_weights=x.index_select(0, idx))
+    # the ATen op itself: F.embedding_bag's argument checks cost a few µs, which this per-layer call feels
+    out = torch.embedding_bag(w_in, idx, _bag_offsets(idx.shape[0], n_bags, x.device), False, 0, False,
+                              x.index_select(0, idx))[0]  # mode 0: sum
     if out.shape[0] > 1:
         out = out.sum(0) if out.dtype == torch.float32 else out.sum(0, dtype=torch.float32).to(out.dtype)
     else:

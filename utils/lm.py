@@ -143,7 +143,7 @@ class ControlledLM:
             cache, hidden = self._forward(input_ids[:, None], cache)
         finally:
             key_frac = self.controls.key_frac_sum if effective else None
-            channels = self.controls.channel_sum if effective else None
+            channels = self.controls.channels_kept() if effective else None
             self.controls.clear()
         h = hidden[:, -1]
         usage = self._usage(kappa, rho, bits, key_frac, channels, kv_len, effective)
