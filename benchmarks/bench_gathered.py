@@ -50,13 +50,27 @@ SPACE = ActionSpace.build([0.25, 1.0], ["s40", "s60", "s80", "s100"], ["q16"])
 
 def median_time(fn, runs: int) -> float:
     """Median seconds of fn() over `runs` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+    return statistics.median(interleaved({"fn": fn}, runs)["fn"])
+
+
+def interleaved(cells: dict, runs: int) -> dict:
+    """Seconds of each cell's fn() in each of `runs` rounds, the cells timed in turn within a round (after one
+    warm-up call each), so a drift of the shared machine's speed hits every cell of a round alike. A fn may
+    return its own timing (float seconds) to leave its set-up out. {cell: [seconds per round]}."""
+    for fn in cells.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict = {c: [] for c in cells}
+    for _ in range(runs):
+        for c, fn in cells.items():
+            t0 = time.perf_counter()
+            t = fn()
+            times[c].append(t if isinstance(t, float) else time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den (both per round, as `interleaved` gives them)."""
+    return statistics.median(n / d for n, d in zip(num, den))
 
 
 # ---- bytes a decode step reads -----------------------------------------------------------------------
@@ -110,19 +124,12 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
             ctl.clear()
             return t
         cells[("full", rho)] = full
-    times: dict = {c: [] for c in cells}
     with torch.inference_mode():
-        for fn in cells.values():  # warm-up
-            fn()
-        for _ in range(runs):
-            for c, fn in cells.items():
-                t0 = time.perf_counter()
-                t = fn()
-                times[c].append((t if isinstance(t, float) else time.perf_counter() - t0) * per_layer)
+        times = {c: [t * per_layer for t in v] for c, v in interleaved(cells, runs).items()}
     med = {c: statistics.median(v) for c, v in times.items()}
     rows = []
     for rho in rhos:
-        ratio = statistics.median(f / d for f, d in zip(times[("full", rho)], times["dense"]))
+        ratio = median_ratio(times[("full", rho)], times["dense"])
         rows.append(f"| ρ={rho} | {med['dense']:.1f} | {med[('masked', rho)]:.1f} | {med[('kernel', rho)]:.1f} | "
                     f"{med[('full', rho)]:.1f} | {ratio:.2f} | {counts[rho] / H:.2f} |")
     head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer over {len(mlps)} layers, median of {runs} "
@@ -134,9 +141,10 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
 
 
 # ---- decode throughput -------------------------------------------------------------------------------
-def lm_tokens_per_s(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | None, runs: int):
-    """(decode tokens/s, the last step's usage, its KV bytes read per layer relative to dense (gathered
-    execution only, else 0)) of `tokens` greedy decode steps after a dense prefill of `prompt`."""
+def lm_decode_run(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | None):
+    """(go, info): go() runs `tokens` greedy decode steps after a dense prefill of `prompt` (the prefill done
+    once, outside go), each step with `action` (None = dense); info() gives the last step's usage and its KV
+    bytes read per layer relative to dense (gathered execution only, else 0)."""
     cache, _, logits = lm.prefill(prompt)
     first = logits.argmax(-1)
     acts = None if action is None else torch.tensor([action])
@@ -148,25 +156,34 @@ def lm_tokens_per_s(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action:
         for _ in range(tokens):
             out = lm.step(c, tok, acts)
             tok = out.logits.argmax(-1)
-        last.append(out.usage)
+        last.append((out.usage, lm.controls.kv_read_sum / lm.n_layers))
 
+    return go, lambda: last[-1]
+
+
+def lm_tokens_per_s(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | None, runs: int):
+    """(decode tokens/s, the last step's usage, its KV bytes read per layer relative to dense) of
+    `lm_decode_run`, median of `runs`."""
+    go, info = lm_decode_run(lm, prompt, tokens, action)
     tps = tokens / median_time(go, runs)
-    return tps, last[-1], lm.controls.kv_read_sum / lm.n_layers
+    return (tps, *info())
 
 
-def hf_tokens_per_s(model, prompt: torch.Tensor, tokens: int, runs: int) -> float:
-    """Decode tokens/s of the stock Hugging Face forward (an untouched copy of the model)."""
+def hf_decode_run(model, prompt: torch.Tensor, tokens: int):
+    """go() running `tokens` greedy decode steps of the stock Hugging Face forward (an untouched copy of the
+    model) after its own prefill of `prompt`."""
     with torch.inference_mode():
         out = model(input_ids=prompt, use_cache=True)
-        cache0, first = getattr(out, _CACHE_KW), out.logits[:, -1].argmax(-1)
+    cache0, first = getattr(out, _CACHE_KW), out.logits[:, -1].argmax(-1)
 
-        def go():
-            c, tok = copy.deepcopy(cache0), first
-            for _ in range(tokens):
-                o = model(input_ids=tok[:, None], use_cache=True, **{_CACHE_KW: c})
-                c, tok = getattr(o, _CACHE_KW), o.logits[:, -1].argmax(-1)
+    @torch.inference_mode()
+    def go():
+        c, tok = copy.deepcopy(cache0), first
+        for _ in range(tokens):
+            o = model(input_ids=tok[:, None], use_cache=True, **{_CACHE_KW: c})
+            c, tok = getattr(o, _CACHE_KW), o.logits[:, -1].argmax(-1)
 
-        return tokens / median_time(go, runs)
+    return go
 
 
 def make_lm(base, tok, criteria: str, execution: str, page: int) -> ControlledLM:
@@ -174,24 +191,34 @@ def make_lm(base, tok, criteria: str, execution: str, page: int) -> ControlledLM
 
 
 def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int) -> list[str]:
+    """Tokens/s of stock HF, and of dense steps and s40 on every step in both executions, the five timed in
+    turn within each round; each ratio is the median of the rounds' ratios."""
     s40 = SPACE.index(1.0, 0.4, 16)
     P = prompt.shape[1]
     dense_b = step_bytes(base, P + tokens // 2)
-    hf = hf_tokens_per_s(copy.deepcopy(base), prompt, tokens, runs)
-    rows, dense = [], None
+    cells, infos, lms = {"hf": hf_decode_run(copy.deepcopy(base), prompt, tokens)}, {}, []
     for execution in ("simulated", "gathered"):
         lm = make_lm(base, tok, "recency", execution, page)
-        d, _, _ = lm_tokens_per_s(lm, prompt, tokens, None, runs)
-        s, usage, _ = lm_tokens_per_s(lm, prompt, tokens, s40, runs)
-        dense = d if dense is None else dense
+        lms.append(lm)
+        for name, action in (("dense", None), ("s40", s40)):
+            cells[execution, name], infos[execution, name] = lm_decode_run(lm, prompt, tokens, action)
+    times = interleaved(cells, runs)
+    tps = {c: tokens / statistics.median(v) for c, v in times.items()}
+    ref = times["simulated", "dense"]
+    rows = [f"| stock HF forward (sdpa) | - | {tps['hf']:.1f} | {median_ratio(ref, times['hf']):.2f} | 1.00 | 1.00 |"]
+    for execution in ("simulated", "gathered"):
+        usage = infos[execution, "s40"]()[0]
         bound = step_bytes(base, P + tokens // 2, gate_up_keep=usage.channel_keep.item()) / dense_b
-        rows += [f"| dense steps | {execution} | {d:.1f} | {d / dense:.2f} | {d / hf:.2f} | 1.00 |",
-                 f"| s40 every step | {execution} | {s:.1f} | {s / dense:.2f} | {s / hf:.2f} | {bound:.2f} |"]
-        del lm
-    head = [f"\nEnd-to-end decode, prompt {P} tokens, {tokens} new tokens, median of {runs} runs\n",
+        for name, label, b in (("dense", "dense steps", 1.0), ("s40", "s40 every step", bound)):
+            t = times[execution, name]
+            rows.append(f"| {label} | {execution} | {tps[execution, name]:.1f} | {median_ratio(ref, t):.2f} | "
+                        f"{median_ratio(times['hf'], t):.2f} | {b:.2f} |")
+    gd, gs = times["gathered", "dense"], times["gathered", "s40"]
+    head = [f"\nEnd-to-end decode, prompt {P} tokens, {tokens} new tokens, median of {runs} interleaved rounds "
+            f"(ratios: medians of the rounds' ratios; s40 gathered vs gathered dense steps: {median_ratio(gd, gs):.2f})\n",
             "| method | execution | tokens/s | × dense (simulated) | × stock HF | bound |",
-            "|---|---|---|---|---|---|",
-            f"| stock HF forward (sdpa) | - | {hf:.1f} | {hf / dense:.2f} | 1.00 | 1.00 |"]
+            "|---|---|---|---|---|---|"]
+    del lms
     return head + rows
 
 

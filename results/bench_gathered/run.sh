@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
-if [[ $PART == A ]]; then
+if [[ $PART == A ]]; then  # the MLP table with 9 interleaved rounds (it is cheap), the decode tables with 3
+  python benchmarks/bench_gathered.py --model smollm2 --dtype float32 --runs 9 --skip e2e attention policy joint
   python benchmarks/bench_gathered.py --model smollm2 --dtype float32 --tokens 256 --runs 3 --e2e_prompt 256 \
-    --skip attention joint
+    --skip mlp attention joint
 else
   python benchmarks/bench_gathered.py --model smollm2 --dtype float32 --tokens 64 --runs 3 \
     --prompt_lens 2048 8192 --skip mlp e2e policy
