@@ -196,10 +196,9 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
     s40 = SPACE.index(1.0, 0.4, 16)
     P = prompt.shape[1]
     dense_b = step_bytes(base, P + tokens // 2)
-    cells, infos, lms = {"hf": hf_decode_run(copy.deepcopy(base), prompt, tokens)}, {}, []
+    cells, infos = {"hf": hf_decode_run(copy.deepcopy(base), prompt, tokens)}, {}
     for execution in ("simulated", "gathered"):
         lm = make_lm(base, tok, "recency", execution, page)
-        lms.append(lm)
         for name, action in (("dense", None), ("s40", s40)):
             cells[execution, name], infos[execution, name] = lm_decode_run(lm, prompt, tokens, action)
     times = interleaved(cells, runs)
@@ -218,7 +217,6 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
             f"(ratios: medians of the rounds' ratios; s40 gathered vs gathered dense steps: {median_ratio(gd, gs):.2f})\n",
             "| method | execution | tokens/s | × dense (simulated) | × stock HF | bound |",
             "|---|---|---|---|---|---|"]
-    del lms
     return head + rows
 
 

@@ -8,8 +8,7 @@ it reads (weights, then the KV cache), so this module computes the same result f
   (a contiguous row of gate and up weights per input channel; the Linear weights become views of it, so
   nothing is duplicated). A step computes gate/up as Σ_c x_c · W_in[c] over the kept channels with
   `F.embedding_bag(..., per_sample_weights=x[kept], mode="sum")`: a fused gather-GEMV reading ρ of the rows.
-  The kept list is split into bags (a bag runs on one thread; in float32 four per thread balance best)
-  and the partial sums added.
+  The kept list is split into bags (a bag runs on one thread; `default_bags`) and the partial sums added.
   Masking then a dense product saves nothing; `index_select` then a product copies the rows first and is
   several times slower than dense. (The input-channel sparse GEMV of activation sparsity, as in TEAL,
   Liu et al. 2024.)
@@ -124,10 +123,11 @@ def _bag_offsets(n: int, n_bags: int, device: torch.device) -> torch.Tensor:
 
 def default_bags(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     """Bags per row for `gathered_gate_up` and `gather_gemv` (CUDA parallelises inside a bag: 1). A bag is the
-    embedding bag kernel's unit of work on a CPU; in float32 four per thread stream the kept rows faster than
-    one per thread (SmolLM2 gate+up at ρ 0.4 on the 2-core CPU, measured in one run: 2.29× the dense product's
-    speed with eight bags against 2.07× with two). In lower precision each bag's partial sum is rounded to the
-    dtype before the bags are added, so there one bag per thread keeps the rounding as small as it was."""
+    embedding bag kernel's unit of work on a CPU. In float32 four per thread: on the 2-core CPU (SmolLM2 gate+up
+    at ρ 0.4) one run had eight bags at 2.29× the dense product's speed against 2.07× with two, a later
+    in-process comparison had 2, 4 and 8 bags level (1.9–2.1×), so the choice matters little there. In lower
+    precision each bag's partial sum is rounded to the dtype before the bags are added, so there one bag per
+    thread keeps the rounding as small as it was."""
     if device.type == "cuda":
         return 1
     return max(1, torch.get_num_threads()) * (4 if dtype == torch.float32 else 1)
