@@ -493,3 +493,52 @@ def test_dev_eval_logs_learning_curve(tmp_path, block_cache):
     batches = [r for r in read_metrics(run) if "reward/total_mean" in r]
     assert all(0.0 <= r["train/no_contrast_frac"] <= 1.0 for r in batches)
     assert all(-1.0 <= r["budgets/corr_target_achieved_prune"] <= 1.0 for r in batches)  # tiny.yml samples ρ
+
+
+def test_weight_average_reads_like_the_raw_run_averaged_and_resumes_exactly(tmp_path, block_cache):
+    """policy_ema_decay > 0 leaves training unchanged (the raw weights equal those of a run without it), saves
+    the average as policy_state_dict (what evaluators and exports read) following the recursion
+    avg_n = d_n avg_{n-1} + (1 - d_n) w_n over the saved raw weights, runs dev checks on the average, and
+    resumes exactly."""
+    from utils.ema import ema_decay_at
+
+    one_step = ("grad_accum_steps=2",)  # one optimizer step per rollout batch, so every update is saved
+    sets = ("policy_ema_decay=0.5", *one_step)
+    plain = run_main(tmp_path / "plain", block_cache, updates=4, sets=one_step)
+    ema = run_main(tmp_path / "ema", block_cache, updates=4, sets=sets)
+    ck = {u: load_ckpt(ema / f"policy_{u}.pt") for u in (1, 2, 3, 4)}
+    assert_state_dicts_equal(load_ckpt(plain / "policy_4.pt")["policy_state_dict"], ck[4]["policy_raw_state_dict"],
+                             "raw weights of the EMA run vs the plain run")
+    for u in (2, 3, 4):
+        d = ema_decay_at(0.5, u - 1)
+        assert ck[u]["ema_num_updates"] == u
+        for k, avg in ck[u]["policy_state_dict"].items():
+            if avg.is_floating_point():
+                want = d * ck[u - 1]["policy_state_dict"][k] + (1 - d) * ck[u]["policy_raw_state_dict"][k]
+                torch.testing.assert_close(avg, want, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(ck[4]["policy_state_dict"]["pi.weight"], ck[4]["policy_raw_state_dict"]["pi.weight"])
+    resumed = run_main(tmp_path / "B", block_cache, updates=2, sets=sets)
+    resume_main(resumed, 4)
+    _check_resume_exact(ema, resumed)
+    assert_state_dicts_equal(ck[4]["policy_raw_state_dict"], load_ckpt(resumed / "policy_4.pt")["policy_raw_state_dict"],
+                             "raw weights after resume")
+    # dev checks and evaluators get the average, not the raw weights
+    cfg = load_config(TINY, [f"block_cache_dir={block_cache}", *sets])
+    tr = GRPOTrainer(cfg, TrainArgs(resume=str(ema), total_updates=4))
+    with tr._inference() as pol:
+        assert pol is tr.ema.module and not pol.training
+        assert_state_dicts_equal(pol.state_dict(), ck[4]["policy_state_dict"], "dev-check weights")
+    tr._lock.release()
+    # export writes the average by default and the raw weights with --raw (refused for a run without average)
+    from utils.checkpoint import main as checkpoint_main, read_exported
+    assert checkpoint_main(["export", str(ema), str(tmp_path / "x_avg")]) == 0
+    assert checkpoint_main(["export", "--raw", str(ema), str(tmp_path / "x_raw")]) == 0
+    avg, raw = read_exported(tmp_path / "x_avg"), read_exported(tmp_path / "x_raw")
+    assert (avg["weights"], raw["weights"]) == ("average", "raw")
+    assert_state_dicts_equal(avg["policy_state_dict"], ck[4]["policy_state_dict"], "exported average")
+    assert_state_dicts_equal(raw["policy_state_dict"], ck[4]["policy_raw_state_dict"], "exported raw weights")
+    assert checkpoint_main(["export", "--raw", str(plain), str(tmp_path / "x_plain")]) == 2
+    assert not (tmp_path / "x_plain").exists()
+    # a run saved without an average cannot be resumed with one (its average would be made up)
+    with pytest.raises(Exception, match="without a weight average"):
+        GRPOTrainer(cfg, TrainArgs(resume=str(plain), total_updates=6))

@@ -189,19 +189,28 @@ _EXPORT_KEYS = ("cfg", "update_step", "batches_done", "total_updates", "action_t
                 "imitation")
 
 
-def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest", trust: bool = False) -> Path:
+def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest", trust: bool = False,
+                  raw: bool = False) -> Path:
     """Write checkpoint `mode` of ckpt_dir as `out_dir/policy.safetensors` + `policy.json` (+ the run's
     config.yaml): weights and what evaluation needs, no optimizer, updater, sampler or RNG state, so it
     cannot `--resume`; evaluation, generation and `--checkpoint_path` warm starts accept it. out_dir may
-    be ckpt_dir itself (the .pt files are left alone)."""
+    be ckpt_dir itself (the .pt files are left alone). A run with a weight average (`policy_ema_decay`)
+    exports the average; `raw` exports the weights training had reached instead (to compare the two)."""
     from safetensors.torch import save
 
     ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
+    key = "policy_state_dict"
+    if raw:
+        if "policy_raw_state_dict" not in ckpt:
+            raise CheckpointError(f"--raw: {ckpt_dir} (policy_{mode}) holds no weight average, so its weights "
+                                  "are already the raw ones; export it without --raw")
+        key = "policy_raw_state_dict"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["policy_state_dict"].items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt[key].items()}
     meta = {"format": EXPORT_FORMAT, **{k: ckpt[k] for k in _EXPORT_KEYS if k in ckpt},
-            "exported_from": ckpt.get("exported_from", f"{Path(ckpt_dir).name}/policy_{mode}.pt")}
+            "exported_from": ckpt.get("exported_from", f"{Path(ckpt_dir).name}/policy_{mode}.pt"),
+            "weights": "raw" if raw else ckpt.get("weights", "average" if "policy_raw_state_dict" in ckpt else "raw")}
     path = atomic_write(out / WEIGHTS_FILE, lambda fh: fh.write(save(weights)), binary=True)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
     cfg_src = Path(ckpt_dir) / "config.yaml"
@@ -221,9 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                    "may be ckpt_dir itself")
     e.add_argument("--mode", default="latest", help="latest or an update number")
     e.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
+    e.add_argument("--raw", action="store_true", help="a run trained with policy_ema_decay > 0: export the raw "
+                   "training weights instead of their average (the default)")
     a = p.parse_args(argv)
     try:
-        path = export_policy(a.ckpt_dir, a.out_dir, a.mode, a.trust_checkpoint)
+        path = export_policy(a.ckpt_dir, a.out_dir, a.mode, a.trust_checkpoint, a.raw)
     except (SOLError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

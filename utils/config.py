@@ -136,6 +136,11 @@ class Config:
     weight_decay: float = _f(0.01, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     kl_pi_ref_coef: float = _f(0.0, "KL(pi || pi_ref) coefficient, pi_ref = policy at start")
+    policy_ema_decay: float = _f(0.0, "ours: exponential moving average of the policy weights after every optimizer "
+                                 "step (0 = off, the reference; e.g. 0.95 averages the last ~20 steps, with the "
+                                 "decay warming up as min(decay, (1+n)/(10+n))). Training continues from the raw "
+                                 "weights; dev checks, checkpoints' policy_state_dict, exports and evaluators use "
+                                 "the average (utils/ema.py)")
 
     # ---- policy network -----------------------------------------------------------------------------
     policy_d_model: int = _f(768, "policy width")
@@ -411,7 +416,7 @@ _RANGES = [
     (("C_target_quant_bits", "eval_C_qbits"), "in [2, 16] bits", lambda v: 2 <= v <= 16),
     (("dataset_pct",), "in (0, 100]", lambda v: 0 < v <= 100),
     (("train_fraction",), "in (0, 1]", lambda v: 0 < v <= 1),
-    (("dev_fraction", "policy_dropout"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("dev_fraction", "policy_dropout", "policy_ema_decay"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("policy_scalar_dim",), "in 1..10", lambda v: 1 <= v <= 10),
 ]
 

@@ -343,14 +343,17 @@ class GRPOUpdater:
     accumulation counter carries across cycles, as in the reference.
 
     `grad_sync`, if given, is called with the parameter list before clipping at each optimizer step (for
-    example to all-reduce gradients of a policy that is not DDP-wrapped). Under DDP every rank must make the
+    example to all-reduce gradients of a policy that is not DDP-wrapped); `after_step`, if given, after
+    each optimizer step that passed the finiteness checks (e.g. to update a weight average). Under DDP every rank must make the
     same number of backward calls, which holds when all ranks pool equally sized batches.
     """
 
     def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
                  ref_policy: Optional[nn.Module] = None,
-                 grad_sync: Optional[Callable[[list], None]] = None) -> None:
+                 grad_sync: Optional[Callable[[list], None]] = None,
+                 after_step: Optional[Callable[[], None]] = None) -> None:
         self.policy, self.optimizer, self.cfg, self.grad_sync = policy, optimizer, cfg, grad_sync
+        self.after_step = after_step
         self.kl_ref_coef = float(getattr(cfg, "kl_pi_ref_coef", 0.0) or 0.0)
         if self.kl_ref_coef > 0.0 and ref_policy is None:
             ref_policy = copy.deepcopy(getattr(policy, "module", policy))  # π_ref = the policy at start
@@ -448,6 +451,8 @@ class GRPOUpdater:
                 raise TrainingDivergedError(f"update {self.num_updates + 1}: the stepped policy's logits are not "
                                             f"finite (lr {self.optimizer.param_groups[0]['lr']:g}); training "
                                             "stopped before the update was counted")
+        if self.after_step is not None:
+            self.after_step()
         self.num_updates += 1
         n = max(1, self._acc_n)
         stats = {k: v / n for k, v in self._acc_stats.items()}

@@ -26,6 +26,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, load_policy_weigh
 from utils.config import Config, ConfigError, config_to_dict, default_device, resolved_alphas, save_config
 from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
+from utils.ema import WeightEMA
 from utils.engine import Episode, run_episode
 from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, budget_prices,
                         grpo_advantages, sample_budgets, slope_shrinks, step_budget_costs, step_price_costs,
@@ -219,7 +220,10 @@ class GRPOTrainer:
             self.policy.budget_feedback_gain = 0.0  # rollouts and loss; `_inference` restores it for dev checks
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg)
+        # the weight average that dev checks, checkpoints and exports read (None: the raw weights)
+        self.ema = WeightEMA(self.policy, cfg.policy_ema_decay) if cfg.policy_ema_decay > 0 else None
+        self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg,
+                                   after_step=None if self.ema is None else lambda: self.ema.update(self.policy))
         self.alphas = resolved_alphas(cfg)
         self.budget_gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.action_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1000 * self.dist.rank + 1)
@@ -288,8 +292,11 @@ class GRPOTrainer:
     def _payload(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: rank 0's state at the top level (as a single-process run writes it) and, under
         torchrun, every rank's in `rank_states`, so each rank resumes where it stopped."""
+        ema = {} if self.ema is None else {"policy_raw_state_dict": self.policy.state_dict(),
+                                            "ema_num_updates": self.ema.num_updates}
         return {
-            "policy_state_dict": self.policy.state_dict(),
+            "policy_state_dict": self.eval_policy.state_dict(),  # what evaluators and exports read
+            **ema,  # with an EMA, the weights training continues from
             "cfg": config_to_dict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
             **rank_states[0],
@@ -320,7 +327,12 @@ class GRPOTrainer:
                                   f"has {self.dist.world_size}; resume it exactly with `{how} --resume ...`, or warm "
                                   "start a new run from it with --checkpoint_path")
         mine = ckpt["rank_states"][self.dist.rank] if self.dist.enabled else ckpt
-        self.policy.load_state_dict(ckpt["policy_state_dict"])
+        if self.ema is not None:
+            if "policy_raw_state_dict" not in ckpt:
+                raise CheckpointError(f"{self.args.resume} was saved without a weight average; resume it with "
+                                      "policy_ema_decay 0, or warm start a new run from it with --checkpoint_path")
+            self.ema.load_state_dict({"weights": ckpt["policy_state_dict"], "num_updates": ckpt["ema_num_updates"]})
+        self.policy.load_state_dict(ckpt.get("policy_raw_state_dict", ckpt["policy_state_dict"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.updater.load_state_dict(mine["updater"])
         self.sampler.load_state_dict(mine["sampler"])
@@ -422,17 +434,23 @@ class GRPOTrainer:
             out.append(BatchRecord(self.batches_done, m, step_stats, self.updater.num_updates))
         return out
 
+    @property
+    def eval_policy(self) -> SOLPolicy:
+        """The weights evaluators get: the weight average when `policy_ema_decay` > 0, else the policy itself."""
+        return self.policy if self.ema is None else self.ema.module
+
     @contextlib.contextmanager
     def _inference(self) -> Iterator[SOLPolicy]:
-        """The policy as evaluators will run it: eval mode, with the config's budget feedback gain."""
-        train_gain = self.policy.budget_feedback_gain
-        self.policy.budget_feedback_gain = float(self.cfg.budget_feedback_gain)
-        self.policy.eval()
+        """The policy as evaluators will run it: `eval_policy` in eval mode, with the config's budget feedback gain."""
+        policy = self.eval_policy
+        train_gain, was_training = policy.budget_feedback_gain, policy.training
+        policy.budget_feedback_gain = float(self.cfg.budget_feedback_gain)
+        policy.eval()
         try:
-            yield self.policy
+            yield policy
         finally:
-            self.policy.train()
-            self.policy.budget_feedback_gain = train_gain
+            policy.train(was_training)
+            policy.budget_feedback_gain = train_gain
 
     def dev_eval(self) -> dict[str, float]:
         """Policy (argmax) on the dev split at the default targets vs dense and the fixed baseline matched to
