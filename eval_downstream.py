@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         except TaskNameError as e:
             raise UsageError(str(e)) from None
         _quiet_lm_eval()
-        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution)
+        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution,
+                             dtype=a.dtype)
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
         lm = b.lm
         common = dict(batch_size=a.batch_size, max_gen_toks=a.max_gen_toks, progress=not a.no_progress, seed=a.seed)

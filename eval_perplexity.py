@@ -110,7 +110,8 @@ def run(a: argparse.Namespace) -> int:
     cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dataset_name": a.dataset_name,
                                                            "dataset_config": a.dataset_config,
                                                            "budget_feedback_gain": a.budget_feedback_gain,
-                                                           "policy_logit_bound": a.policy_logit_bound}, a.device,
+                                                           "policy_logit_bound": a.policy_logit_bound,
+                                                           "dtype": a.dtype}, a.device,
                                        a.trust_checkpoint)
     tk, tp, tb = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
     biases = tuple(float(getattr(a, n) if getattr(a, n) is not None else getattr(cfg, f"eval_{n}"))

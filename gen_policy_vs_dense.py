@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         random.seed(a.seed)
         np.random.seed(a.seed)
         torch.manual_seed(a.seed)
-        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution)
+        b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution,
+                             dtype=a.dtype)
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

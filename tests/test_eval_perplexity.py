@@ -256,3 +256,36 @@ def test_learning_curve_plot_from_metrics(tmp_path):
     assert plots_main(["curve", str(run), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
     assert plots_main(["curve", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_dtype_flag_overrides_the_checkpoint_config(ckpt_dir, capsys, monkeypatch):
+    """--dtype loads the frozen LM in that dtype instead of the checkpoint config's (same flag on every
+    evaluator through add_checkpoint_flags); the bfloat16 PPL stays close to the float32 one."""
+    import utils.model
+
+    seen = []
+    real = utils.model.load_lm
+    monkeypatch.setattr(utils.model, "load_lm", lambda name, dtype="float32", device="cpu": seen.append(dtype) or
+                        real(name, dtype, device))
+    base = ["--ckpt_dir", ckpt_dir, "--eval_batches", 1, "--batch_size", 2, "--device", "cpu", "--no_progress"]
+    ppl = {}
+    for dt in ("float32", "bfloat16"):
+        rc, out, err = _run_cli(base + ["--dtype", dt], capsys)
+        assert rc == 0, err
+        ppl[dt] = float(next(line for line in out.splitlines() if line.startswith("dense")).split()[2])
+    assert seen == ["float32", "bfloat16"]
+    assert abs(math.log(ppl["bfloat16"] / ppl["float32"])) < 0.05
+    with pytest.raises(SystemExit) as e:  # argparse's choices: one line, exit code 2
+        _run_cli(base + ["--dtype", "int8"], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--dtype" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bfloat16_warning_reads_the_cpu_flags():
+    from utils.model import cpu_lacks_bf16
+
+    assert cpu_lacks_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert not cpu_lacks_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert not cpu_lacks_bf16("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert not cpu_lacks_bf16("Features\t: fp asimd\n")  # not x86: cannot tell, no warning
+    assert not cpu_lacks_bf16("")

@@ -28,11 +28,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
-    """--ckpt_dir, --mode, --trust_checkpoint: which policy an evaluator loads (the same on every CLI)."""
+    """--ckpt_dir, --mode, --trust_checkpoint, --dtype: which policy an evaluator loads, and how (the same on
+    every CLI)."""
     p.add_argument("--ckpt_dir", required=True, help="a training run directory (policy_<mode>.pt inside) or an "
                    "exported policy (policy.safetensors, e.g. results/ckpt_prune_bc_cal)")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_<mode>.pt)")
     p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the frozen LM's dtype (default: the checkpoint config's); float32 on a CPU without "
+                   "bfloat16 instructions, where bfloat16 is slower")
 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:

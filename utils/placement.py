@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         check_mode(a.mode)
         check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         check_output_file("--json", a.json_path)
-        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, trust=a.trust_checkpoint)
+        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dtype": a.dtype}, trust=a.trust_checkpoint)
         probe_idx = probe_action(lm.actions, a.probe)
         keep, prune, bits = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         targets = (keep, prune, bits / 16.0)

@@ -393,13 +393,15 @@ class EvalBundle:
 
 
 def load_eval_bundle(ckpt_dir: str, mode: str = "latest", device: str | None = None,
-                     trust: bool = False, execution: str = "simulated") -> EvalBundle:
+                     trust: bool = False, execution: str = "simulated", dtype: str | None = None) -> EvalBundle:
     """The checkpoint's training config, the frozen LM wrapped as a ControlledLM (in `execution` mode) and
-    the policy (eval), through the evaluators' shared loader (`utils.checkpoint.load_policy_eval`)."""
+    the policy (eval), through the evaluators' shared loader (`utils.checkpoint.load_policy_eval`); `dtype`
+    None keeps the config's."""
     from utils.checkpoint import find_checkpoint
     from utils.checkpoint import load_policy_eval
 
-    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, device=device, trust=trust, execution=execution)
+    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, {"dtype": dtype}, device=device, trust=trust,
+                                       execution=execution)
     return EvalBundle(cfg, lm, policy, str(find_checkpoint(ckpt_dir, mode)))
 
 
