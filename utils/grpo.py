@@ -344,8 +344,8 @@ class GRPOUpdater:
 
     `grad_sync`, if given, is called with the parameter list before clipping at each optimizer step (for
     example to all-reduce gradients of a policy that is not DDP-wrapped); `after_step`, if given, after
-    each optimizer step that passed the finiteness checks (e.g. to update a weight average). Under DDP every rank must make the
-    same number of backward calls, which holds when all ranks pool equally sized batches.
+    each optimizer step that passed the finiteness checks (e.g. to update a weight average). Under DDP every
+    rank must make the same number of backward calls, which holds when all ranks pool equally sized batches.
     """
 
     def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
