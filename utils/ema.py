@@ -2,8 +2,9 @@
 
 Between two saved checkpoints a GRPO policy trained on this CPU moves by about as much as it gains over the
 fixed schedule (results/prune_price_ppo: dev ΔNLL −0.087 at one checkpoint, −0.020 at the next), so the
-last raw weights are a noisy draw from where training has got to. An average of the recent weights removes
-most of that step-to-step noise at the cost of lagging behind by about 1 / (1 − decay) optimizer steps.
+last raw weights are a noisy draw from where training has got to. An average of the recent weights smooths
+that step-to-step noise at the cost of lagging behind by about 1 / (1 − decay) optimizer steps. (Measured on
+the 112-step price recipe, results/prune_price_ema: the average was slightly worse than the raw weights.)
 Training itself always continues from the raw weights; the average is only read (dev checks, checkpoints'
 `policy_state_dict`, exports, evaluators).
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The price recipe (official_configs/cpu_smollm2_prune_price.yml) with a moving average of the policy weights
 # (policy_ema_decay 0.95, utils/ema.py), seed $SEED, the LM in float32 (this machine has no bfloat16
-# instructions: bfloat16 ran ~3x slower). Training is the same as without the average (the raw weights do not
+# instructions: bfloat16 ran ~2x slower). Training is the same as without the average (the raw weights do not
 # depend on it), so the raw and averaged exports of this one run are a paired comparison of the average alone.
 # Then the dev check of both (the 100-block dev tail of valid.txt; never test), feedback gain 20 as shipped.
 #   SEED=1234 results/prune_price_ema/run.sh
