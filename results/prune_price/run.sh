@@ -5,6 +5,8 @@
 # SCORE=1 it then scores the export once on the test split with the headline prune protocol: 8 batches x 32
 # sequences x 16 steps per point, fixed, fixed_ref, NUM_TRIALS random trials (default 8), EMC/DAC (EMC_DAC=1).
 #   SEED=1234 SCORE=1 results/prune_price/run.sh
+# With PLACEMENT=1 (TRAIN=0) it writes the placement check of the export on 32 train and 32 dev blocks at ρ 0.7
+# (placement_{train,dev}_p0.7.json: is the policy better placed on the text it trained on?).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
@@ -20,4 +22,10 @@ if [[ "${SCORE:-0}" == 1 ]]; then
     EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=${NUM_TRIALS:-8} EMC_DAC=${EMC_DAC:-1} \
     POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" EXTRA="--keep_prefill_mb 4096 --no_progress ${EVAL_EXTRA:-}" \
     ./eval_perplexity.sh
+fi
+if [[ "${PLACEMENT:-0}" == 1 ]]; then
+  for S in train dev; do
+    python -m utils.placement --ckpt_dir results/$NAME/ckpt_seed$SEED --split $S --blocks 32 --tgt_prune_keep 0.7 \
+      --json results/$NAME/placement_${S}_p0.7.json
+  done
 fi
