@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = _check_args(a)
         from utils.lm_eval_adapter import SOLHarnessLM, TaskNameError, make_task_manager
+        from utils.cli import checkpoint_overrides
         from utils.runtime import UsageTracker, load_eval_bundle, make_scheduler, resolve_policy_settings
 
         try:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         _quiet_lm_eval()
         b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution,
-                             dtype=a.dtype)
+                             overrides=checkpoint_overrides(a))
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
         lm = b.lm
         common = dict(batch_size=a.batch_size, max_gen_toks=a.max_gen_toks, progress=not a.no_progress, seed=a.seed)

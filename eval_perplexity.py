@@ -18,7 +18,7 @@ import sys
 import time
 
 from utils.cli import (OneLineErrorParser, SOLError, UsageError, add_checkpoint_flags, add_target_flags, check_finite,
-                       check_mode, check_output_file, check_targets)
+                       check_mode, check_output_file, check_targets, checkpoint_overrides)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quant_bias", type=float,
                    help="policy logit bias against high bits (default: cfg eval_quant_bias, 0)")
     p.add_argument("--policy_temperature", type=float, default=0.6, help="policy logit temperature (reference 0.6)")
-    p.add_argument("--budget_feedback_gain", type=float,
-                   help="the policy's integral budget feedback gain (default: the checkpoint config's; 0 = off)")
-    p.add_argument("--policy_logit_bound", type=float,
-                   help="bound of the policy network's logits before the feedback (default: the checkpoint config's)")
     p.add_argument("--stochastic_policy", action="store_true",
                    help="sample the policy's actions at --policy_temperature (seeded by --seed) instead of argmax")
     p.add_argument("--do_emc_and_driftaware", action="store_true",
@@ -75,10 +71,7 @@ def _check_args(a: argparse.Namespace) -> None:
     need(a.policy_temperature > 0 and math.isfinite(a.policy_temperature),
          f"--policy_temperature must be > 0, got {a.policy_temperature}")
     need(a.gamma >= 0, f"--gamma must be >= 0, got {a.gamma}")
-    need(a.budget_feedback_gain is None or (a.budget_feedback_gain >= 0 and math.isfinite(a.budget_feedback_gain)),
-         f"--budget_feedback_gain must be a finite number >= 0, got {a.budget_feedback_gain}")
-    need(a.policy_logit_bound is None or (a.policy_logit_bound >= 0 and math.isfinite(a.policy_logit_bound)),
-         f"--policy_logit_bound must be a finite number >= 0, got {a.policy_logit_bound}")
+    checkpoint_overrides(a)
     need(a.keep_prefill_mb >= 0, f"--keep_prefill_mb must be >= 0, got {a.keep_prefill_mb}")
     need(a.rows_per_forward is None or a.rows_per_forward >= 0,
          f"--rows_per_forward must be >= 0, got {a.rows_per_forward}")
@@ -109,9 +102,7 @@ def run(a: argparse.Namespace) -> int:
         check_csv_header(a.csv_path)  # fail before any work, not after
     cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dataset_name": a.dataset_name,
                                                            "dataset_config": a.dataset_config,
-                                                           "budget_feedback_gain": a.budget_feedback_gain,
-                                                           "policy_logit_bound": a.policy_logit_bound,
-                                                           "dtype": a.dtype}, a.device,
+                                                           **checkpoint_overrides(a)}, a.device,
                                        a.trust_checkpoint)
     tk, tp, tb = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
     biases = tuple(float(getattr(a, n) if getattr(a, n) is not None else getattr(cfg, f"eval_{n}"))

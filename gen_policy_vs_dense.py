@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
         import torch
 
+        from utils.cli import checkpoint_overrides
         from utils.runtime import UsageTracker, generate, load_eval_bundle, make_scheduler, resolve_policy_settings
 
         random.seed(a.seed)
         np.random.seed(a.seed)
         torch.manual_seed(a.seed)
         b = load_eval_bundle(a.ckpt_dir, a.mode, a.device, a.trust_checkpoint, execution=a.execution,
-                             dtype=a.dtype)
+                             overrides=checkpoint_overrides(a))
         budgets, biases, E = resolve_policy_settings(a, b.cfg)
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -81,11 +81,30 @@ def test_gen_sampling_is_seeded(ckpt_dir, capsys):
     (["--generation_tokens", "0"], "--generation_tokens must be >= 1"),
     (["--episode_len", "1000"], "exceeds the policy's policy_max_len"),
     (["--bogus"], "unrecognized arguments"),
+    (["--budget_feedback_gain", "-1"], "--budget_feedback_gain must be a finite number >= 0"),
+    (["--policy_logit_bound", "nan"], "--policy_logit_bound must be a finite number >= 0"),
 ])
 def test_gen_bad_inputs(ckpt_dir, extra, msg, capsys):
     rc, _, err = _main(["--ckpt_dir", str(ckpt_dir), *extra], capsys)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0]
+
+
+def test_feedback_flags_reach_the_policy(ckpt_dir, capsys, monkeypatch):
+    """--budget_feedback_gain / --policy_logit_bound (add_checkpoint_flags, on every evaluator) replace the
+    checkpoint config's values in the loaded policy; without them the checkpoint's values stay."""
+    from utils.policy import SOLPolicy
+
+    seen = []
+    real = SOLPolicy.from_config.__func__
+    monkeypatch.setattr(SOLPolicy, "from_config", classmethod(
+        lambda cls, cfg, *a, **k: seen.append((cfg.budget_feedback_gain, cfg.policy_logit_bound)) or
+        real(cls, cfg, *a, **k)))
+    base = ["--ckpt_dir", str(ckpt_dir), "--generation_tokens", "2", "--episode_len", "2"]
+    assert _main(base, capsys)[0] == 0
+    assert _main(base + ["--budget_feedback_gain", "7", "--policy_logit_bound", "1.5"], capsys)[0] == 0
+    cfg = load_config("official_configs/tiny.yml", [])
+    assert seen == [(cfg.budget_feedback_gain, cfg.policy_logit_bound), (7.0, 1.5)]
 
 
 def test_gen_missing_checkpoint(tmp_path, capsys):

@@ -28,8 +28,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
-    """--ckpt_dir, --mode, --trust_checkpoint, --dtype: which policy an evaluator loads, and how (the same on
-    every CLI)."""
+    """--ckpt_dir, --mode, --trust_checkpoint, --dtype, --budget_feedback_gain, --policy_logit_bound: which
+    policy an evaluator loads, and how (the same on every CLI; `checkpoint_overrides` reads them)."""
     p.add_argument("--ckpt_dir", required=True, help="a training run directory (policy_<mode>.pt inside) or an "
                    "exported policy (policy.safetensors, e.g. results/ckpt_prune_bc_cal)")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_<mode>.pt)")
@@ -37,6 +37,23 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="the frozen LM's dtype (default: the checkpoint config's); float32 on a CPU without "
                    "bfloat16 instructions, where bfloat16 is slower")
+    p.add_argument("--budget_feedback_gain", type=float,
+                   help="the policy's integral budget feedback gain at inference (default: the checkpoint "
+                   "config's; 0 = off; docs/grpo_recipe.md)")
+    p.add_argument("--policy_logit_bound", type=float,
+                   help="bound of the policy network's logits before the feedback (default: the checkpoint "
+                   "config's; 0 = unbounded)")
+
+
+def checkpoint_overrides(a: argparse.Namespace, error: type[Exception] = UsageError) -> dict[str, object]:
+    """The config fields that `add_checkpoint_flags`' options override (None = keep the checkpoint's), for
+    `utils.checkpoint.load_policy_eval`, after checking them; raises `error` with a one-line message."""
+    for name in ("budget_feedback_gain", "policy_logit_bound"):
+        v = getattr(a, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise error(f"--{name} must be a finite number >= 0, got {v}")
+    return {"dtype": a.dtype, "budget_feedback_gain": a.budget_feedback_gain,
+            "policy_logit_bound": a.policy_logit_bound}
 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:

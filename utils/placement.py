@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from utils.cli import (OneLineErrorParser, SOLError, add_checkpoint_flags, add_target_flags, check_mode,
-                       check_output_file, check_targets, need)
+                       check_output_file, check_targets, checkpoint_overrides, need)
 from utils.engine import Prefill, Scheduler, StepObs, prefill_blocks, run_episode
 from utils.stats import pearson, spearman
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         check_mode(a.mode)
         check_targets(a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         check_output_file("--json", a.json_path)
-        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, {"dtype": a.dtype}, trust=a.trust_checkpoint)
+        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, checkpoint_overrides(a), trust=a.trust_checkpoint)
         probe_idx = probe_action(lm.actions, a.probe)
         keep, prune, bits = eval_targets(cfg, a.tgt_keep, a.tgt_prune_keep, a.tgt_quant_bits)
         targets = (keep, prune, bits / 16.0)

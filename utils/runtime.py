@@ -29,14 +29,14 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from utils.cli import (MAX_BITS, SOLError, add_checkpoint_flags, add_target_flags, check_finite, check_mode,
-                       check_targets)
+                       check_targets, checkpoint_overrides)
 from utils.engine import DecodeLoop, Scheduler
 from utils.gathered import EXECUTIONS
 from utils.lm import ControlledLM
@@ -393,14 +393,16 @@ class EvalBundle:
 
 
 def load_eval_bundle(ckpt_dir: str, mode: str = "latest", device: str | None = None,
-                     trust: bool = False, execution: str = "simulated", dtype: str | None = None) -> EvalBundle:
+                     trust: bool = False, execution: str = "simulated",
+                     overrides: Mapping[str, object] | None = None) -> EvalBundle:
     """The checkpoint's training config, the frozen LM wrapped as a ControlledLM (in `execution` mode) and
-    the policy (eval), through the evaluators' shared loader (`utils.checkpoint.load_policy_eval`); `dtype`
-    None keeps the config's."""
+    the policy (eval), through the evaluators' shared loader (`utils.checkpoint.load_policy_eval`);
+    `overrides` replace config fields (`utils.cli.checkpoint_overrides`: dtype, feedback gain, logit bound;
+    None values keep the config's)."""
     from utils.checkpoint import find_checkpoint
     from utils.checkpoint import load_policy_eval
 
-    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, {"dtype": dtype}, device=device, trust=trust,
+    cfg, lm, policy = load_policy_eval(ckpt_dir, mode, overrides, device=device, trust=trust,
                                        execution=execution)
     return EvalBundle(cfg, lm, policy, str(find_checkpoint(ckpt_dir, mode)))
 
@@ -457,6 +459,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 def check_policy_args(args) -> None:
     """Range checks before anything is loaded; raises RuntimeInputError with a one-line message."""
     check_targets(args.tgt_keep, args.tgt_prune_keep, args.tgt_quant_bits, RuntimeInputError)
+    checkpoint_overrides(args, RuntimeInputError)
     check_finite({n: getattr(args, n) for n in ("sparsity_bias", "prune_bias", "quant_bias", "policy_temperature")},
                  RuntimeInputError)
     if args.episode_len is not None and args.episode_len < 1:
