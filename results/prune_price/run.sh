@@ -3,7 +3,9 @@
 # (official_configs/cpu_smollm2_prune_price.yml), one training seed per call: trains on the shipped WikiText-2
 # valid.txt (its dev tail held out), exports to results/prune_price/ckpt_seed$SEED (TRAIN=0 skips this); with
 # SCORE=1 it then scores the export once on the test split with the headline prune protocol: 8 batches x 32
-# sequences x 16 steps per point, fixed, fixed_ref, NUM_TRIALS random trials (default 8), EMC/DAC (EMC_DAC=1).
+# sequences x 16 steps per point, fixed, fixed_ref, NUM_TRIALS random trials (default 8), EMC/DAC (EMC_DAC=1),
+# at the inference-time feedback gain GAIN (default 20, the config's; gain 5 is scored by
+# results/prune_price_g5/run.sh).
 #   SEED=1234 SCORE=1 results/prune_price/run.sh
 # With PLACEMENT=1 (TRAIN=0) it writes the placement check of the export on 32 train and 32 dev blocks at ρ 0.7
 # (placement_{train,dev}_p0.7.json: is the policy better placed on the text it trained on?).
@@ -20,7 +22,8 @@ if [[ "${SCORE:-0}" == 1 ]]; then
   rm -f results/$NAME/test_ppl_seed$SEED.csv
   CKPT_DIR=results/$NAME/ckpt_seed$SEED CSV_PATH=results/$NAME/test_ppl_seed$SEED.csv SPLIT=test \
     EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=${NUM_TRIALS:-8} EMC_DAC=${EMC_DAC:-1} \
-    POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" EXTRA="--keep_prefill_mb 4096 --no_progress ${EVAL_EXTRA:-}" \
+    POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" \
+    EXTRA="--keep_prefill_mb 4096 --no_progress --budget_feedback_gain ${GAIN:-20} ${EVAL_EXTRA:-}" \
     ./eval_perplexity.sh
 fi
 if [[ "${PLACEMENT:-0}" == 1 ]]; then
