@@ -151,7 +151,9 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     """(cfg, ControlledLM, SOLPolicy in eval mode) from a checkpoint (a run's or an export) and its stored
     config: the one loader of every evaluator, the generator and the benchmarks.
 
-    `overrides` replace config fields (e.g. dataset_name); `device` None resolves the config's `device`
+    `overrides` replace config fields (e.g. dataset_name); its key `knob_calibration` (a path) installs that
+    knob offset table on the policy (`utils.knob_calibration`) and sets the feedback gain to the table's,
+    which an explicit `budget_feedback_gain` must then equal; `device` None resolves the config's `device`
     (auto = CUDA when available); `trust` reads old pickled checkpoints (`read_pt`);
     `execution`: "simulated" or "gathered" (see ControlledLM). Raises CheckpointError / ConfigError /
     ModelLoadError / ExecutionError with one-line messages.
@@ -164,8 +166,19 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
 
     check_execution(execution)  # before anything is loaded
 
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    table = None
+    if "knob_calibration" in overrides:
+        from utils.knob_calibration import load_calibration
+
+        path = overrides.pop("knob_calibration")
+        table = load_calibration(path)
+        gain = overrides.setdefault("budget_feedback_gain", table[2])
+        if float(gain) != table[2]:
+            raise CheckpointError(f"--budget_feedback_gain {gain:g} conflicts with the knob calibration {path}, "
+                                  f"fitted at gain {table[2]:g}; leave the gain out or fit a table at {gain:g}")
     ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
-    cfg = checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = checkpoint_config(ckpt, overrides)
     dev = device or default_device(cfg)
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"device {dev} requested but CUDA is not available on this machine")
@@ -182,6 +195,11 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
         raise CheckpointError(f"policy weights in {ckpt_dir} are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                               "the run that wrote them diverged")
     policy.to(dev).eval().requires_grad_(False)
+    if table is not None:
+        try:
+            policy.set_knob_table(table[0], table[1])
+        except ValueError as e:
+            raise CheckpointError(f"knob calibration: {e}") from None
     return cfg, lm, policy
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 MIN_BITS, MAX_BITS = 2, 16  # the bit-width range of every target (as the config's C_target_quant_bits)
@@ -28,8 +29,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
-    """--ckpt_dir, --mode, --trust_checkpoint, --dtype, --budget_feedback_gain, --policy_logit_bound: which
-    policy an evaluator loads, and how (the same on every CLI; `checkpoint_overrides` reads them)."""
+    """--ckpt_dir, --mode, --trust_checkpoint, --dtype, --budget_feedback_gain, --policy_logit_bound,
+    --knob_calibration: which policy an evaluator loads, and how (the same on every CLI;
+    `checkpoint_overrides` reads them)."""
     p.add_argument("--ckpt_dir", required=True, help="a training run directory (policy_<mode>.pt inside) or an "
                    "exported policy (policy.safetensors, e.g. results/ckpt_prune_bc_cal)")
     p.add_argument("--mode", default="latest", help="checkpoint: latest or an update number (policy_<mode>.pt)")
@@ -43,6 +45,9 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy_logit_bound", type=float,
                    help="bound of the policy network's logits before the feedback (default: the checkpoint "
                    "config's; 0 = unbounded)")
+    p.add_argument("--knob_calibration", metavar="JSON",
+                   help="a knob offset table fitted on the train split by `python -m utils.knob_calibration`; "
+                   "sets the feedback gain to the one it was fitted with (default: none)")
 
 
 def checkpoint_overrides(a: argparse.Namespace, error: type[Exception] = UsageError) -> dict[str, object]:
@@ -52,8 +57,11 @@ def checkpoint_overrides(a: argparse.Namespace, error: type[Exception] = UsageEr
         v = getattr(a, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise error(f"--{name} must be a finite number >= 0, got {v}")
+    cal = getattr(a, "knob_calibration", None)
+    if cal is not None and not os.path.isfile(cal):
+        raise error(f"--knob_calibration: file not found: {cal}")
     return {"dtype": a.dtype, "budget_feedback_gain": a.budget_feedback_gain,
-            "policy_logit_bound": a.policy_logit_bound}
+            "policy_logit_bound": a.policy_logit_bound, "knob_calibration": cal}
 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:

@@ -9,8 +9,10 @@ Faithful to the reference repository's `RecurrentActorCriticPolicy` (akhauriyash
 
 Ours, off by default: an integral budget feedback term of the logits (the row's usage surplus so far times each
 action's usage, `budget_feedback`) and a bound on the network's own logits, so that the budget holds by
-construction (docs/grpo_recipe.md). Also here: the eval-time per-axis logit bias, action selection and a
-parameter counter.
+construction (docs/grpo_recipe.md), and a fitted knob offset (`set_knob_table`, fitted by
+`utils.knob_calibration`): a logit term of the requested budget alone that makes the network's own
+realised usage match the request, so the feedback is left only the drift to correct. Also here: the
+eval-time per-axis logit bias, action selection and a parameter counter.
 """
 from __future__ import annotations
 
@@ -180,6 +182,9 @@ class SOLPolicy(nn.Module):
             raise ValueError(f"action_usage must be [{n_actions}, 3], got {tuple(action_usage.shape)}")
         # not a parameter and not in the state dict: it follows from the action grid of the config
         self.register_buffer("action_usage", action_usage.detach().float().clone(), persistent=False)
+        # the knob table (set_knob_table): not in the state dict either, it is fitted after training
+        self.register_buffer("knob_grid", None, persistent=False)
+        self.register_buffer("knob_offsets", None, persistent=False)
 
     @classmethod
     def from_config(cls, cfg: Any, h_dim: int, e_dim: int, actions: Any) -> "SOLPolicy":
@@ -221,9 +226,43 @@ class SOLPolicy(nn.Module):
         surplus = StepScalars.deviations(scalars).float() * n_eff.unsqueeze(-1).float()
         return -self.budget_feedback_gain * (surplus @ self.action_usage.T)
 
+    def set_knob_table(self, grid: Optional[Tensor], offsets: Optional[Tensor]) -> None:
+        """Install (or, with None, remove) the knob offset table: `grid` [m, 3] requested budgets, each
+        column strictly increasing, and `offsets` [m, 3] their per-axis offsets c (logits per unit of usage).
+
+        A row whose requested budget is r gets the logit term −Σ_j c_j(r_j) · u_j(a), c_j interpolated
+        linearly in column j of the grid (held at the ends), u(a) the action's nominal usage: the same form
+        as the feedback's −g · S · u(a), with a constant in place of the surplus, so c > 0 favours cheaper
+        actions on that axis. It depends on the request only, never on the content."""
+        if grid is None or offsets is None:
+            if grid is not None or offsets is not None:
+                raise ValueError("set_knob_table: give both grid and offsets, or neither")
+            self.knob_grid = self.knob_offsets = None
+            return
+        grid, offsets = grid.detach().float(), offsets.detach().float()
+        if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] < 2 or offsets.shape != grid.shape:
+            raise ValueError(f"set_knob_table: grid and offsets must both be [m >= 2, 3], got "
+                             f"{tuple(grid.shape)} and {tuple(offsets.shape)}")
+        if not bool((grid[1:] > grid[:-1]).all()) or not bool(torch.isfinite(offsets).all()):
+            raise ValueError("set_knob_table: every grid column must increase strictly and the offsets be finite")
+        dev = self.action_usage.device
+        self.knob_grid, self.knob_offsets = grid.to(dev), offsets.to(dev)
+
+    def knob_term(self, budgets: Tensor) -> Tensor:
+        """The knob offsets' logit term for requested budgets [..., 3] -> [..., A] (zero without a table)."""
+        if self.knob_grid is None:
+            return torch.zeros((), dtype=budgets.dtype, device=budgets.device)
+        g, f = self.knob_grid.T.contiguous(), self.knob_offsets.T  # [3, m]
+        x = budgets.reshape(-1, 3).float().T.contiguous()  # [3, N]
+        hi = torch.searchsorted(g, x).clamp(1, g.shape[1] - 1)
+        g0, g1, f0, f1 = g.gather(1, hi - 1), g.gather(1, hi), f.gather(1, hi - 1), f.gather(1, hi)
+        w = ((x - g0) / (g1 - g0)).clamp(0.0, 1.0)
+        c = (f0 + w * (f1 - f0)).T  # [N, 3]
+        return -(c @ self.action_usage.T).reshape(*budgets.shape[:-1], -1)
+
     def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float) -> Tensor:
         """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), bounded to [-c, c] when
-        `logit_bound` c > 0, plus the budget feedback, all / temperature."""
+        `logit_bound` c > 0, plus the budget feedback and the knob offsets, all / temperature."""
         if scalars.shape[-1] < StepScalars.REFERENCE_DIM:
             raise ValueError(f"scalars need >= {StepScalars.REFERENCE_DIM} columns (utils.records.StepScalars), "
                              f"got {scalars.shape[-1]}")
@@ -231,7 +270,8 @@ class SOLPolicy(nn.Module):
         raw = self.pi(self.ln_f(x)) + self.budget_head(budgets)
         if self.logit_bound > 0:
             raw = self.logit_bound * torch.tanh(raw / self.logit_bound)
-        return (raw + self.budget_feedback(scalars, n_eff).to(raw.dtype)) / temperature
+        fixed = self.budget_feedback(scalars, n_eff) + self.knob_term(StepScalars.budgets(scalars))
+        return (raw + fixed.to(raw.dtype)) / temperature
 
     # ---- incremental path --------------------------------------------------------------------------
     def init_state(self, batch_size: int, device: Optional[torch.device | str] = None) -> PolicyState:

@@ -1,0 +1,158 @@
+"""Knob calibration (utils.knob_calibration, SOLPolicy.set_knob_table): the offset term against numpy's
+interpolation, its place in the logits, the bisection against an independent evaluation, and the loaders'
+handling of a table."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from utils.actions import ActionSpace
+from utils.config import load_config
+from utils.engine import run_episode
+from utils.policy import N_SCALARS, SOLPolicy
+from utils.schedulers import PolicyScheduler
+
+SPACE = ActionSpace.build([0.25, 1.0], ["s50", "s100"], ["q4", "q16"])
+GRID = torch.tensor([[0.3, 0.6, 0.4], [0.5, 0.7, 0.6], [0.9, 0.9, 0.8]])
+OFFSETS = torch.tensor([[1.0, 4.0, -2.0], [0.0, 2.0, 0.5], [-3.0, -1.0, 1.5]])
+
+
+def _policy(gain: float = 0.0, seed: int = 0) -> SOLPolicy:
+    torch.manual_seed(seed)
+    return SOLPolicy(12, 8, len(SPACE), d_model=16, n_heads=2, mlp_ratio=2, action_dim=4, max_len=32,
+                     budget_feedback_gain=gain, action_usage=SPACE.nominal_usage()).eval()
+
+
+def test_knob_term_is_minus_interpolated_offsets_dot_usage():
+    pol = _policy()
+    budgets = torch.tensor([[0.3, 0.6, 0.4], [0.4, 0.65, 0.7], [0.1, 1.0, 0.5], [0.95, 0.8, 0.79]])
+    assert float(pol.knob_term(budgets).abs().max()) == 0.0  # no table, no term
+    pol.set_knob_table(GRID, OFFSETS)
+    got = pol.knob_term(budgets)
+    u = SPACE.nominal_usage().numpy()
+    for i, r in enumerate(budgets.numpy()):
+        c = [np.interp(r[j], GRID[:, j].numpy(), OFFSETS[:, j].numpy()) for j in range(3)]  # held at the ends
+        for a in range(len(SPACE)):
+            assert abs(float(got[i, a]) + float(np.dot(c, u[a]))) < 1e-5
+    pol.set_knob_table(None, None)
+    assert float(pol.knob_term(budgets).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("grid, offsets", [(GRID[:1], OFFSETS[:1]), (GRID.flip(0), OFFSETS),
+                                           (GRID, OFFSETS[:, :2]), (GRID, OFFSETS * float("nan"))])
+def test_bad_tables_are_refused(grid, offsets):
+    with pytest.raises(ValueError, match="set_knob_table"):
+        _policy().set_knob_table(grid, offsets)
+
+
+def test_offsets_enter_before_the_temperature_in_step_and_forward():
+    """Both paths add the term of each row's requested budget (scalar columns 2:5) to the logits before the
+    temperature, so the greedy actions do not depend on the temperature."""
+    g = torch.Generator().manual_seed(1)
+    T, B = 5, 3
+    h, e = torch.randn(T, B, 12, generator=g), torch.randn(T, B, 8, generator=g)
+    s = torch.rand(T, B, N_SCALARS, generator=g)
+    prev = torch.cat([torch.full((1, B), len(SPACE)), torch.randint(0, len(SPACE), (T - 1, B), generator=g)])
+    plain, pol = _policy(), _policy()
+    pol.set_knob_table(GRID, OFFSETS)
+    with torch.no_grad():
+        want = (plain(h, e, s, prev, 1.0) + pol.knob_term(s[..., 2:5])) / 0.7
+        torch.testing.assert_close(pol(h, e, s, prev, 0.7), want, atol=1e-5, rtol=0)
+        state, inc = pol.init_state(B), []
+        for t in range(T):
+            logits, state = pol.step(h[t], e[t], s[t], state, 0.7)
+            inc.append(logits)
+            state = state.with_action(prev[t + 1] if t + 1 < T else prev[0])
+    torch.testing.assert_close(torch.stack(inc), want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from utils.data import load_blocks
+    from utils.lm import ControlledLM
+    from utils.model import load_lm
+
+    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "sparsity_criteria=recency",
+                                                    "keep_fracs=[1.0]", "quant_choices=[q16]"])
+    model, tok = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    lm = ControlledLM.from_config(cfg, model, tok)
+    blocks = torch.as_tensor(np.asarray(load_blocks(cfg, tok, "train")[:4], dtype=np.int64))
+    torch.manual_seed(0)
+    pol = SOLPolicy.from_config(cfg, lm.hidden_size, lm.hidden_size, lm.actions).eval()
+    return cfg, lm, blocks, pol
+
+
+def test_bisection_meets_the_request_as_closely_as_one_step_allows(tiny):
+    """On a two-level ρ grid (s50 / s100) without feedback, each point's realised usage, measured again in an
+    independent episode with the fitted table, is within one step's usage change of the request; the
+    realised usage falls as the offset rises (the bisection's premise)."""
+    from utils.knob_calibration import budget_grid, calibrated_axes, fit_knob_offsets
+
+    cfg, lm, blocks, pol = tiny
+    assert calibrated_axes(lm.actions) == [1]
+    grid = budget_grid(lm.actions, 3)
+    torch.testing.assert_close(grid[:, 1], torch.tensor([0.625, 0.75, 0.875]))
+    assert (grid[:, [0, 2]] == 1.0).all()
+    offsets, realised = fit_knob_offsets(lm, pol, blocks, cfg.context_len, grid, [1], iters=16,
+                                         max_offset=30.0, batch_size=3, progress=False)
+    assert (offsets[:, [0, 2]] == 0).all()
+    n_steps = len(blocks) * cfg.rollout_len
+    assert ((realised[:, 1] - grid[:, 1]).abs() <= 0.5 / n_steps + 1e-6).all(), (realised, grid)
+    with torch.inference_mode():  # the installed table, in one fresh episode per point
+        ep = run_episode(lm, blocks, PolicyScheduler(pol, greedy=True, actions=lm.actions), grid.repeat(len(blocks), 1),
+                         cfg.context_len, group_size=3)
+    again = ep.usage_means().view(len(blocks), 3, 3).mean(0)
+    torch.testing.assert_close(again, realised, atol=1e-6, rtol=0)
+    usage = []
+    for c in (-30.0, 0.0, 30.0):
+        pol.set_knob_table(torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), torch.tensor([[0.0, c, 0.0]] * 2))
+        with torch.inference_mode():
+            ep = run_episode(lm, blocks, PolicyScheduler(pol, greedy=True, actions=lm.actions),
+                             torch.tensor([[1.0, 0.75, 1.0]]).expand(len(blocks), 3), cfg.context_len)
+        usage.append(float(ep.usage_means()[:, 1].mean()))
+    pol.set_knob_table(None, None)
+    assert usage[0] == 1.0 and usage[2] == 0.5 and usage[0] >= usage[1] >= usage[2]
+
+
+def test_cli_writes_a_table_that_the_loader_installs_with_its_gain(tmp_path, capsys):
+    """`python -m utils.knob_calibration` writes the table; `load_policy_eval` with `knob_calibration`
+    installs it and takes the gain it was fitted at; another explicit gain or a malformed file is a one-line
+    error."""
+    from utils.checkpoint import CheckpointError, load_policy_eval, save_checkpoint
+    from utils.cli import UsageError
+    from utils.config import config_to_dict
+    from utils.knob_calibration import main
+    from utils.model import load_lm
+
+    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "budget_feedback_gain=3"])
+    model, _ = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    torch.manual_seed(0)
+    pol = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, ActionSpace.from_config(cfg))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_checkpoint({"policy_state_dict": pol.state_dict(), "cfg": config_to_dict(cfg)}, ckpt / "policy_latest.pt")
+    out = tmp_path / "knob.json"
+    args = ["--ckpt_dir", str(ckpt), "--out", str(out), "--blocks", "2", "--points", "3", "--iters", "2", "--no_progress"]
+    assert main(args + ["--budget_feedback_gain", "2"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["budget_feedback_gain"] == 2.0 and doc["axes"] == [0, 1, 2] and len(doc["offsets"]) == 3
+    assert "realised" in capsys.readouterr().out
+
+    _, _, loaded = load_policy_eval(str(ckpt), overrides={"knob_calibration": str(out)})
+    assert loaded.budget_feedback_gain == 2.0
+    torch.testing.assert_close(loaded.knob_offsets, torch.tensor(doc["offsets"]))
+    _, _, plain = load_policy_eval(str(ckpt))
+    assert plain.budget_feedback_gain == 3.0 and plain.knob_grid is None
+    with pytest.raises(CheckpointError, match="conflicts with the knob calibration"):
+        load_policy_eval(str(ckpt), overrides={"knob_calibration": str(out), "budget_feedback_gain": 5.0})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**doc, "offsets": doc["offsets"][:1]}))
+    with pytest.raises(UsageError, match="malformed"):
+        load_policy_eval(str(ckpt), overrides={"knob_calibration": str(bad)})
+    assert main(args + ["--knob_calibration", str(out)]) == 2
+    assert main(["--ckpt_dir", str(ckpt), "--out", str(out), "--points", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)

@@ -1,0 +1,190 @@
+"""Knob calibration: fit, on the train split, the logit offset per requested budget that makes a trained
+policy's own realised usage equal the request.
+
+    python -m utils.knob_calibration --ckpt_dir results/prune_price/ckpt_seed1234 --budget_feedback_gain 5 \\
+        --out results/prune_price/ckpt_seed1234/knob_g5.json --dtype float32
+    python eval_perplexity.py --ckpt_dir results/prune_price/ckpt_seed1234 --knob_calibration \\
+        results/prune_price/ckpt_seed1234/knob_g5.json ...
+
+Why: a GRPO policy learns where to spend (its placement) better than it learns the budget knob, and the
+integral feedback that holds the budget by construction (`SOLPolicy.budget_feedback`) overrides the
+placement when its gain is high enough to hold a badly calibrated knob (docs/grpo_recipe.md). The offset
+table (`SOLPolicy.set_knob_table`) moves the network's dense-vs-cheap threshold by a constant per request,
+which keeps its ranking of the steps, so a weak feedback is left only the drift between texts to correct.
+The same trick as the damage-probe clone's in-episode budget map (`utils.probe_scheduler`), done in the
+policy's own greedy episodes, with the feedback gain it will be evaluated with.
+
+The fit: one grid of requested budgets per axis (`--points` evenly spaced inside the axis's range, the axes
+stepped together), every train block decoded once per grid point (one point per row, one shared dense
+prefill), and one bisection per (point, axis) on the offset: a larger offset can only make that axis
+cheaper. `--iters` bisections over [-max_offset, max_offset] plus a last pass that measures the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+from utils.cli import (OneLineErrorParser, SOLError, UsageError, add_checkpoint_flags, check_mode,
+                       check_output_file, checkpoint_overrides, need)
+from utils.engine import prefill_blocks, run_episode
+
+FORMAT = "sol-knob-calibration-v1"
+
+
+def calibrated_axes(actions) -> list[int]:
+    """The usage axes (0 κ, 1 ρ, 2 bits) on which the action grid offers more than one level."""
+    u = actions.nominal_usage()
+    return [j for j in range(3) if float(u[:, j].max() - u[:, j].min()) > 1e-9]
+
+
+def budget_grid(actions, points: int) -> torch.Tensor:
+    """[points, 3] requested budgets: on each varying axis, `points` values evenly inside (min, max) usage,
+    the ends excluded (all-cheap and all-dense need no calibration); 1.0 (dense) on the others."""
+    u = actions.nominal_usage()
+    frac = torch.arange(1, points + 1, dtype=torch.float32) / (points + 1)
+    grid = torch.ones(points, 3)
+    for j in calibrated_axes(actions):
+        lo, hi = float(u[:, j].min()), float(u[:, j].max())
+        grid[:, j] = lo + frac * (hi - lo)
+    return grid
+
+
+def table_grid(grid: torch.Tensor) -> torch.Tensor:
+    """The grid as `set_knob_table` needs it: columns that do not vary are replaced by 0..1 (their offsets
+    are zero, so the values do not matter, only that they increase)."""
+    out = grid.clone()
+    for j in range(3):
+        if not bool((out[1:, j] > out[:-1, j]).all()):
+            out[:, j] = torch.linspace(0.0, 1.0, out.shape[0])
+    return out
+
+
+def fit_knob_offsets(lm, policy, blocks: torch.Tensor, context_len: int, grid: torch.Tensor,
+                     axes: Sequence[int], iters: int = 10, max_offset: float = 12.0, batch_size: int = 16,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bisect, per grid point and axis, the offset at which the policy's greedy mean usage over `blocks`
+    equals the requested budget. Returns (offsets [m, 3], realised usage at them [m, 3]); offsets are 0 on
+    the axes not in `axes`. Leaves the fitted table installed on `policy`."""
+    from tqdm import tqdm
+
+    from utils.schedulers import PolicyScheduler
+
+    m = grid.shape[0]
+    mask = torch.zeros(3, dtype=torch.bool)
+    mask[list(axes)] = True
+    lo, hi = torch.full((m, 3), -float(max_offset)), torch.full((m, 3), float(max_offset))
+    tgrid = table_grid(grid)
+    with torch.inference_mode():
+        prefills = [prefill_blocks(lm, blocks[i: i + batch_size], context_len)
+                    for i in tqdm(range(0, len(blocks), batch_size), desc="prefill", disable=not progress)]
+    realised = torch.zeros(m, 3)
+    for it in tqdm(range(iters + 1), desc="knob bisection", disable=not progress):
+        mid = torch.where(mask, (lo + hi) / 2, torch.zeros(()))
+        policy.set_knob_table(tgrid, mid)
+        total, n = torch.zeros(m, 3, dtype=torch.float64), 0
+        for pf in prefills:
+            b = pf.blocks.shape[0]
+            sched = PolicyScheduler(policy, greedy=True, actions=lm.actions)
+            with torch.inference_mode():
+                ep = run_episode(lm, None, sched, grid.repeat(b, 1), context_len, group_size=m, prefill=pf)
+            total += ep.usage_means().double().cpu().view(b, m, 3).sum(0)
+            n += b
+        realised = (total / n).float()
+        if it < iters:  # larger offset -> cheaper: overspent -> raise the lower end
+            over = realised > grid
+            lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    return mid, realised
+
+
+def write_calibration(path: str, grid: torch.Tensor, offsets: torch.Tensor, realised: torch.Tensor,
+                      gain: float, meta: dict) -> None:
+    """Write the table as JSON (atomically): what `load_calibration` and `--knob_calibration` read."""
+    from utils.io import atomic_write
+
+    doc = {"format": FORMAT, "budget_feedback_gain": float(gain), "grid": grid.tolist(),
+           "offsets": offsets.tolist(), "realised": realised.tolist(), **meta}
+    atomic_write(path, lambda fh: json.dump(doc, fh, indent=1))
+
+
+def load_calibration(path: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(grid [m, 3] as `set_knob_table` takes it, offsets [m, 3], the feedback gain it was fitted with) from a
+    file `write_calibration` wrote; raises UsageError with a one-line message on anything else."""
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+        need(isinstance(doc, dict) and doc.get("format") == FORMAT, f"{path} is not a knob calibration ({FORMAT})")
+        grid, offsets = torch.tensor(doc["grid"], dtype=torch.float32), torch.tensor(doc["offsets"], dtype=torch.float32)
+        gain = float(doc["budget_feedback_gain"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read the knob calibration {path}: {e}") from None
+    need(grid.ndim == 2 and grid.shape[1] == 3 and grid.shape[0] >= 2 and offsets.shape == grid.shape
+         and bool(torch.isfinite(offsets).all()) and math.isfinite(gain) and gain >= 0,
+         f"the knob calibration {path} is malformed (grid/offsets must be [m >= 2, 3], finite; gain >= 0)")
+    return table_grid(grid), offsets, gain
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=__doc__.split("\n\n", 1)[1])
+    add_checkpoint_flags(p)
+    p.add_argument("--out", required=True, help="where to write the table (JSON; pass it to the evaluators' "
+                   "--knob_calibration)")
+    p.add_argument("--split", default="train", choices=("train",),
+                   help="blocks to fit on: train only (dev chooses between tables, test scores them)")
+    p.add_argument("--blocks", type=int, default=48, help="train blocks decoded once per grid point (default 48)")
+    p.add_argument("--skip_blocks", type=int, default=0, help="start at this train block (default 0)")
+    p.add_argument("--points", type=int, default=9, help="grid points per axis inside its range (default 9)")
+    p.add_argument("--iters", type=int, default=10, help="bisection steps per point (default 10: ~0.02 logits "
+                   "per unit of usage over ±12)")
+    p.add_argument("--max_offset", type=float, default=12.0,
+                   help="bisection range ± in logits per unit of usage (default 12)")
+    p.add_argument("--batch_size", type=int, default=16, help="blocks per decode batch (rows = blocks x points; default 16)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from utils.checkpoint import load_policy_eval
+    from utils.data import load_blocks
+
+    try:
+        need(os.path.isdir(a.ckpt_dir), f"checkpoint directory not found: {a.ckpt_dir}")
+        need(a.blocks >= 1 and a.batch_size >= 1 and a.points >= 2 and a.iters >= 1 and a.skip_blocks >= 0,
+             "--blocks, --batch_size and --iters must be >= 1, --points >= 2, --skip_blocks >= 0")
+        need(math.isfinite(a.max_offset) and a.max_offset > 0, f"--max_offset must be > 0, got {a.max_offset}")
+        need(a.knob_calibration is None, "--knob_calibration: this tool fits a table; it does not read one")
+        check_mode(a.mode)
+        check_output_file("--out", a.out)
+        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, checkpoint_overrides(a), trust=a.trust_checkpoint)
+        axes = calibrated_axes(lm.actions)
+        need(len(axes) >= 1, "the action grid has a single level on every axis: nothing to calibrate")
+        blocks = torch.as_tensor(load_blocks(cfg, lm.tokenizer, a.split)[a.skip_blocks: a.skip_blocks + a.blocks].copy())
+        need(len(blocks) >= 1, f"the {a.split} split has no blocks after --skip_blocks {a.skip_blocks}")
+        grid = budget_grid(lm.actions, a.points)
+        offsets, realised = fit_knob_offsets(lm, policy, blocks, cfg.context_len, grid, axes, a.iters,
+                                             a.max_offset, a.batch_size, progress=not a.no_progress)
+        gain = policy.budget_feedback_gain
+        write_calibration(a.out, grid, offsets, realised, gain, {
+            "ckpt_dir": a.ckpt_dir, "mode": a.mode, "split": a.split, "blocks": len(blocks),
+            "skip_blocks": a.skip_blocks, "axes": axes, "iters": a.iters, "max_offset": a.max_offset})
+    except (SOLError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = ("kappa", "rho", "bits/16")
+    print(f"knob calibration at feedback gain {gain:g} on {len(blocks)} {a.split} blocks -> {a.out}")
+    for j in axes:
+        print(f"  {names[j]}: requested " + " ".join(f"{v:.3f}" for v in grid[:, j].tolist()))
+        print(f"  {' ' * len(names[j])}  realised  " + " ".join(f"{v:.3f}" for v in realised[:, j].tolist()))
+        print(f"  {' ' * len(names[j])}  offset    " + " ".join(f"{v:+.3f}" for v in offsets[:, j].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
