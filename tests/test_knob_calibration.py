@@ -156,3 +156,54 @@ def test_cli_writes_a_table_that_the_loader_installs_with_its_gain(tmp_path, cap
     assert main(["--ckpt_dir", str(ckpt), "--out", str(out), "--points", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_training_writes_a_table_that_evaluators_and_export_pick_up(tmp_path, capsys):
+    """`knob_calibration_blocks` > 0: the run ends by fitting its final weights' table beside them. Every
+    evaluator's loader then installs it by default (with a note), `none` leaves it out, and a table that does
+    not fit (another gain asked for, another update's weights) is left out by default and refused when named;
+    an export carries it only with the weights it was fitted for."""
+    import train
+    from utils.checkpoint import CheckpointError, load_checkpoint, load_policy_eval
+    from utils.checkpoint import main as ckpt_main
+    from utils.knob_calibration import TABLE_FILE, main as knob_main, weights_fingerprint
+
+    run = tmp_path / "run"
+    assert train.main(["--config", "official_configs/tiny.yml", "--output_dir", str(run), "--total_updates", "4",
+                       "--set", f"block_cache_dir={tmp_path / 'cache'}", "--set", "knob_calibration_blocks=2",
+                       "--set", "knob_calibration_gain=2", "--set", "budget_feedback_gain=3"]) == 0
+    doc = json.loads((run / TABLE_FILE).read_text())
+    final, first = load_checkpoint(str(run)), load_checkpoint(str(run), "2")
+    assert doc["budget_feedback_gain"] == 2.0 and doc["blocks"] == 2 and doc["split"] == "train"
+    assert doc["weights_sha1"] == weights_fingerprint(final["policy_state_dict"])
+    assert weights_fingerprint(first["policy_state_dict"]) != doc["weights_sha1"]
+    capsys.readouterr()
+
+    _, _, pol = load_policy_eval(str(run))
+    assert pol.budget_feedback_gain == 2.0
+    torch.testing.assert_close(pol.knob_offsets, torch.tensor(doc["offsets"]))
+    assert "note: using the knob calibration" in capsys.readouterr().err
+    _, _, plain = load_policy_eval(str(run), overrides={"knob_calibration": "none"})
+    assert plain.knob_grid is None and plain.budget_feedback_gain == 3.0
+    _, _, other_gain = load_policy_eval(str(run), overrides={"budget_feedback_gain": 7.0})
+    assert other_gain.knob_grid is None and other_gain.budget_feedback_gain == 7.0
+    _, _, early = load_policy_eval(str(run), mode="2")
+    assert early.knob_grid is None and early.budget_feedback_gain == 3.0
+    err = capsys.readouterr().err
+    assert "fitted at feedback gain 2, not 7" in err and "fitted for other weights than policy_2" in err
+    with pytest.raises(CheckpointError, match="fitted for other policy weights"):
+        load_policy_eval(str(run), mode="2", overrides={"knob_calibration": str(run / TABLE_FILE)})
+
+    assert ckpt_main(["export", str(run), str(tmp_path / "ship")]) == 0
+    assert ckpt_main(["export", "--mode", "2", str(run), str(tmp_path / "ship1")]) == 0
+    assert (tmp_path / "ship" / TABLE_FILE).read_text() == (run / TABLE_FILE).read_text()
+    assert not (tmp_path / "ship1" / TABLE_FILE).exists()
+    _, _, shipped = load_policy_eval(str(tmp_path / "ship"))
+    torch.testing.assert_close(shipped.knob_offsets, pol.knob_offsets)
+
+    # the tool writes the same file by default, at the config's knob_calibration_gain
+    assert knob_main(["--ckpt_dir", str(tmp_path / "ship1"), "--blocks", "2", "--points", "3", "--iters", "2",
+                      "--no_progress"]) == 0
+    assert json.loads((tmp_path / "ship1" / TABLE_FILE).read_text())["budget_feedback_gain"] == 2.0
+    _, _, refit = load_policy_eval(str(tmp_path / "ship1"))
+    assert refit.knob_grid is not None and refit.budget_feedback_gain == 2.0

@@ -17,6 +17,7 @@ Exporting such a run once (`export ... --trust_checkpoint`) turns it into the sa
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -151,12 +152,12 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     """(cfg, ControlledLM, SOLPolicy in eval mode) from a checkpoint (a run's or an export) and its stored
     config: the one loader of every evaluator, the generator and the benchmarks.
 
-    `overrides` replace config fields (e.g. dataset_name); its key `knob_calibration` (a path) installs that
-    knob offset table on the policy (`utils.knob_calibration`) and sets the feedback gain to the table's,
-    which an explicit `budget_feedback_gain` must then equal; `device` None resolves the config's `device`
-    (auto = CUDA when available); `trust` reads old pickled checkpoints (`read_pt`);
-    `execution`: "simulated" or "gathered" (see ControlledLM). Raises CheckpointError / ConfigError /
-    ModelLoadError / ExecutionError with one-line messages.
+    `overrides` replace config fields (e.g. dataset_name); its key `knob_calibration` (a path, "none", or
+    "auto", the default: the table beside the weights if it fits them, `_knob_table`) installs that knob
+    offset table on the policy (`utils.knob_calibration`) and sets the feedback gain to the table's;
+    `device` None resolves the config's `device` (auto = CUDA when available); `trust` reads old pickled
+    checkpoints (`read_pt`); `execution`: "simulated" or "gathered" (see ControlledLM). Raises
+    CheckpointError / ConfigError / ModelLoadError / ExecutionError with one-line messages.
     """
     from utils.config import default_device
     from utils.gathered import check_execution
@@ -167,17 +168,11 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     check_execution(execution)  # before anything is loaded
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    table = None
-    if "knob_calibration" in overrides:
-        from utils.knob_calibration import load_calibration
-
-        path = overrides.pop("knob_calibration")
-        table = load_calibration(path)
-        gain = overrides.setdefault("budget_feedback_gain", table[2])
-        if float(gain) != table[2]:
-            raise CheckpointError(f"--budget_feedback_gain {gain:g} conflicts with the knob calibration {path}, "
-                                  f"fitted at gain {table[2]:g}; leave the gain out or fit a table at {gain:g}")
+    path = overrides.pop("knob_calibration", "auto")
     ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
+    table = _knob_table(path, ckpt_dir, mode, ckpt, overrides)
+    if table is not None:
+        overrides["budget_feedback_gain"] = table[2]
     cfg = checkpoint_config(ckpt, overrides)
     dev = device or default_device(cfg)
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -203,6 +198,45 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     return cfg, lm, policy
 
 
+def _knob_table(path: str, ckpt_dir: str, mode: str, ckpt: Mapping[str, Any], overrides: Mapping[str, object]):
+    """The knob calibration `load_policy_eval` installs, as `load_calibration` returns it, or None.
+
+    path: a file, "none", or "auto": `TABLE_FILE` beside the weights if there is one (what a training run
+    with `knob_calibration_blocks` or `python -m utils.knob_calibration` writes), used only when it was
+    fitted for these weights at the gain asked for (else a note says why it is left out). A file named
+    explicitly must fit both, or this raises CheckpointError."""
+    from utils.knob_calibration import TABLE_FILE, load_calibration, weights_fingerprint
+
+    auto = path == "auto"
+    if auto:
+        path = os.path.join(ckpt_dir, TABLE_FILE)
+        if not os.path.isfile(path):
+            return None
+    elif path == "none":
+        return None
+    table = load_calibration(path)
+    fitted_for = table[3].get("weights_sha1")
+    if fitted_for is not None and fitted_for != weights_fingerprint(ckpt["policy_state_dict"]):
+        if auto:
+            return _note(f"{path} was fitted for other weights than policy_{mode}: running without it")
+        raise CheckpointError(f"the knob calibration {path} was fitted for other policy weights than {ckpt_dir} "
+                              f"(policy_{mode}); fit one for these with python -m utils.knob_calibration")
+    gain = float(overrides.get("budget_feedback_gain", table[2]))
+    if gain != table[2]:
+        if auto:
+            return _note(f"{path} was fitted at feedback gain {table[2]:g}, not {gain:g}: running without it")
+        raise CheckpointError(f"--budget_feedback_gain {gain:g} conflicts with the knob calibration {path}, "
+                              f"fitted at gain {table[2]:g}; leave the gain out or fit a table at {gain:g}")
+    if auto:
+        _note(f"using the knob calibration {path} (feedback gain {table[2]:g}; --knob_calibration none runs "
+              "without it)")
+    return table
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
 _EXPORT_KEYS = ("cfg", "update_step", "batches_done", "total_updates", "action_tags", "policy_num_params",
                 "imitation")
 
@@ -210,11 +244,14 @@ _EXPORT_KEYS = ("cfg", "update_step", "batches_done", "total_updates", "action_t
 def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest", trust: bool = False,
                   raw: bool = False) -> Path:
     """Write checkpoint `mode` of ckpt_dir as `out_dir/policy.safetensors` + `policy.json` (+ the run's
-    config.yaml): weights and what evaluation needs, no optimizer, updater, sampler or RNG state, so it
-    cannot `--resume`; evaluation, generation and `--checkpoint_path` warm starts accept it. out_dir may
-    be ckpt_dir itself (the .pt files are left alone). A run with a weight average (`policy_ema_decay`)
-    exports the average; `raw` exports the weights training had reached instead (to compare the two)."""
+    config.yaml, and its knob calibration when that was fitted for these weights): weights and what
+    evaluation needs, no optimizer, updater, sampler or RNG state, so it cannot `--resume`; evaluation,
+    generation and `--checkpoint_path` warm starts accept it. out_dir may be ckpt_dir itself (the .pt files
+    are left alone). A run with a weight average (`policy_ema_decay`) exports the average; `raw` exports the
+    weights training had reached instead (to compare the two)."""
     from safetensors.torch import save
+
+    from utils.knob_calibration import TABLE_FILE, load_calibration, weights_fingerprint
 
     ckpt = load_checkpoint(ckpt_dir, mode, trust=trust)
     key = "policy_state_dict"
@@ -231,9 +268,13 @@ def export_policy(ckpt_dir: str | Path, out_dir: str | Path, mode: str = "latest
             "weights": "raw" if raw else ckpt.get("weights", "average" if "policy_raw_state_dict" in ckpt else "raw")}
     path = atomic_write(out / WEIGHTS_FILE, lambda fh: fh.write(save(weights)), binary=True)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
-    cfg_src = Path(ckpt_dir) / "config.yaml"
-    if cfg_src.is_file() and cfg_src.resolve() != (out / "config.yaml").resolve():
-        shutil.copyfile(cfg_src, out / "config.yaml")
+    for name in ("config.yaml", TABLE_FILE):
+        src = Path(ckpt_dir) / name
+        if not src.is_file() or src.resolve() == (out / name).resolve():
+            continue
+        if name == TABLE_FILE and load_calibration(str(src))[3].get("weights_sha1") != weights_fingerprint(weights):
+            continue  # fitted for another update's weights: useless beside these
+        shutil.copyfile(src, out / name)
     return path
 
 

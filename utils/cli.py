@@ -45,9 +45,11 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy_logit_bound", type=float,
                    help="bound of the policy network's logits before the feedback (default: the checkpoint "
                    "config's; 0 = unbounded)")
-    p.add_argument("--knob_calibration", metavar="JSON",
-                   help="a knob offset table fitted on the train split by `python -m utils.knob_calibration`; "
-                   "sets the feedback gain to the one it was fitted with (default: none)")
+    p.add_argument("--knob_calibration", metavar="JSON|auto|none", default="auto",
+                   help="a knob offset table fitted on the train split by `python -m utils.knob_calibration` "
+                   "(or by training with knob_calibration_blocks > 0); it sets the feedback gain to the one it was "
+                   "fitted with. auto (default): CKPT_DIR/knob_calibration.json if it is there and was fitted for "
+                   "these weights at the gain asked for; none: no table")
 
 
 def checkpoint_overrides(a: argparse.Namespace, error: type[Exception] = UsageError) -> dict[str, object]:
@@ -58,7 +60,7 @@ def checkpoint_overrides(a: argparse.Namespace, error: type[Exception] = UsageEr
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise error(f"--{name} must be a finite number >= 0, got {v}")
     cal = getattr(a, "knob_calibration", None)
-    if cal is not None and not os.path.isfile(cal):
+    if cal not in (None, "auto", "none") and not os.path.isfile(cal):
         raise error(f"--knob_calibration: file not found: {cal}")
     return {"dtype": a.dtype, "budget_feedback_gain": a.budget_feedback_gain,
             "policy_logit_bound": a.policy_logit_bound, "knob_calibration": cal}

@@ -116,6 +116,14 @@ class Config:
                                    "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
                                    "greedy row takes no dense step while its usage surplus exceeds 2c / (g * level gap): the network "
                                    "decides where inside that band the cheap steps go but cannot outvote the budget")
+    knob_calibration_blocks: int = _f(0, "ours: after training, fit a knob calibration table "
+                                      "(utils.knob_calibration) on this many train blocks for the final weights and "
+                                      "write it as knob_calibration.json in the run directory, where every evaluator "
+                                      "finds it (0 = off): a logit offset per requested budget, found by bisection in "
+                                      "the policy's own greedy episodes at knob_calibration_gain, so the policy "
+                                      "realises what is asked and the weak feedback only corrects drift")
+    knob_calibration_gain: float = _f(5.0, "ours: the budget feedback gain the knob calibration is fitted at and "
+                                      "that evaluators then run with (docs/grpo_recipe.md)")
     task_w_kl: float = _f(0.0, "reward = (1-w) log p(y) - w KL(dense || sparse)")
     reward_agg: Optional[str] = _f(None, "null (immediate), sum (discounted return) or max")
     reward_gamma: float = _f(0.82, "discount of reward_agg (1.0 disables aggregation, as the reference)")
@@ -408,7 +416,7 @@ _RANGES = [
       "policy_mlp_ratio", "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
       "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain", "policy_logit_bound",
-      "dev_placement_blocks"), ">= 0", lambda v: v >= 0),
+      "dev_placement_blocks", "knob_calibration_blocks", "knob_calibration_gain"), ">= 0", lambda v: v >= 0),
     (("ppo_clip", "lr", "max_grad_norm", "pi_temperature"), "> 0", lambda v: v > 0),
     (("C_target", "C_target_prune", "eval_C_tok", "eval_C_pru", "task_w_kl", "reward_gamma", "budget_tok_min",
       "budget_tok_max", "budget_prune_min", "budget_prune_max", "budget_q_ratio_min", "budget_q_ratio_max"),

@@ -1,10 +1,16 @@
 """Knob calibration: fit, on the train split, the logit offset per requested budget that makes a trained
 policy's own realised usage equal the request.
 
+    python -m utils.knob_calibration --ckpt_dir RUN --budget_feedback_gain 5     # -> RUN/knob_calibration.json
+    python eval_perplexity.py --ckpt_dir RUN ...       # uses it (and its gain) by default; --knob_calibration none: not
     python -m utils.knob_calibration --ckpt_dir results/prune_price/ckpt_seed1234 --budget_feedback_gain 5 \\
-        --out results/prune_price/ckpt_seed1234/knob_g5.json --dtype float32
+        --dtype float32 --out results/prune_price_knob/knob_g5_seed1234.json      # elsewhere: name it explicitly
     python eval_perplexity.py --ckpt_dir results/prune_price/ckpt_seed1234 --knob_calibration \\
-        results/prune_price/ckpt_seed1234/knob_g5.json ...
+        results/prune_price_knob/knob_g5_seed1234.json ...
+
+Without --budget_feedback_gain the table is fitted at the checkpoint config's `knob_calibration_gain` (5 by
+default). Training writes the table itself when the config sets `knob_calibration_blocks`. A table holds the
+SHA-1 of the weights it was fitted for; the loader leaves a table beside other weights out.
 
 Why: a GRPO policy learns where to spend (its placement) better than it learns the budget knob, and the
 integral feedback that holds the budget by construction (`SOLPolicy.budget_feedback`) overrides the
@@ -26,7 +32,7 @@ import json
 import math
 import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -35,6 +41,19 @@ from utils.cli import (OneLineErrorParser, SOLError, UsageError, add_checkpoint_
 from utils.engine import prefill_blocks, run_episode
 
 FORMAT = "sol-knob-calibration-v1"
+TABLE_FILE = "knob_calibration.json"  # in a run or export directory: what the evaluators pick up by default
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-1 of a policy state dict (names and float32 values): ties a table to the weights it was fitted
+    for, whatever directory, update number or export they are read from."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted((k, v) for k, v in state_dict.items() if torch.is_tensor(v)):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def calibrated_axes(actions) -> list[int]:
@@ -102,6 +121,20 @@ def fit_knob_offsets(lm, policy, blocks: torch.Tensor, context_len: int, grid: t
     return mid, realised
 
 
+def calibrate_policy(lm, policy, blocks: torch.Tensor, context_len: int, gain: float, points: int = 9,
+                     iters: int = 10, max_offset: float = 12.0, batch_size: int = 16,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Set the policy's feedback gain to `gain` and fit its table on `blocks` (`fit_knob_offsets` over
+    `budget_grid`): (grid, offsets, realised, calibrated axes). The table is left installed."""
+    axes = calibrated_axes(lm.actions)
+    need(len(axes) >= 1, "the action grid has a single level on every axis: nothing to calibrate")
+    policy.budget_feedback_gain = float(gain)
+    grid = budget_grid(lm.actions, points)
+    offsets, realised = fit_knob_offsets(lm, policy, blocks, context_len, grid, axes, iters, max_offset,
+                                         batch_size, progress)
+    return grid, offsets, realised, axes
+
+
 def write_calibration(path: str, grid: torch.Tensor, offsets: torch.Tensor, realised: torch.Tensor,
                       gain: float, meta: dict) -> None:
     """Write the table as JSON (atomically): what `load_calibration` and `--knob_calibration` read."""
@@ -112,9 +145,10 @@ def write_calibration(path: str, grid: torch.Tensor, offsets: torch.Tensor, real
     atomic_write(path, lambda fh: json.dump(doc, fh, indent=1))
 
 
-def load_calibration(path: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(grid [m, 3] as `set_knob_table` takes it, offsets [m, 3], the feedback gain it was fitted with) from a
-    file `write_calibration` wrote; raises UsageError with a one-line message on anything else."""
+def load_calibration(path: str) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """(grid [m, 3] as `set_knob_table` takes it, offsets [m, 3], the feedback gain it was fitted with, the
+    whole document: where and for which weights it was fitted) from a file `write_calibration` wrote; raises
+    UsageError with a one-line message on anything else."""
     try:
         with open(path) as fh:
             doc = json.load(fh)
@@ -126,15 +160,15 @@ def load_calibration(path: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     need(grid.ndim == 2 and grid.shape[1] == 3 and grid.shape[0] >= 2 and offsets.shape == grid.shape
          and bool(torch.isfinite(offsets).all()) and math.isfinite(gain) and gain >= 0,
          f"the knob calibration {path} is malformed (grid/offsets must be [m >= 2, 3], finite; gain >= 0)")
-    return table_grid(grid), offsets, gain
+    return table_grid(grid), offsets, gain, doc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=__doc__.split("\n\n", 1)[1])
     add_checkpoint_flags(p)
-    p.add_argument("--out", required=True, help="where to write the table (JSON; pass it to the evaluators' "
-                   "--knob_calibration)")
+    p.add_argument("--out", help=f"where to write the table (JSON; default CKPT_DIR/{TABLE_FILE}, which every "
+                   "evaluator then uses by default; elsewhere, pass it to their --knob_calibration)")
     p.add_argument("--split", default="train", choices=("train",),
                    help="blocks to fit on: train only (dev chooses between tables, test scores them)")
     p.add_argument("--blocks", type=int, default=48, help="train blocks decoded once per grid point (default 48)")
@@ -159,21 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         need(a.blocks >= 1 and a.batch_size >= 1 and a.points >= 2 and a.iters >= 1 and a.skip_blocks >= 0,
              "--blocks, --batch_size and --iters must be >= 1, --points >= 2, --skip_blocks >= 0")
         need(math.isfinite(a.max_offset) and a.max_offset > 0, f"--max_offset must be > 0, got {a.max_offset}")
-        need(a.knob_calibration is None, "--knob_calibration: this tool fits a table; it does not read one")
+        need(a.knob_calibration in (None, "auto", "none"),
+             "--knob_calibration: this tool fits a table; it does not read one")
         check_mode(a.mode)
+        a.out = a.out or os.path.join(a.ckpt_dir, TABLE_FILE)
         check_output_file("--out", a.out)
-        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, checkpoint_overrides(a), trust=a.trust_checkpoint)
-        axes = calibrated_axes(lm.actions)
-        need(len(axes) >= 1, "the action grid has a single level on every axis: nothing to calibrate")
+        overrides = {**checkpoint_overrides(a), "knob_calibration": "none"}
+        cfg, lm, policy = load_policy_eval(a.ckpt_dir, a.mode, overrides, trust=a.trust_checkpoint)
         blocks = torch.as_tensor(load_blocks(cfg, lm.tokenizer, a.split)[a.skip_blocks: a.skip_blocks + a.blocks].copy())
         need(len(blocks) >= 1, f"the {a.split} split has no blocks after --skip_blocks {a.skip_blocks}")
-        grid = budget_grid(lm.actions, a.points)
-        offsets, realised = fit_knob_offsets(lm, policy, blocks, cfg.context_len, grid, axes, a.iters,
-                                             a.max_offset, a.batch_size, progress=not a.no_progress)
-        gain = policy.budget_feedback_gain
+        gain = cfg.knob_calibration_gain if a.budget_feedback_gain is None else a.budget_feedback_gain
+        grid, offsets, realised, axes = calibrate_policy(lm, policy, blocks, cfg.context_len, gain, a.points, a.iters,
+                                                         a.max_offset, a.batch_size, progress=not a.no_progress)
         write_calibration(a.out, grid, offsets, realised, gain, {
-            "ckpt_dir": a.ckpt_dir, "mode": a.mode, "split": a.split, "blocks": len(blocks),
-            "skip_blocks": a.skip_blocks, "axes": axes, "iters": a.iters, "max_offset": a.max_offset})
+            "weights_sha1": weights_fingerprint(policy.state_dict()), "ckpt_dir": a.ckpt_dir, "mode": a.mode,
+            "split": a.split, "blocks": len(blocks), "skip_blocks": a.skip_blocks, "axes": axes, "iters": a.iters,
+            "max_offset": a.max_offset})
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

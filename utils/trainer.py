@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -495,6 +496,31 @@ class GRPOTrainer:
                 "dev/placement_cheap_damage": rep.policy_cheap_damage,
                 "dev/placement_cheap_damage_random": rep.random_cheap_damage}
 
+    def fit_knob_calibration(self) -> Path:
+        """Fit the final weights' knob calibration on the first `knob_calibration_blocks` train blocks at
+        `knob_calibration_gain` (`utils.knob_calibration`) and write it beside the checkpoints, where the
+        evaluators and `utils.checkpoint export` find it."""
+        from utils.knob_calibration import TABLE_FILE, calibrate_policy, weights_fingerprint, write_calibration
+
+        cfg = self.cfg
+        n = min(len(self.blocks), cfg.knob_calibration_blocks)
+        blocks = torch.as_tensor(np.asarray(self.blocks[:n], dtype=np.int64))
+        path = self.run_dir / TABLE_FILE
+        with self._inference() as policy:
+            try:
+                grid, offsets, realised, axes = calibrate_policy(self.lm, policy, blocks, cfg.context_len,
+                                                                 cfg.knob_calibration_gain, progress=False)
+            finally:
+                policy.set_knob_table(None, None)
+            write_calibration(str(path), grid, offsets, realised, cfg.knob_calibration_gain, {
+                "weights_sha1": weights_fingerprint(policy.state_dict()), "ckpt_dir": str(self.run_dir),
+                "mode": str(self.updater.num_updates), "split": "train", "blocks": n, "skip_blocks": 0,
+                "axes": axes, "iters": 10, "max_offset": 12.0})
+        got = "; ".join(" ".join(f"{v:.3f}" for v in realised[:, j].tolist()) for j in axes)
+        print(f"knob calibration (gain {cfg.knob_calibration_gain:g}, {n} train blocks) -> {path}; realised at "
+              f"the grid points: {got}", file=sys.stderr)
+        return path
+
     def train(self) -> Path | None:
         cfg, is_main = self.cfg, self.dist.is_main
         saved_any = self.args.resume is not None
@@ -532,6 +558,8 @@ class GRPOTrainer:
             if last_saved != self.updater.num_updates:
                 self.save()
                 saved_any, last_saved = True, self.updater.num_updates
+            if cfg.knob_calibration_blocks > 0 and is_main:
+                self.fit_knob_calibration()
         except BaseException as e:
             if is_main and not saved_any and getattr(self, "_created_dir", False):
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing useful was written: leave no half run
