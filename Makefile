@@ -3,7 +3,7 @@ PYTHON ?= python3
 CONFIG ?= official_configs/cpu_smollm2_prune_price.yml
 UPDATES ?= 20
 
-.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback headline-prune-price test bench help
+.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback headline-prune-price headline-prune-knob test bench help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -77,6 +77,13 @@ PRICE_SEEDS ?= 1234 1235 1236
 headline-prune-price: install  ## GRPO prune policy with a per-step budget price: results/prune_price
 	for s in $(PRICE_SEEDS); do SEED=$$s SCORE=1 results/prune_price/run.sh || exit 1; done
 	$(PYTHON) results/prune_feedback/summarise.py results/prune_price
+
+# The same price policies with a knob calibration table each (fitted on 48 train blocks at feedback gain 5,
+# ~3 min) and scored once on the test split with it (~13 min per seed with 2 random trials, float32):
+# results/prune_price_knob. Run headline-prune-price first (or use the shipped results/prune_price/ckpt_seed*).
+headline-prune-knob: install  ## the price policies + knob calibration at gain 5: results/prune_price_knob
+	for s in $(PRICE_SEEDS); do SEED=$$s FIT=1 SCORE=1 NUM_TRIALS=2 EMC_DAC=0 results/prune_price_knob/run.sh || exit 1; done
+	$(PYTHON) results/prune_feedback/summarise.py results/prune_price_knob
 
 test: install  ## the test suite
 	$(PYTHON) -m pytest -q
