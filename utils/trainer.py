@@ -506,10 +506,12 @@ class GRPOTrainer:
         n = min(len(self.blocks), cfg.knob_calibration_blocks)
         blocks = torch.as_tensor(np.asarray(self.blocks[:n], dtype=np.int64))
         path = self.run_dir / TABLE_FILE
+        print(f"\nfitting the knob calibration on {n} train blocks at feedback gain {cfg.knob_calibration_gain:g} "
+              "(knob_calibration_blocks)", file=sys.stderr)
         with self._inference() as policy:
             try:
                 grid, offsets, realised, axes = calibrate_policy(self.lm, policy, blocks, cfg.context_len,
-                                                                 cfg.knob_calibration_gain, progress=False)
+                                                                 cfg.knob_calibration_gain, progress=True)
             finally:
                 policy.set_knob_table(None, None)
             write_calibration(str(path), grid, offsets, realised, cfg.knob_calibration_gain, {
