@@ -37,7 +37,7 @@ def test_average_follows_the_recursion_by_hand():
         assert int(ema.module[1].num_batches_tracked) == n + 7  # copied, not averaged
     assert ema.num_updates == 4
     # the average never moved the source, and a restored average continues the same way
-    assert float(lin.weight) == 2.0
+    assert float(lin.weight.detach()) == 2.0
     again = WeightEMA(model, decay=0.5)
     again.load_state_dict(ema.state_dict())
     ema.update(model)
