@@ -4,6 +4,7 @@
 #   SEED=S FIT=1 results/prune_price_knob/run.sh    # fit knob_g5_seedS.json on 48 train blocks
 #   SEED=S DEV=1 results/prune_price_knob/run.sh    # dev check (results/prune_price/dev.sh) -> dev_seedS.csv / .txt
 #   SEED=S SCORE=1 NUM_TRIALS=2 EMC_DAC=0 results/prune_price_knob/run.sh   # test, once per seed
+#   SEED=1234 FULL=1 results/prune_price_knob/run.sh   # the same policy on test with 8 random trials, EMC and DAC
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
@@ -28,4 +29,12 @@ if [[ "${SCORE:-0}" == 1 ]]; then
     POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" \
     EXTRA="--keep_prefill_mb 4096 --no_progress --dtype $DTYPE --knob_calibration $TABLE" \
     ./eval_perplexity.sh 2>&1 | tee $D/test_seed$SEED.log
+fi
+if [[ "${FULL:-0}" == 1 ]]; then  # the baselines of the full protocol (the policy's own numbers are the same)
+  rm -f $D/full_protocol_seed$SEED.csv
+  CKPT_DIR=$CKPT CSV_PATH=$D/full_protocol_seed$SEED.csv SPLIT=test \
+    EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=8 EMC_DAC=1 \
+    POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" \
+    EXTRA="--keep_prefill_mb 4096 --no_progress --dtype $DTYPE --knob_calibration $TABLE" \
+    ./eval_perplexity.sh > $D/full_protocol_seed$SEED.log 2>&1
 fi
