@@ -207,3 +207,17 @@ def test_training_writes_a_table_that_evaluators_and_export_pick_up(tmp_path, ca
     assert json.loads((tmp_path / "ship1" / TABLE_FILE).read_text())["budget_feedback_gain"] == 2.0
     _, _, refit = load_policy_eval(str(tmp_path / "ship1"))
     assert refit.knob_grid is not None and refit.budget_feedback_gain == 2.0
+
+
+def test_training_refuses_a_calibration_with_nothing_to_calibrate(tmp_path, capsys):
+    """A one-level action grid has no knob: the run stops with one line before training, leaving no directory."""
+    import train
+
+    out = tmp_path / "run"
+    assert train.main(["--config", "official_configs/tiny.yml", "--output_dir", str(out), "--total_updates", "2",
+                       "--set", f"block_cache_dir={tmp_path / 'cache'}", "--set", "knob_calibration_blocks=2",
+                       "--set", "keep_fracs=[1.0]", "--set", "struct_prune_choices=[s100]",
+                       "--set", "quant_choices=[q16]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "knob_calibration_blocks" in err[0], err
+    assert not out.exists()

@@ -209,6 +209,12 @@ class GRPOTrainer:
         model, tok = load_lm(cfg.model_name, cfg.dtype, self.device)
         self.lm = ControlledLM.from_config(cfg, model, tok)
         self.actions = self.lm.actions
+        if cfg.knob_calibration_blocks > 0:  # refuse before training, not after it
+            from utils.knob_calibration import calibrated_axes
+
+            if not calibrated_axes(self.actions):
+                raise ConfigError("knob_calibration_blocks: the action grid has one level on every axis, so there "
+                                  "is no knob to calibrate; set it to 0")
         self.blocks = load_blocks(cfg, tok, "train")
         self.dev_blocks = load_blocks(cfg, tok, "dev") if cfg.eval_every_updates > 0 else None
         self.sampler = BlockSampler(len(self.blocks), cfg.batch_size, cfg.seed, self.dist.rank,
