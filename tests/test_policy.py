@@ -242,3 +242,26 @@ def test_from_config_passes_input_switches() -> None:
     cfg.policy_d_model, cfg.policy_n_heads, cfg.policy_use_hidden = 32, 4, False
     pol = SOLPolicy.from_config(cfg, H, E, A)
     assert not pol.use_hidden and pol.use_token
+
+
+def test_head_init_scale_scales_only_the_logit_layers() -> None:
+    # same seed: every parameter is PyTorch's draw, the two logit layers' times the scale; both layers are
+    # linear in those parameters and pi's bias starts at zero, so the scaled policy's logits are exactly the
+    # scale times the default policy's
+    def build(scale: float) -> SOLPolicy:
+        torch.manual_seed(3)
+        return SOLPolicy(H, E, A, d_model=32, n_heads=4, action_dim=8, max_len=16, head_init_scale=scale).eval()
+
+    base, small = build(1.0), build(0.01)
+    scaled = {"pi.weight", "budget_head.2.weight", "budget_head.2.bias"}
+    for (name, p0), (_, p1) in zip(base.named_parameters(), small.named_parameters()):
+        torch.testing.assert_close(p1, p0 * 0.01 if name in scaled else p0, atol=0, rtol=0)
+    h, e, s, _, prev = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(small(h, e, s, prev), 0.01 * base(h, e, s, prev), atol=1e-7, rtol=1e-5)
+    cfg = Config()
+    cfg.policy_d_model, cfg.policy_n_heads, cfg.policy_head_init_scale = 32, 4, 0.0
+    with torch.no_grad():
+        assert SOLPolicy.from_config(cfg, H, E, A)(h, e, s, prev).abs().max() == 0  # 0: exactly uniform
+    with pytest.raises(ValueError, match="head_init_scale"):
+        SOLPolicy(H, E, A, d_model=32, n_heads=4, head_init_scale=-1.0)

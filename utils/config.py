@@ -166,6 +166,12 @@ class Config:
                                  "hidden-state-blind ablation)")
     policy_use_token: bool = _f(True, "ours: feed the next token's embedding to the policy (false = zeros; with "
                                 "policy_use_hidden false the policy is content-blind)")
+    policy_head_init_scale: float = _f(1.0, "ours: scale of the initial weights of the two layers that write the "
+                                       "logits (pi and the budget head's last layer); 1 = PyTorch's default, the "
+                                       "reference. 0.01 starts every seed from a near-uniform policy that has no "
+                                       "content preference to unlearn (the last-layer scaling recommended by "
+                                       "Andrychowicz et al. 2021, 'What matters in on-policy RL'); only a new run's "
+                                       "initialisation, checkpoints load as saved")
     policy_tbptt_k: int = _f(0, "accepted for compatibility; no effect (reference: unused)")
     eval_sparsity_bias: float = _f(0.0, "eval logit bias against dense kappa")
     eval_prune_bias: float = _f(0.0, "eval logit bias against dense prune")
@@ -416,7 +422,7 @@ _RANGES = [
       "policy_mlp_ratio", "policy_action_dim"), ">= 1", lambda v: v >= 1),
     (("Ts", "Tw", "alpha_tok", "alpha_prune", "alpha_quant", "budget_tolerance", "entropy_coef", "weight_decay",
       "kl_pi_ref_coef", "eval_every_updates", "rollout_rows_per_forward", "budget_feedback_gain", "policy_logit_bound",
-      "dev_placement_blocks", "knob_calibration_blocks", "knob_calibration_gain"), ">= 0", lambda v: v >= 0),
+      "dev_placement_blocks", "knob_calibration_blocks", "knob_calibration_gain", "policy_head_init_scale"), ">= 0", lambda v: v >= 0),
     (("ppo_clip", "lr", "max_grad_norm", "pi_temperature"), "> 0", lambda v: v > 0),
     (("C_target", "C_target_prune", "eval_C_tok", "eval_C_pru", "task_w_kl", "reward_gamma", "budget_tok_min",
       "budget_tok_max", "budget_prune_min", "budget_prune_max", "budget_q_ratio_min", "budget_q_ratio_max"),

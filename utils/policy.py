@@ -146,6 +146,7 @@ class SOLPolicy(nn.Module):
         budget_feedback_gain: float = 0.0,
         action_usage: Optional[Tensor] = None,
         logit_bound: float = 0.0,
+        head_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -170,6 +171,12 @@ class SOLPolicy(nn.Module):
         self.budget_head = nn.Sequential(
             nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_actions)
         )
+        if not head_init_scale >= 0:
+            raise ValueError(f"head_init_scale must be >= 0, got {head_init_scale}")
+        if head_init_scale != 1.0:  # the two layers that write the logits; 1 leaves PyTorch's draw untouched
+            with torch.no_grad():
+                for p in (self.pi.weight, self.budget_head[-1].weight, self.budget_head[-1].bias):
+                    p.mul_(head_init_scale)
         self.budget_feedback_gain, self.logit_bound = float(budget_feedback_gain), float(logit_bound)
         if not self.budget_feedback_gain >= 0 or not self.logit_bound >= 0:
             raise ValueError(f"budget_feedback_gain and logit_bound must be >= 0, got {budget_feedback_gain}, "
@@ -199,6 +206,7 @@ class SOLPolicy(nn.Module):
             mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
             use_hidden=cfg.policy_use_hidden, use_token=cfg.policy_use_token,
+            head_init_scale=getattr(cfg, "policy_head_init_scale", 1.0),
         )
 
     # ---- shared pieces -----------------------------------------------------------------------------
