@@ -9,13 +9,14 @@
 #   SEED=1234 SCORE=1 results/prune_price/run.sh
 # With PLACEMENT=1 (TRAIN=0) it writes the placement check of the export on 32 train and 32 dev blocks at ρ 0.7
 # (placement_{train,dev}_p0.7.json: is the policy better placed on the text it trained on?).
+# These seeds were trained before the config's policy_head_init_scale 0.01 (results/prune_price_init): it pins 1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
 CONFIG=${CONFIG:-official_configs/cpu_smollm2_prune_price.yml}
 NAME=${NAME:-prune_price}
 if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config $CONFIG --set seed=$SEED ${EXTRA:-} --output_dir checkpoints/${NAME}_seed$SEED
+  python train.py --config $CONFIG --set seed=$SEED --set policy_head_init_scale=1 ${EXTRA:-} --output_dir checkpoints/${NAME}_seed$SEED
   python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED results/$NAME/ckpt_seed$SEED
 fi
 if [[ "${SCORE:-0}" == 1 ]]; then
