@@ -18,7 +18,8 @@ Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
 "bound" is the bytes a step must read relative to a dense step (weights incl. the LM head, plus the KV
 cache): what a perfect kernel would reach on a memory-bound CPU. For table 1 it is ρ; "KV read" is the
 fraction of the cache's bytes the gathered step read: for QUEST the gathered pages (the union over the query
-heads of a KV head) plus the page key max/min (1/page of the cache); for relevancy every key (all logits are
+heads of a KV head; with --quest_tiers per_kv_head the group shares one selection, so the budget itself) plus
+the page key max/min (1/page of the cache); for relevancy every key (all logits are
 needed to rank them) plus the kept values. Tokens/s count
 decode steps only (the prompt prefill is excluded). Run it alone: on 2 cores a second process distorts it.
 """
@@ -186,8 +187,9 @@ def hf_decode_run(model, prompt: torch.Tensor, tokens: int):
     return go
 
 
-def make_lm(base, tok, criteria: str, execution: str, page: int) -> ControlledLM:
-    return ControlledLM(copy.deepcopy(base), tok, SPACE, criteria, Ts=4, Tw=2, page_size=page, execution=execution)
+def make_lm(base, tok, criteria: str, execution: str, page: int, quest_tier: str = "per_head") -> ControlledLM:
+    return ControlledLM(copy.deepcopy(base), tok, SPACE, criteria, Ts=4, Tw=2, page_size=page, execution=execution,
+                        quest_tier=quest_tier)
 
 
 def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int) -> list[str]:
@@ -221,16 +223,18 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
 
 
 def attention_table(base, tok, prompt_lens: list[int], tokens: int, runs: int, page: int,
-                    criteria_list: tuple[str, ...] = ("recency", "quest", "relevancy")) -> list[str]:
+                    criteria_list: tuple[str, ...] = ("recency", "quest", "relevancy"),
+                    quest_tiers: tuple[str, ...] = ("per_head",)) -> list[str]:
     k25 = SPACE.index(0.25, 1.0, 16)
     gen = torch.Generator().manual_seed(1)
     prompts = {P: torch.randint(0, base.config.vocab_size, (1, P), generator=gen) for P in prompt_lens}
     dense: dict[tuple[str, int], float] = {}  # dense steps per execution (gathered also lays the MLP out anew)
     rows = []
-    for criteria in criteria_list:
+    cases = [(c, t) for c in criteria_list for t in (quest_tiers if c == "quest" else ("per_head",))]
+    for criteria, tier in cases:
         res = {}
         for execution in ("simulated", "gathered"):
-            lm = make_lm(base, tok, criteria, execution, page)
+            lm = make_lm(base, tok, criteria, execution, page, tier)
             for P, prompt in prompts.items():
                 if (execution, P) not in dense:
                     dense[execution, P] = lm_tokens_per_s(lm, prompt, tokens, None, runs)[0]
@@ -241,7 +245,8 @@ def attention_table(base, tok, prompt_lens: list[int], tokens: int, runs: int, p
             ds, dg = dense["simulated", P], dense["gathered", P]
             kv = P + tokens // 2
             bound = step_bytes(base, kv, kv_read=read) / step_bytes(base, kv)
-            rows.append(f"| {criteria} | {P} | {ds:.1f} | {sim:.1f} | {dg:.1f} | {gat:.1f} | {sim / ds:.2f} | "
+            label = criteria if criteria != "quest" else f"quest ({tier})"
+            rows.append(f"| {label} | {P} | {ds:.1f} | {sim:.1f} | {dg:.1f} | {gat:.1f} | {sim / ds:.2f} | "
                         f"{gat / dg:.2f} | {read:.2f} | {bound:.2f} |")
     head = [f"\nAttention sparsity κ=0.25 (ρ=1, 16 bits), {tokens} new tokens, QUEST page {page}, "
             f"median of {runs} runs; × dense is against dense steps of the same execution\n",
@@ -357,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page_size", type=int, default=4, help="QUEST page size (default 4, as the configs)")
     p.add_argument("--criteria", nargs="+", choices=["recency", "quest", "relevancy"],
                    default=["recency", "quest", "relevancy"], help="attention criteria of table 3 (default all)")
+    p.add_argument("--quest_tiers", nargs="+", choices=["per_head", "per_kv_head"], default=["per_head", "per_kv_head"],
+                   help="QUEST page rankings of table 3: per_head (the reference) and/or per_kv_head (one selection "
+                        "per KV group; default both)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--ckpt_dir", default="results/ckpt_prune_bc_cal",
                    help="prune policy for the policy table (default: the shipped headline policy)")
@@ -382,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         prompt = torch.randint(0, base.config.vocab_size, (1, a.e2e_prompt), generator=torch.Generator().manual_seed(2))
         show(e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size))
     if "attention" not in a.skip:
-        show(attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size, tuple(a.criteria)))
+        show(attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size, tuple(a.criteria),
+                             tuple(a.quest_tiers)))
     if "joint" not in a.skip:
         show(joint_table(base, tok, max(a.prompt_lens), a.tokens, a.runs, a.page_size))
     if "policy" not in a.skip and a.model == "smollm2":

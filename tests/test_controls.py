@@ -112,9 +112,10 @@ def brute_page_scores(query: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tenso
     return out
 
 
-def brute_quest(query, keys, kappas, page, keep_sink_window=False, Ts=0, Tw=0) -> list[list[set[int]]]:
+def brute_quest(query, keys, kappas, page, keep_sink_window=False, Ts=0, Tw=0,
+                tier="per_head") -> list[list[set[int]]]:
     B, Hq, D = query.shape
-    K = keys.shape[2]
+    K, g = keys.shape[2], Hq // keys.shape[1]
     scores = brute_page_scores(query, *brute_page_bounds(keys, page))
     P = scores.shape[-1]
     out = []
@@ -123,7 +124,12 @@ def brute_quest(query, keys, kappas, page, keep_sink_window=False, Ts=0, Tw=0) -
         n_pages = min(-(-budget // page), P)
         heads = []
         for h in range(Hq):
-            pages = _top_with_ties({p: scores[b, h, p].item() for p in range(P)}, n_pages)
+            if tier == "per_kv_head":  # the group's mean bound, one ranking shared by its g query heads
+                group = range(h // g * g, h // g * g + g)
+                rank = {p: sum(scores[b, j, p].item() for j in group) / g for p in range(P)}
+            else:
+                rank = {p: scores[b, h, p].item() for p in range(P)}
+            pages = _top_with_ties(rank, n_pages)
             keep = {t for p in pages for t in range(p * page, min(K, (p + 1) * page))}
             if keep_sink_window:
                 keep |= set(range(min(Ts, K))) | set(range(K - (Tw + 1), K))
@@ -262,6 +268,12 @@ def test_quest_page_scores_vs_loop_gqa():
     # heads 0, 1 use KV head 0 and heads 2, 3 use KV head 1: moving a query head into the other group changes it
     swapped = quest_page_scores(query[:, [2, 3, 0, 1]], kmax, kmin)
     assert not torch.allclose(swapped[:, :2], s[:, 2:])
+    # bounds given as two separate tensors (not halves of one buffer) score the same
+    torch.testing.assert_close(quest_page_scores(query, kmax.clone(), kmin.clone()), s, atol=1e-6, rtol=0)
+    # per_kv_head: the mean of each group's per-head bounds
+    kv = quest_page_scores(query, kmax, kmin, "per_kv_head")
+    assert kv.shape == (2, 2, 4)
+    torch.testing.assert_close(kv.double(), ref.view(2, 2, 2, 4).mean(2), atol=1e-5, rtol=1e-5)
 
 
 def test_quest_keep_random_vs_brute():
@@ -275,6 +287,24 @@ def test_quest_keep_random_vs_brute():
         m = quest_keep(query, keys, torch.tensor(kappas), page)
         assert m.shape == (B, 4, K) and m.dtype == torch.bool
         assert _sets(m) == brute_quest(query, keys, kappas, page), (B, K, page, kappas)
+
+
+def test_quest_per_kv_head_random_vs_brute():
+    """quest_tier per_kv_head: the query heads of a KV group rank their mean Quest bound and keep the same
+    pages, whose count is the per-head budget's (so a KV head's union is the budget, not up to g times it)."""
+    g = torch.Generator().manual_seed(15)
+    rng = random.Random(15)
+    for _ in range(20):
+        B, K, page = rng.randint(1, 3), rng.randint(2, 60), rng.choice([1, 4, 8])
+        keys = torch.randn(B, 2, K, 8, generator=g)
+        query = torch.randn(B, 6, 8, generator=g)  # 3 query heads per KV head
+        kappas = [_dyadic(rng) for _ in range(B)]
+        m = quest_keep(query, keys, torch.tensor(kappas), page, tier="per_kv_head")
+        assert m.shape == (B, 6, K)
+        assert _sets(m) == brute_quest(query, keys, kappas, page, tier="per_kv_head"), (B, K, page, kappas)
+        assert torch.equal(m[:, :3], m[:, :1].expand(B, 3, K)) and torch.equal(m[:, 3:], m[:, 3:4].expand(B, 3, K))
+    with pytest.raises(ValueError, match="quest_tier"):
+        quest_keep(query, keys, torch.tensor(kappas), page, tier="per_layer")
 
 
 def test_quest_budget_page_rounding():
@@ -440,7 +470,7 @@ def _brute_attention(q, k, v, scaling, keep_sets):
 
 @pytest.mark.parametrize("criteria,tier,ksw", [
     ("recency", "per_head", False), ("relevancy", "per_head", False), ("relevancy", "per_layer", False),
-    ("quest", "per_head", False), ("quest", "per_head", True)])
+    ("quest", "per_head", False), ("quest", "per_head", True), ("quest", "per_kv_head", False)])
 def test_sparse_decode_attention_vs_brute(criteria, tier, ksw):
     g = torch.Generator().manual_seed(13)
     B, Hq, Hkv, K, D = 3, 4, 2, 37, 8
@@ -449,7 +479,8 @@ def test_sparse_decode_attention_vs_brute(criteria, tier, ksw):
     v = torch.randn(B, Hkv, K, D, generator=g)
     kappas = [0.25, 0.5, 1.0]
     scaling = D ** -0.5
-    ctl = Controls(criteria, TS, TW, PAGE, tier, ksw)
+    quest = criteria == "quest"
+    ctl = Controls(criteria, TS, TW, PAGE, "per_head" if quest else tier, ksw, tier if quest else "per_head")
     ctl.set(torch.tensor(kappas), torch.ones(B), torch.full((B,), 16), K)
     out, w = ctl.sparse_decode_attention(q, k, v, None, scaling)
     assert w is None and out.shape == (B, 1, Hq, D)
@@ -464,7 +495,7 @@ def test_sparse_decode_attention_vs_brute(criteria, tier, ksw):
     elif criteria == "relevancy":
         sets = brute_relevancy(logits, kappas, TS, TW, tier)
     else:
-        sets = brute_quest(q[:, :, 0], k, kappas, PAGE, ksw, TS, TW)
+        sets = brute_quest(q[:, :, 0], k, kappas, PAGE, ksw, TS, TW, tier)
     ref = _brute_attention(q[:, :, 0], k, v, scaling, sets)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     frac = [sum(len(s) for s in sets[b]) / (Hq * K) for b in range(B)]

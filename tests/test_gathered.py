@@ -23,8 +23,10 @@ TS, TW, PAGE = 4, 2, 4
 CTX, STEPS = 30, 5
 SPACE = ActionSpace.build([0.25, 0.5, 1.0], ["s40", "s60", "s100"], ["q4", "q8", "q16"])
 CRIT = [("recency", "per_head", False), ("relevancy", "per_head", False), ("relevancy", "per_layer", False),
-        ("quest", "per_head", False), ("quest", "per_head", True)]
-CRIT_IDS = ["recency", "relevancy-head", "relevancy-layer", "quest", "quest-sinkwin"]
+        ("quest", "per_head", False), ("quest", "per_head", True), ("quest", "per_kv_head", False),
+        ("quest", "per_kv_head", True)]
+CRIT_IDS = ["recency", "relevancy-head", "relevancy-layer", "quest", "quest-sinkwin", "quest-kvhead",
+            "quest-kvhead-sinkwin"]
 ATOL = 1e-4
 
 
@@ -36,10 +38,17 @@ def tiny():
     return model, tok, ids
 
 
+def tiers(crit) -> tuple[str, str]:
+    """(relevancy_tier, quest_tier) of a CRIT entry: its tier is its own criterion's."""
+    return (crit[1], "per_head") if crit[0] != "quest" else ("per_head", crit[1])
+
+
 def pair(tiny, crit, space=SPACE) -> dict[str, ControlledLM]:
     """A simulated and a gathered ControlledLM of the same weights (separate copies: installing patches them)."""
     model, tok, _ = tiny
-    return {e: ControlledLM(copy.deepcopy(model), tok, space, *crit[:1], TS, TW, PAGE, crit[1], crit[2], execution=e)
+    rel, qt = tiers(crit)
+    return {e: ControlledLM(copy.deepcopy(model), tok, space, crit[0], TS, TW, PAGE, rel, crit[2], execution=e,
+                            quest_tier=qt)
             for e in ("simulated", "gathered")}
 
 
@@ -130,6 +139,29 @@ def test_gather_rows_from_buffer_views():
     assert torch.equal(gathered.gather_rows(x.transpose(-1, -2).contiguous().transpose(-1, -2), idx), want)
 
 
+def test_gather_pages_from_whole_buffers():
+    """Whole pages of a cache buffer, the last one running past the filled length, equal a loop over
+    positions; a buffer that does not tile into pages is refused (None: the caller gathers rows)."""
+    g = torch.Generator().manual_seed(4)
+    buf = torch.randn(2, 3, 64, 8, generator=g)
+    pidx = torch.stack([torch.randperm(16, generator=g)[:5].sort().values for _ in range(6)]).view(2, 3, 5)
+    want = torch.stack([torch.stack([buf[b, h, [p * 4 + i for p in pidx[b, h].tolist() for i in range(4)]]
+                                     for h in range(3)]) for b in range(2)])
+    assert torch.equal(gathered.gather_pages(buf, pidx, 4), want)
+    assert gathered.gather_pages(buf[:, :, :60], pidx, 16) is None  # not contiguous
+    assert gathered.gather_pages(torch.randn(1, 1, 60, 8), pidx[:1, :1], 16) is None  # 60 % 16
+
+
+def test_cache_capacity_tiles_pages(tiny):
+    """Growable buffers hold a multiple of 64 positions, so QUEST's pages (any size dividing 64) tile them."""
+    model, tok, ids = tiny
+    lm = ControlledLM(copy.deepcopy(model), tok, SPACE, "quest", TS, TW, PAGE, execution="gathered")
+    cache, _, _ = lm.prefill(ids[:1, :CTX])
+    for _ in range(3):
+        lm.step(cache, ids[:1, CTX], torch.tensor([0]))
+        assert all(layer.padded()[0].shape[2] % 64 == 0 for layer in cache.layers)
+
+
 @pytest.mark.parametrize("crit", CRIT, ids=CRIT_IDS)
 def test_gathered_attention_equals_simulated_with_masks(crit):
     """Direct calls: the same keys kept and the same output as the simulated attention, with and without an
@@ -147,7 +179,8 @@ def test_gathered_attention_equals_simulated_with_masks(crit):
     for m in (None, mask, torch.where(mask, 0.0, float("-inf"))):
         outs = {}
         for e in ("simulated", "gathered"):
-            ctl = Controls(crit[0], TS, TW, PAGE, crit[1], crit[2], keep_levels=(0.25, 0.5, 1.0), execution=e)
+            ctl = Controls(crit[0], TS, TW, PAGE, tiers(crit)[0], crit[2], tiers(crit)[1],
+                           keep_levels=(0.25, 0.5, 1.0), execution=e)
             ctl.set(kappa, torch.ones(B), torch.full((B,), 16), K)
             out, _ = ctl.sparse_decode_attention(q, k, v, m, D ** -0.5)
             outs[e] = (out, ctl.key_frac_sum)

@@ -114,7 +114,8 @@ def relevancy_keep(logits: torch.Tensor, kappa: torch.Tensor, Ts: int, Tw: int, 
 
 
 def quest_page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-page elementwise max and min of the keys: [B, Hkv, K, D] -> two [B, Hkv, P, D] (P = ceil(K/page))."""
+    """Per-page elementwise max and min of the keys: [B, Hkv, K, D] -> two [B, Hkv, P, D] (P = ceil(K/page)),
+    the two halves of one [B, Hkv, P, 2D] tensor (`quest_page_scores` then scores both with one product)."""
     B, Hkv, K, D = keys.shape
     n_full = K // page
     full = keys[:, :, : n_full * page].reshape(B, Hkv, n_full, page, D)
@@ -123,20 +124,39 @@ def quest_page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torc
         tail = keys[:, :, n_full * page :]
         kmax = torch.cat([kmax, tail.amax(dim=2, keepdim=True)], dim=2)
         kmin = torch.cat([kmin, tail.amin(dim=2, keepdim=True)], dim=2)
-    return kmax, kmin
+    both = torch.cat([kmax, kmin], dim=-1)
+    return both[..., :D], both[..., D:]
 
 
-def quest_page_scores(query: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+def _side_by_side(kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """[B, H, P, 2D]: kmax and kmin as one tensor, a view when they are the halves of one buffer (as
+    `quest_page_bounds` and the cache give them), else a copy."""
+    D = kmax.shape[-1]
+    if (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1 and kmax.stride(-2) >= 2 * D
+            and kmin.data_ptr() == kmax.data_ptr() + D * kmax.element_size()):
+        return kmax.as_strided((*kmax.shape[:-1], 2 * D), kmax.stride())
+    return torch.cat([kmax, kmin], dim=-1)
+
+
+def quest_page_scores(query: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor,
+                      tier: str = "per_head") -> torch.Tensor:
     """Quest upper bound Σ_d max(q_d·max_d, q_d·min_d) per query head and page.
 
     query: [B, Hq, D]; kmax/kmin: [B, Hkv, P, D] shared by the Hq/Hkv query heads of each KV group.
-    Returns [B, Hq, P].
+    Returns [B, Hq, P], or with `tier="per_kv_head"` the mean over each group's heads [B, Hkv, P]. The bound is
+    [q⁺, q⁻]·[max, min] (q⁺ = max(q, 0), q⁻ = min(q, 0)), one product over the side-by-side bounds; being linear
+    in [q⁺, q⁻], the group mean is the product with the group's mean [q⁺, q⁻] (the bounds are read once).
     """
     B, Hq, D = query.shape
     Hkv = kmax.shape[1]
     q = query.reshape(B, Hkv, Hq // Hkv, D).float()
-    scores = q.clamp(min=0) @ kmax.float().transpose(-1, -2) + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
-    return scores.reshape(B, Hq, -1)
+    qq = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, Hkv, g, 2D]
+    if tier == "per_kv_head":
+        qq = qq.mean(dim=2, keepdim=True)
+    elif tier != "per_head":
+        raise ValueError(f"unknown quest_tier {tier!r}")
+    scores = qq @ _side_by_side(kmax, kmin).float().transpose(-1, -2)  # [B, Hkv, g or 1, P]
+    return scores.reshape(B, -1, scores.shape[-1])
 
 
 def quest_keep(
@@ -149,16 +169,18 @@ def quest_keep(
     Tw: int = 0,
     kappa_levels: Sequence[float] | None = None,
     bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tier: str = "per_head",
 ) -> torch.Tensor:
     """[B, Hq, K] mask: the top ceil(ceil(κ·K)/page) pages by Quest bound, pages aligned to position 0.
 
     As in the reference nothing is protected unless `keep_sink_window` is set, in which case the Ts sinks,
     the Tw window tokens and the current token are always kept as well. `bounds`: the keys' page max/min if
-    already known (`GrowableLayer.page_bounds`), else computed here.
+    already known (`GrowableLayer.page_bounds`), else computed here. `tier`: see `quest_select_pages`.
     """
     K = keys.shape[2]
     kmax, kmin = bounds if bounds is not None else quest_page_bounds(keys, page)
-    keep_pages = quest_select_pages(query, K, kappa, page, kmax, kmin, kappa_levels)
+    keep_pages = quest_select_pages(query, K, kappa, page, kmax, kmin, kappa_levels, tier)
+    keep_pages = keep_pages.repeat_interleave(query.shape[1] // keep_pages.shape[1], dim=1)  # per_kv_head: to Hq
     keep = keep_pages.repeat_interleave(page, dim=-1)[..., :K]
     if keep_sink_window:
         keep = keep | protected_positions(K, Ts, Tw + 1, keys.device)
@@ -166,10 +188,16 @@ def quest_keep(
 
 
 def quest_select_pages(query: torch.Tensor, K: int, kappa: torch.Tensor, page: int, kmax: torch.Tensor,
-                       kmin: torch.Tensor, kappa_levels: Sequence[float] | None = None) -> torch.Tensor:
-    """[B, Hq, P] mask of the pages each query head keeps: the top ceil(ceil(κ·K)/page) by Quest bound
-    (ties kept), from the page max/min [B, Hkv, P, D] of a cache of K keys. `quest_keep` expands it to tokens."""
-    scores = quest_page_scores(query, kmax, kmin)  # [B, Hq, P]
+                       kmin: torch.Tensor, kappa_levels: Sequence[float] | None = None,
+                       tier: str = "per_head") -> torch.Tensor:
+    """Mask of the pages kept: the top ceil(ceil(κ·K)/page) by Quest bound (ties kept), from the page max/min
+    [B, Hkv, P, D] of a cache of K keys. `quest_keep` expands it to tokens.
+
+    `tier="per_head"` (the reference): each query head ranks its own bounds -> [B, Hq, P].
+    `tier="per_kv_head"`: the Hq/Hkv query heads of a KV group rank their mean bound and share the pages ->
+    [B, Hkv, P] (the per-group analogue of relevancy's per_layer; with GQA a per-head choice makes a KV head
+    read the union of its query heads' pages, which per_kv_head caps at the budget)."""
+    scores = quest_page_scores(query, kmax, kmin, tier)  # [B, Hq, P] or [B, Hkv, P]
     n_pages = scores.shape[-1]
 
     def n_keep_pages(frac: torch.Tensor) -> torch.Tensor:

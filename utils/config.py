@@ -44,6 +44,9 @@ class Config:
     relevancy_tier: str = _f("per_head", "relevancy ranking: per_head, or per_layer (head-averaged logits)")
     quest_page_size: int = _f(16, "QUEST page size in tokens")
     quest_keep_sink_window: bool = _f(False, "ours: QUEST also always keeps the Ts sinks, Tw window and current token")
+    quest_tier: str = _f("per_head", "QUEST page ranking: per_head (reference: each query head its own pages), or "
+                         "per_kv_head (ours: the query heads of a KV group share the pages ranked by their mean "
+                         "bound, so gathered execution reads only the kept fraction of the cache)")
     Ts: int = _f(4, "attention sink tokens always kept (recency, relevancy)")
     Tw: int = _f(1, "recent window tokens always kept (recency, relevancy)")
     enable_prune_quant: bool = _f(True, "false holds the prune and quant axes dense (reference: unused)")
@@ -410,6 +413,7 @@ def describe_fields() -> str:
 
 _CHOICES = {
     "sparsity_criteria": ("recency", "relevancy", "quest"), "relevancy_tier": ("per_head", "per_layer"),
+    "quest_tier": ("per_head", "per_kv_head"),
     "dtype": ("float32", "bfloat16", "float16"), "reward_agg": (None, "sum", "max"),
     "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step", "price"),
     "grpo_norm": ("center", "zscore"),

@@ -108,6 +108,7 @@ class Controls:
         page_size: int,
         relevancy_tier: str = "per_head",
         quest_keep_sink_window: bool = False,
+        quest_tier: str = "per_head",
         prune_enabled: bool = True,
         quant_enabled: bool = True,
         keep_levels: Sequence[float] | None = None,
@@ -128,6 +129,7 @@ class Controls:
         self.kv_read_sum = 0.0
         self.criteria, self.Ts, self.Tw, self.page_size = criteria, Ts, Tw, page_size
         self.relevancy_tier, self.quest_keep_sink_window = relevancy_tier, quest_keep_sink_window
+        self.quest_tier = quest_tier
         self.prune_enabled, self.quant_enabled = prune_enabled, quant_enabled
         self.keep_levels, self.prune_levels = keep_levels, prune_levels
         self.clear()
@@ -178,7 +180,7 @@ class Controls:
             return relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier, self.keep_levels)
         bounds = self._page_bounds(keys, layer_idx)
         return quest_keep(q, keys, self.kappa, self.page_size, self.quest_keep_sink_window, self.Ts, self.Tw,
-                          self.keep_levels, bounds)
+                          self.keep_levels, bounds, self.quest_tier)
 
     def _page_bounds(self, keys: torch.Tensor, layer_idx: int | None):
         """The cache layer's incrementally kept page max/min for `keys`, or None (then computed from keys)."""
@@ -220,10 +222,11 @@ class Controls:
             self.key_frac_sum += keep.float().mean(dim=(1, 2))
         else:
             bounds = self._page_bounds(key, layer_idx) or quest_page_bounds(key, self.page_size)
-            pages = quest_select_pages(query[:, :, 0], K, self.kappa, self.page_size, *bounds, self._kappa_present)
+            pages = quest_select_pages(query[:, :, 0], K, self.kappa, self.page_size, *bounds, self._kappa_present,
+                                       self.quest_tier)
             prot = protected_positions(K, self.Ts, self.Tw + 1, key.device) if self.quest_keep_sink_window else None
             out, kept, n_read = gathered.quest_attention(query, key, value, scaling, pages, self.page_size, prot,
-                                                         allowed)
+                                                         allowed, padded)
             self.key_frac_sum += kept / (Hq * K)
             self.kv_read_sum += n_read / K + 1 / self.page_size  # the kept pages and every page's key max/min
         return out, None

@@ -15,7 +15,8 @@ it reads (weights, then the KV cache), so this module computes the same result f
 * Attention keys (κ): recency hands SDPA the sinks and the contiguous window + recent slice of the cache;
   QUEST (Tang et al. 2024) scores pages from per-page key max/min that the cache keeps up to date as tokens
   arrive (`GrowableLayer.page_bounds`), then gathers, per KV head, the union of the pages its query heads
-  selected (one `index_select` of key/value rows) and attends them with each head's own page mask;
+  selected (one `index_select` of key/value rows) and attends them with each head's own page mask (with
+  `quest_tier: per_kv_head` the group shares its pages, so the union is the budget itself);
   relevancy must compute every logit to rank them, so only softmax·V runs over the gathered union of kept
   keys (its saving is at most the unread values, about half of the cache bytes).
 * MLP-output bits stay simulated (fake quantization of an already computed output saves nothing).
@@ -95,10 +96,18 @@ def gathered_gate_up(x: torch.Tensor, keep: torch.Tensor, w_in: torch.Tensor, b_
 def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
                 n_bags: int = 1) -> torch.Tensor:
     """One row: Σ_i x[idx_i] · w_in[idx_i] (+ bias) for x [D] and kept channels idx [n] -> [2I]
-    (`gathered_gate_up` of a single row, with no mask to decode)."""
+    (`gathered_gate_up` of a single row, with no mask to decode).
+
+    In float32 bag j sums every n_bags-th kept channel from the j-th on (`_bag_plan`), so each bag's rows
+    spread over the whole matrix: on the 2-core CPU that ran ~15% faster than bags of consecutive channels
+    (ascending indices with gaps, where the hardware prefetcher seems to fetch rows that are then skipped).
+    In lower precision, where each bag's sum is rounded to the dtype, the bags stay consecutive: that order's
+    rounding stays closest to the simulated mode's dense product (tests/test_gathered.py, bfloat16)."""
+    order, offsets = _bag_plan(idx.shape[0], n_bags, x.device, strided=x.dtype == torch.float32)
+    if order is not None:
+        idx = idx.index_select(0, order)
     # the ATen op itself: F.embedding_bag's argument checks cost a few µs, which this per-layer call feels
-    out = torch.embedding_bag(w_in, idx, _bag_offsets(idx.shape[0], n_bags, x.device), False, 0, False,
-                              x.index_select(0, idx))[0]  # mode 0: sum
+    out = torch.embedding_bag(w_in, idx, offsets, False, 0, False, x.index_select(0, idx))[0]  # mode 0: sum
     if out.shape[0] > 1:
         out = out.sum(0) if out.dtype == torch.float32 else out.sum(0, dtype=torch.float32).to(out.dtype)
     else:
@@ -106,19 +115,30 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
     return out if b_in is None else out + b_in
 
 
-_OFFSETS: dict[tuple[int, int, str], torch.Tensor] = {}
+_PLANS: dict[tuple[int, int, str, bool], tuple[torch.Tensor | None, torch.Tensor]] = {}
 
 
-def _bag_offsets(n: int, n_bags: int, device: torch.device) -> torch.Tensor:
-    """Start of each of `n_bags` equal chunks of n indices (one bag if n < 2·n_bags); cached, since a decode
-    step asks for the same few every layer."""
-    key = (n, n_bags, str(device))
-    if key not in _OFFSETS:
-        if len(_OFFSETS) > 4096:
-            _OFFSETS.clear()
-        starts = [0] if n_bags == 1 or n < 2 * n_bags else list(range(0, n, -(-n // n_bags)))
-        _OFFSETS[key] = torch.tensor(starts, dtype=torch.long, device=device)
-    return _OFFSETS[key]
+def _bag_plan(n: int, n_bags: int, device: torch.device,
+              strided: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(order, offsets) that split n indices into `n_bags` bags. Strided: bag j holds positions j, j + n_bags,
+    j + 2·n_bags, …, `order` listing them bag after bag; else consecutive equal chunks (order None, as it is
+    for one bag: n_bags == 1 or n < 2·n_bags). `offsets`: each bag's start. Cached: a decode step asks for the
+    same few every layer."""
+    key = (n, n_bags, str(device), strided)
+    if key not in _PLANS:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        if n_bags == 1 or n < 2 * n_bags:
+            plan = (None, torch.zeros(1, dtype=torch.long, device=device))
+        elif not strided:
+            plan = (None, torch.tensor(list(range(0, n, -(-n // n_bags))), dtype=torch.long, device=device))
+        else:
+            order = torch.cat([torch.arange(j, n, n_bags) for j in range(n_bags)])
+            sizes = [len(range(j, n, n_bags)) for j in range(n_bags)]
+            starts = [sum(sizes[:j]) for j in range(n_bags)]
+            plan = (order.to(device), torch.tensor(starts, dtype=torch.long, device=device))
+        _PLANS[key] = plan
+    return _PLANS[key]
 
 
 def default_bags(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -170,10 +190,28 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, rows).view(B, H, idx.shape[-1], D)
 
 
+def gather_pages(buf: torch.Tensor, pidx: torch.Tensor, page: int) -> torch.Tensor | None:
+    """buf[b, h, p·page : (p+1)·page] for each page p of pidx [B, H, m], from a whole contiguous cache buffer
+    buf [B, H, cap, D] (`GrowableLayer.padded`): [B, H, m·page, D], one `index_select` of page-sized rows
+    (fewer, longer rows than `gather_rows`). None when the buffer does not tile into pages (cap % page) or
+    is too short for the last selected page; positions past the filled length are finite, never read as
+    attended (the caller masks them)."""
+    B, H, cap, D = buf.shape
+    if cap % page or not buf.is_contiguous():
+        return None
+    per = cap // page
+    rows = ((torch.arange(B * H, device=buf.device) * per).view(B, H, 1) + pidx).flatten()
+    return buf.view(B * H * per, page * D).index_select(0, rows).view(B, H, -1, D)
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None,
            scaling: float) -> torch.Tensor:
     """softmax(q·kᵀ·scaling over `keep`)·v per KV group: q [B, Hkv, g, D], keys/values [B, Hkv, T, D],
-    keep broadcastable to [B, Hkv, g, T] (None = all) -> [B, Hkv, g, Dv]. Float32 softmax as the simulated mode."""
+    keep broadcastable to [B, Hkv, g, T] (None = all) -> [B, Hkv, g, Dv]. Float32 softmax as the simulated mode.
+    In float32 SDPA does it, the g query heads of a KV head as g queries of one head (no causal mask): faster
+    than the three ops on this CPU; in lower precision the ops below (SDPA's CPU kernel is slower there)."""
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=scaling)
     logits = (q @ keys.transpose(-1, -2)) * scaling
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
@@ -215,17 +253,21 @@ def _union_index(union: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def quest_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                     pages: torch.Tensor, page: int, protected: torch.Tensor | None = None,
-                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over QUEST's selected pages only. `pages` [B, Hq, P]: each query head's kept pages;
-    `protected` [K] bool: positions kept for every head (keep_sink_window); `allowed` [B, 1, K]: a mask.
+                    allowed: torch.Tensor | None = None,
+                    padded: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over QUEST's selected pages only. `pages` [B, Hq, P]: each query head's kept pages, or
+    [B, Hkv, P]: one selection per KV group (`quest_tier: per_kv_head`); `protected` [K] bool: positions kept
+    for every head (keep_sink_window); `allowed` [B, 1, K]: a mask; `padded`: the whole key/value buffers
+    (`GrowableLayer.padded`), from which whole pages are gathered when they tile it.
 
     Per KV head the union of its query heads' pages (and the protected ones) is gathered once; each query
-    head then attends its own pages within it. Returns (output [B, 1, Hq, D], kept keys per row [B], tokens
-    read per (row, KV head): the largest union, every (row, head) being padded to it)."""
+    head then attends its own pages within it. Returns (output [B, 1, Hq, D], kept keys per row summed over
+    the Hq heads [B], tokens read per (row, KV head): the largest union, every (row, head) being padded to it)."""
     B, Hq, _, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     g, P = Hq // Hkv, pages.shape[-1]
-    sel = pages.view(B, Hkv, g, P)
+    gs = pages.shape[1] // Hkv  # query heads per selection: g (per head) or 1 (shared by the group)
+    sel = pages.view(B, Hkv, gs, P)
     union = sel.any(2)
     if protected is not None:
         union = union | F.pad(protected, (0, P * page - K)).view(P, page).any(-1)
@@ -233,15 +275,18 @@ def quest_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     tok = (pidx[..., None] * page + torch.arange(page, device=key.device)).flatten(-2)  # [B, Hkv, m·page]
     inside = tok < K  # the last page may be partial
     tok = tok.clamp(max=K - 1)
-    keep = sel.gather(-1, pidx[:, :, None].expand(B, Hkv, g, m)).repeat_interleave(page, dim=-1)
+    keep = sel.gather(-1, pidx[:, :, None].expand(B, Hkv, gs, m)).repeat_interleave(page, dim=-1)
     if protected is not None:
         keep = keep | protected[tok][:, :, None]
     keep = keep & inside[:, :, None]
     if allowed is not None:
         keep = keep & allowed[:, 0].gather(-1, tok.flatten(1)).view(B, Hkv, 1, -1)
     q = query[:, :, 0].reshape(B, Hkv, g, D)
-    out = attend(q, gather_rows(key, tok), gather_rows(value, tok), keep, scaling)
-    return out.reshape(B, 1, Hq, -1), keep.sum(dim=(1, 2, 3)), min(m * page, K)
+    kv = None if padded is None else (gather_pages(padded[0], pidx, page), gather_pages(padded[1], pidx, page))
+    if kv is None or kv[0] is None or kv[1] is None:
+        kv = gather_rows(key, tok), gather_rows(value, tok)
+    out = attend(q, kv[0], kv[1], keep, scaling)
+    return out.reshape(B, 1, Hq, -1), keep.sum(dim=(1, 2, 3)) * (g // gs), min(m * page, K)
 
 
 def relevancy_attention(logits: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, int]:

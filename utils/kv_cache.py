@@ -14,6 +14,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 SPARE_TOKENS = 64  # capacity added whenever a buffer is (re)allocated
+CAP_ALIGN = 64  # capacities are multiples of this, so any page size dividing it tiles a buffer (QUEST page gather)
+
+
+def _capacity(n: int) -> int:
+    return -(-n // CAP_ALIGN) * CAP_ALIGN
 
 
 class GrowableLayer(DynamicLayer):
@@ -29,7 +34,7 @@ class GrowableLayer(DynamicLayer):
         """Copy the current keys/values into fresh buffers with room for `extra` more tokens."""
         self._pages = None
         B, H, L, D = self.keys.shape
-        cap = L + max(extra, SPARE_TOKENS)
+        cap = _capacity(L + max(extra, SPARE_TOKENS))
         self._kbuf = self.keys.new_empty(B, H, cap, D)
         self._vbuf = self.values.new_empty(B, H, cap, self.values.shape[-1])
         self._kbuf[:, :, :L] = self.keys
@@ -80,7 +85,8 @@ class GrowableLayer(DynamicLayer):
 
     def page_bounds(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Elementwise max and min of the keys of each page of `page` tokens, aligned to position 0: two
-        [B, H, P, D], the last page partial if the length is not a multiple (what `quest_page_bounds` computes).
+        [B, H, P, D], the last page partial if the length is not a multiple (what `quest_page_bounds` computes),
+        the two halves of one [B, H, P, 2D] buffer as there.
 
         Kept up to date as tokens arrive: a page is reduced once, when it is complete, so a decode step reads
         the newest page instead of the whole cache (QUEST's page metadata)."""
@@ -90,7 +96,8 @@ class GrowableLayer(DynamicLayer):
         if (pages is None or pages[0] != page or not self._owns() or pages[1].shape[0] != B
                 or pages[1].shape[2] * page < L):
             cap = -(-max(L, self._kbuf.shape[-2] if self._owns() else L) // page) + 1
-            pmax, pmin, done = keys.new_empty(B, H, cap, D), keys.new_empty(B, H, cap, D), 0
+            both = keys.new_empty(B, H, cap, 2 * D)  # max | min side by side: one product scores both
+            pmax, pmin, done = both[..., :D], both[..., D:], 0
         else:
             _, pmax, pmin, done = pages
         if n_full > done:
@@ -116,7 +123,7 @@ class GrowableLayer(DynamicLayer):
                 out.lazy_initialization(keys, values)
             return out
         B, H, L, D = keys.shape
-        Dv, cap = values.shape[-1], L + max(1, spare)
+        Dv, cap = values.shape[-1], _capacity(L + max(1, spare))
         out.lazy_initialization(keys, values)
         out._kbuf = keys.new_empty(B * k, H, cap, D)
         out._vbuf = values.new_empty(B * k, H, cap, Dv)

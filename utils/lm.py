@@ -55,12 +55,13 @@ class ControlledLM:
 
     def __init__(self, model: nn.Module, tokenizer, actions: ActionSpace, criteria: str = "recency",
                  Ts: int = 4, Tw: int = 1, page_size: int = 16, relevancy_tier: str = "per_head",
-                 quest_keep_sink_window: bool = False, execution: str = "simulated") -> None:
+                 quest_keep_sink_window: bool = False, execution: str = "simulated",
+                 quest_tier: str = "per_head") -> None:
         self.model, self.tokenizer, self.actions = model, tokenizer, actions
         self.Ts, self.Tw = Ts, Tw
         self.execution = execution
         self.controls = install_controls(model, Controls(
-            criteria, Ts, Tw, page_size, relevancy_tier, quest_keep_sink_window,
+            criteria, Ts, Tw, page_size, relevancy_tier, quest_keep_sink_window, quest_tier,
             prune_enabled=actions.has_prune, quant_enabled=actions.has_quant,
             keep_levels=actions.keep_values + (1.0,), prune_levels=actions.prune_values + (1.0,),
             execution=execution))
@@ -74,7 +75,8 @@ class ControlledLM:
     @classmethod
     def from_config(cls, cfg, model: nn.Module, tokenizer, execution: str = "simulated") -> "ControlledLM":
         return cls(model, tokenizer, ActionSpace.from_config(cfg), cfg.sparsity_criteria, cfg.Ts, cfg.Tw,
-                   cfg.quest_page_size, cfg.relevancy_tier, cfg.quest_keep_sink_window, execution)
+                   cfg.quest_page_size, cfg.relevancy_tier, cfg.quest_keep_sink_window, execution,
+                   getattr(cfg, "quest_tier", "per_head"))
 
     # ---- model calls --------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
