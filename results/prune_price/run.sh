@@ -16,7 +16,7 @@ SEED=${SEED:-1234}
 CONFIG=${CONFIG:-official_configs/cpu_smollm2_prune_price.yml}
 NAME=${NAME:-prune_price}
 if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config $CONFIG --set seed=$SEED --set policy_head_init_scale=1 ${EXTRA:-} --output_dir checkpoints/${NAME}_seed$SEED
+  python train.py --config $CONFIG --set grpo_rollouts_per_input=8 --set ppo_target_batch_size=2048 --set ppo_minibatch_size=512 --set seed=$SEED --set policy_head_init_scale=1 ${EXTRA:-} --output_dir checkpoints/${NAME}_seed$SEED
   python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED results/$NAME/ckpt_seed$SEED
 fi
 if [[ "${SCORE:-0}" == 1 ]]; then

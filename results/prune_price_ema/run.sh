@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
 R=results/prune_price_ema
 if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config official_configs/cpu_smollm2_prune_price.yml --set seed=$SEED --set dtype=float32 --set policy_head_init_scale=1 \
+  python train.py --config official_configs/cpu_smollm2_prune_price.yml --set grpo_rollouts_per_input=8 --set ppo_target_batch_size=2048 --set ppo_minibatch_size=512 --set seed=$SEED --set dtype=float32 --set policy_head_init_scale=1 \
     --set policy_ema_decay=0.95 --output_dir checkpoints/prune_price_ema_seed$SEED
   python -m utils.checkpoint export checkpoints/prune_price_ema_seed$SEED $R/ckpt_seed$SEED
   python -m utils.checkpoint export --raw checkpoints/prune_price_ema_seed$SEED $R/ckpt_raw_seed$SEED

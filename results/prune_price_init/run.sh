@@ -13,7 +13,7 @@ DTYPE=${DTYPE:-float32}  # evaluation dtype, as results/prune_price_knob
 D=results/prune_price_init
 CKPT=$D/ckpt_seed$SEED
 if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config official_configs/cpu_smollm2_prune_price.yml --set seed=$SEED \
+  python train.py --config official_configs/cpu_smollm2_prune_price.yml --set grpo_rollouts_per_input=8 --set ppo_target_batch_size=2048 --set ppo_minibatch_size=512 --set seed=$SEED \
     --set policy_head_init_scale=0.01 --output_dir checkpoints/prune_price_init_seed$SEED 2>&1 \
     | tr '\r' '\n' | grep -v "^updates: .*upd, reward" > $D/train_seed$SEED.log
   cp checkpoints/prune_price_init_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl

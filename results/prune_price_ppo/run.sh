@@ -11,6 +11,6 @@ SEED=${SEED:-1234}
 NAME=prune_price_ppo
 EXTRA=""
 if [[ -n "${BOUND:-}" ]]; then NAME=${NAME}_b$BOUND; EXTRA="--set policy_logit_bound=$BOUND"; fi
-python train.py --config official_configs/cpu_smollm2_prune_price.yml --set seed=$SEED --set policy_head_init_scale=1 \
+python train.py --config official_configs/cpu_smollm2_prune_price.yml --set grpo_rollouts_per_input=8 --set ppo_target_batch_size=2048 --set ppo_minibatch_size=512 --set seed=$SEED --set policy_head_init_scale=1 \
   --set grad_accum_steps=1 --set ppo_epochs=2 --set eval_every_updates=112 $EXTRA \
   --output_dir checkpoints/${NAME}_seed$SEED
