@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The gathered-execution benchmark (issue 16), SmolLM2-135M float32, batch 1, alone on the 2-core machine.
-# Part A: MLP gate+up, end to end (256-token prompt), the shipped prune policy; 256 new tokens.
-# Part B: attention at kappa 0.25 with 2048- and 8192-token prompts and the joint row; 64 new tokens (the
-# 256 of part A took too long at 8192 tokens within one session).
+# Part A (part_a.md): MLP gate+up, end to end (256-token prompt), the cloned prune policy; 256 new tokens.
+# Part B (part_b.md, measured before quest_tier existed: QUEST per_head only; today's script adds per_kv_head):
+# attention at kappa 0.25 with 2048- and 8192-token prompts (QUEST page 4, as the joint config) and the joint
+# row; 64 new tokens (256 take too long at 8192 tokens within one session).
+# Part C (this machine, 2026-12-06; part_c.md): the MLP table, then recency and QUEST at kappa 0.25 with an
+# 8192-token prompt only, QUEST with both page rankings at page 4 and at page 16 (the QUEST paper's page size).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
+B="python benchmarks/bench_gathered.py --model smollm2 --dtype float32"
 if [[ $PART == A ]]; then  # the MLP table with 9 interleaved rounds (it is cheap), the decode tables with 3
-  python benchmarks/bench_gathered.py --model smollm2 --dtype float32 --runs 9 --skip e2e attention policy joint
-  python benchmarks/bench_gathered.py --model smollm2 --dtype float32 --tokens 256 --runs 3 --e2e_prompt 256 \
-    --skip mlp attention joint
+  $B --runs 9 --skip e2e attention policy joint
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+elif [[ $PART == B ]]; then
+  $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --skip mlp e2e policy
 else
-  python benchmarks/bench_gathered.py --model smollm2 --dtype float32 --tokens 64 --runs 3 \
-    --prompt_lens 2048 8192 --skip mlp e2e policy
+  $B --runs 9 --skip e2e attention policy joint
+  $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria recency quest --page_size 4 --skip mlp e2e policy joint
+  $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria quest --page_size 16 --skip mlp e2e policy joint
 fi
