@@ -193,9 +193,9 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def gather_pages(buf: torch.Tensor, pidx: torch.Tensor, page: int) -> torch.Tensor | None:
     """buf[b, h, p·page : (p+1)·page] for each page p of pidx [B, H, m], from a whole contiguous cache buffer
     buf [B, H, cap, D] (`GrowableLayer.padded`): [B, H, m·page, D], one `index_select` of page-sized rows
-    (fewer, longer rows than `gather_rows`). None when the buffer does not tile into pages (cap % page) or
-    is too short for the last selected page; positions past the filled length are finite, never read as
-    attended (the caller masks them)."""
+    (fewer, longer rows than `gather_rows`). None when the buffer does not tile into pages (cap % page) or is
+    not contiguous. A partial last page brings positions past the filled length: the buffer keeps them finite
+    and the caller masks them."""
     B, H, cap, D = buf.shape
     if cap % page or not buf.is_contiguous():
         return None
