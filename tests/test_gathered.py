@@ -129,6 +129,37 @@ def test_gathered_gate_up_vs_loop_and_masked_matmul(n_bags):
         torch.testing.assert_close(row.double(), loop[r], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("ties", ["none", "at_threshold", "all_equal"])
+def test_one_row_gate_up_keeps_the_simulated_channels(ties):
+    """The batch-1 fast path (`Controls._gate_up_one_row`: topk in float32, with its tie fallback) keeps the
+    channels `prune_channels` keeps, ties at the threshold included, and gives the masked dense product."""
+    from utils.mlp_controls import prune_channels
+    g = torch.Generator().manual_seed(3)
+    D, N = 40, 12
+    w, b = torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+    x = torch.randn(1, 1, D, generator=g)
+    if ties == "at_threshold":  # the 17th and 18th largest |x| take the 16th's value (one with its sign flipped)
+        order = x.abs().flatten().argsort(descending=True)
+        v = x.view(-1)[order[15]].abs()
+        x.view(-1)[order[16:18]] = torch.stack([-v, v])
+    elif ties == "all_equal":
+        x = torch.full((1, 1, D), -0.25)
+    for rho in (0.1, 0.4, 0.9):
+        ctl = Controls("recency", TS, TW, PAGE, prune_levels=[rho], execution="gathered")
+        ctl.set(torch.ones(1), torch.tensor([rho]), torch.full((1,), 16), kv_len=CTX)
+        got = ctl.gate_up(x, w, b)
+        ref, kept = prune_channels(x, torch.tensor([rho]), [rho])
+        assert int(ctl.channels_kept()) == int(kept)
+        torch.testing.assert_close(got, ref @ w + b, atol=1e-5, rtol=0)
+    if ties == "at_threshold":  # ρ 0.4 keeps 16, and the tie brings two more
+        assert int(kept_at(x, 0.4)) == 18
+
+
+def kept_at(x: torch.Tensor, rho: float) -> torch.Tensor:
+    from utils.mlp_controls import prune_channels
+    return prune_channels(x, torch.tensor([rho]), [rho])[1]
+
+
 def test_gather_rows_from_buffer_views():
     g = torch.Generator().manual_seed(2)
     buf = torch.randn(2, 3, 50, 8, generator=g)

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, budget_gaps, budget_penalty, budget_prices,
-                        group_advantages, grpo_advantages, ppo_loss, sample_budgets, shaped_rewards, slope_shrinks,
+from utils.grpo import (GRPOUpdater, RolloutBatch, aggregate_returns, axis_levels, budget_gaps, budget_penalty,
+                        budget_prices, group_advantages, grpo_advantages, level_gains, level_prices, ppo_loss,
+                        sample_budgets, shaped_rewards, slope_shrinks,
                         step_budget_costs, step_price_costs, task_reward, usage_slopes, whiten)
 
 
@@ -464,3 +465,117 @@ def test_price_costs_by_hand_and_what_they_reward():
     r = torch.tensor([[-2.0, -1.0], [-2.5, -4.0]])
     A = group_advantages(r - c, 2, "process", "center")
     assert A[0, 0] > A[0, 1] and A[1, 1] < A[1, 0]
+
+
+# budget_credit: price on axes with more than two levels
+# ---------------------------------------------------------------------------------------------------
+
+def test_axis_levels_pads_short_axes():
+    nominal = torch.tensor([[0.1, 0.4, 1.0], [0.6, 0.8, 1.0], [1.0, 1.0, 1.0], [0.1, 1.0, 1.0]])
+    lv = axis_levels(nominal)
+    close(lv[0], torch.tensor([0.1, 0.6, 1.0]))
+    close(lv[1], torch.tensor([0.4, 0.8, 1.0]))
+    assert float(lv[2, 0]) == 1.0 and torch.isnan(lv[2, 1:]).all()
+
+
+def test_level_gains_are_level_means_against_the_top_level():
+    """Per (step, input, axis, level): mean reward at the level − mean at the top level, variance = pooled
+    within-level variance (K − levels used degrees of freedom) × (1/n_ℓ + 1/n_top), computed here by loops;
+    an unused level, an unused top level and non-effective steps are NaN."""
+    import numpy as np
+    g = torch.Generator().manual_seed(5)
+    T, B, K = 4, 3, 9
+    lv = torch.tensor([[0.1, 0.6, 1.0], [0.4, 0.8, 1.0], [0.3125, 1.0, float("nan")]])
+    idx = torch.randint(0, 3, (T, B * K, 3), generator=g)
+    idx[..., 2] = idx[..., 2] % 2
+    usage = torch.stack([lv[j][idx[..., j]] for j in range(3)], dim=-1)
+    usage[1, :K, 0] = 0.6  # input 0, step 1: token axis never at its top level
+    usage[2, K:2 * K, 1] = torch.tensor([0.4, 0.4, 0.4, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # middle level unused
+    r = torch.randn(T, B * K, generator=g)
+    eff = torch.tensor([True, True, True, False])
+    out = level_gains(r, usage, eff, K, lv)
+    assert out.shape == (T, B, 2, 3, 3) and torch.isnan(out[3]).all()
+    assert torch.isnan(out[1, 0, :, 0]).all()  # no top level: nothing to compare against
+    assert torch.isnan(out[2, 1, :, 1, 1]).all() and torch.isfinite(out[2, 1, :, 1, 0]).all()
+    checked = 0
+    for t in range(3):
+        for b in range(B):
+            y = r[t, b * K:(b + 1) * K].double().numpy()
+            for j in range(3):
+                u = usage[t, b * K:(b + 1) * K, j].double().numpy()
+                levels = [x for x in lv[j].tolist() if x == x]
+                used = [x for x in levels if np.isclose(u, x).any()]
+                if not np.isclose(u, levels[-1]).any():
+                    continue
+                fitted = sum(np.where(np.isclose(u, x), y[np.isclose(u, x)].mean(), 0.0) for x in used)
+                s2 = ((y - fitted) ** 2).sum() / (K - len(used))
+                top = np.isclose(u, levels[-1])
+                for li, x in enumerate(levels):
+                    at = np.isclose(u, x)
+                    if not at.any():
+                        assert torch.isnan(out[t, b, :, j, li]).all()
+                        continue
+                    assert abs(float(out[t, b, 0, j, li]) - (y[at].mean() - y[top].mean())) < 1e-5
+                    assert abs(float(out[t, b, 1, j, li]) - s2 * (1 / at.sum() + 1 / top.sum())) < 1e-5
+                    checked += 1
+    assert checked > 40
+
+
+def test_level_gains_on_two_levels_are_the_usage_slopes():
+    """On a two-level axis the gain of the cheap level is −slope × gap and its variance the slope's × gap²."""
+    g = torch.Generator().manual_seed(6)
+    T, B, K = 3, 2, 8
+    usage = torch.ones(T, B * K, 3)
+    usage[..., 1] = torch.where(torch.rand(T, B * K, generator=g) < 0.5, 0.4, 1.0)
+    r = torch.randn(T, B * K, generator=g)
+    eff = torch.ones(T, dtype=torch.bool)
+    lv = torch.tensor([[1.0, float("nan")], [0.4, 1.0], [1.0, float("nan")]])
+    gains, slopes = level_gains(r, usage, eff, K, lv), usage_slopes(r, usage, eff, K)
+    ok = torch.isfinite(slopes[:, :, 0, 1])
+    assert ok.sum() >= 4
+    close(gains[:, :, 0, 1, 0][ok], -0.6 * slopes[:, :, 0, 1][ok], tol=1e-5)
+    close(gains[:, :, 1, 1, 0][ok], 0.36 * slopes[:, :, 1, 1][ok], tol=1e-5)
+
+
+def _level_cells(gains: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """[M, 2, 3, L] cells with noiseless `gains` [M, L] on one axis and NaN on the others."""
+    M, L = gains.shape
+    cells = torch.full((M, 2, 3, L), float("nan"))
+    cells[:, 0, axis], cells[:, 1, axis] = gains, 0.0
+    return cells
+
+
+def test_level_prices_by_hand():
+    """Levels 0.2 / 0.6 / 1.0. Cell A gains −1.0 / −0.1 / 0: top below λ 0.25, middle to 2.25, then low.
+    Cell B −0.3 / −0.2 / 0: its middle level never wins; top below 0.375, then low. So the pooled spend is
+    1.0, 0.8 (λ 0.25–0.375), 0.4 (to 2.25), 0.2, and each budget's price is the jump it falls in."""
+    lv = torch.tensor([[0.2, 0.6, 1.0], [0.4, 1.0, float("nan")], [1.0, float("nan"), float("nan")]])
+    cells = _level_cells(torch.tensor([[-1.0, -0.1, 0.0], [-0.3, -0.2, 0.0]]))
+    targets = torch.tensor([[0.9, 0.7, 1.0], [0.6, 0.7, 1.0], [0.3, 0.7, 1.0]])
+    p, shrink = level_prices(cells, targets, lv, min_cells=2)
+    close(p[:, 0], torch.tensor([0.25, 0.375, 2.25]), tol=1e-6)
+    assert torch.all(p[:, 1:] == 0) and float(shrink[0]) == 1.0 and torch.isnan(shrink[1:]).all()
+    assert torch.all(level_prices(cells, targets, lv, min_cells=16)[0] == 0)  # too few cells
+
+
+def test_level_prices_spend_the_budget():
+    """Random concave-ish gains on three levels: at the returned price the pooled cells' spend crosses the
+    budget (≥ b just below it, ≤ b just above), and a tighter budget never gets a lower price."""
+    g = torch.Generator().manual_seed(7)
+    M = 500
+    lv = torch.tensor([[0.1, 0.6, 1.0], [1.0, float("nan"), float("nan")], [1.0, float("nan"), float("nan")]])
+    low = -torch.rand(M, generator=g) * 3
+    mid = low * torch.rand(M, generator=g) * 0.5
+    cells = _level_cells(torch.stack([low, mid, torch.zeros(M)], dim=1))
+    b = torch.linspace(0.15, 0.95, 9)
+    targets = torch.stack([b, torch.ones(9), torch.ones(9)], dim=1)
+    p, _ = level_prices(cells, targets, lv, min_cells=2)
+    gains = cells[:, 0, 0].double()
+
+    def spend(lam: float) -> float:
+        return float(lv[0].double()[(gains - lam * lv[0].double()).argmax(-1)].mean())
+
+    for i in range(9):
+        lam = float(p[i, 0])
+        assert spend(lam - 1e-4) >= float(b[i]) - 1e-9 and spend(lam + 1e-4) <= float(b[i]) + 1e-9
+    assert torch.all(p[1:, 0] <= p[:-1, 0])

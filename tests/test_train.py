@@ -454,6 +454,26 @@ def test_price_budget_credit_trains_logs_its_price_and_resumes_exactly(tmp_path,
     _check_resume_exact(straight, resumed)
 
 
+def test_price_on_three_level_axes_trains_and_resumes_exactly(tmp_path, block_cache):
+    """budget_credit=price with three levels on the token and prune axes: those axes are priced per level
+    (`level_prices`, finite prices logged), the bits axis keeps the two-level price, the window of level
+    gains is in the checkpoint and the run resumes exactly."""
+    sets = ("budget_credit=price", "budget_price_window=3", "keep_fracs=[0.25, 0.5, 1.0]",
+            "struct_prune_choices=[s50, s75, s100]", "grpo_rollouts_per_input=8")
+    straight = run_main(tmp_path / "A", block_cache, updates=8, sets=sets)
+    rows = read_metrics(straight)
+    for ax in ("tok", "prune", "qratio"):
+        got = [r[f"budgets/price_{ax}"] for r in rows if f"budgets/price_{ax}" in r]
+        assert got and all(math.isfinite(x) for x in got)
+    assert any(r.get("budgets/price_tok", 0.0) != 0.0 for r in rows)  # the level rule had enough cells
+    ckpt = load_ckpt(straight / "policy_latest.pt")
+    window = ckpt["level_window"]
+    assert 1 <= len(window) <= 3 and window[0].shape[1:] == (2, 3, 3)
+    resumed = run_main(tmp_path / "B", block_cache, updates=4, sets=sets)  # the second rollout batch after it
+    resume_main(resumed, 8)
+    _check_resume_exact(straight, resumed)
+
+
 def test_feedback_off_in_training_is_on_at_inference(tmp_path, block_cache):
     """budget_feedback_in_training=false: the rollouts' log-probabilities are the bounded network's without the
     feedback (the loss's forward reproduces them), dev checks run with the config's gain, which the saved

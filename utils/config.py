@@ -102,7 +102,9 @@ class Config:
                             "pays its own usage at the marginal price of its group's penalty; lower variance) or "
                             "price (each step pays its own usage at a price set by the row's budget: the quantile "
                             "of the counterfactual usage slopes of recent rollouts that the budget affords, "
-                            "utils.grpo.budget_prices; replaces the squared penalty, the alphas only log it)")
+                            "utils.grpo.budget_prices; on an axis with more than two levels the price at which "
+                            "each step's best level spends the budget, utils.grpo.level_prices; replaces the "
+                            "squared penalty, the alphas only log it)")
     budget_price_window: int = _f(64, "ours: rollout batches of usage slopes pooled for the price of "
                                   "budget_credit: price")
     budget_feedback_gain: float = _f(0.0, "ours: integral budget feedback inside the policy (0 = off, the "

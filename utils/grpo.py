@@ -200,6 +200,101 @@ def budget_prices(slopes: Tensor, targets: Tensor, lo: Tensor, hi: Tensor, min_c
     return out.to(targets.device)
 
 
+def axis_levels(nominal: Tensor) -> Tensor:
+    """Each axis's levels, ascending, NaN-padded to the longest axis: `[3, L]` from the action grid's nominal
+    usage `[A, 3]` (`ActionSpace.nominal_usage`)."""
+    cols = [torch.unique(nominal[:, j].float()) for j in range(nominal.shape[1])]
+    out = torch.full((len(cols), max(c.numel() for c in cols)), float("nan"))
+    for j, c in enumerate(cols):
+        out[j, :c.numel()] = c
+    return out
+
+
+def level_gains(r: Tensor, usage: Tensor, effective: Tensor, group_size: int, levels: Tensor) -> Tensor:
+    """Counterfactual value of each level per (step, input) and axis, against the axis's top level, with its
+    sampling variance: `[T, B, 2, 3, L]` (`[..., 0, :, :]` gains, `[..., 1, :, :]` variances), for
+    `budget_credit: price` on axes with more than two levels (ours; `usage_slopes` is the two-level case).
+
+    The K rollouts of an input read the same tokens, so at one step the mean reward of those that used level ℓ
+    minus the mean of those that used the top level estimates what stepping down to ℓ costs there (0 at the
+    top). Its variance is σ̂²·(1/n_ℓ + 1/n_top), σ̂² the pooled within-level variance on K − (levels used)
+    degrees of freedom (the other steps' and axes' actions make it noisy). On a two-level axis the gain is
+    −slope × level gap of `usage_slopes`, with the same variance × gap². NaN where ℓ or the top level went
+    unused, the step is not effective or no degree of freedom is left. `r` `[T, N]`, `usage` `[T, N, 3]`
+    (nominal), `levels` `[3, L]` (`axis_levels`)."""
+    T, N, A = usage.shape
+    K = int(group_size)
+    lv = levels.to(usage.device, torch.float64)
+    u = usage.reshape(T, N // K, K, A, 1).double()
+    onehot = ((u - lv).abs() < 1e-6).double()  # [T, B, K, 3, L]; NaN padding never matches
+    y = r.reshape(T, N // K, K, 1, 1).double()
+    n = onehot.sum(2)  # [T, B, 3, L]
+    mean = (onehot * y).sum(2) / n.clamp_min(1)
+    resid = ((y - (onehot * mean[:, :, None]).sum(-1, keepdim=True)) ** 2).sum(2)[..., 0]  # [T, B, 3]
+    dof = K - (n > 0).sum(-1)
+    s2 = resid / dof.clamp_min(1)
+    top = (lv.isfinite().sum(-1) - 1).clamp_min(0)  # index of each axis's top level [3]
+    pick = top.view(1, 1, A, 1).expand(T, N // K, A, 1)
+    n_top, mean_top = n.gather(-1, pick), mean.gather(-1, pick)
+    gain = mean - mean_top
+    var = s2[..., None] * (1.0 / n.clamp_min(1) + 1.0 / n_top.clamp_min(1))
+    ok = (n > 0) & (n_top > 0) & (dof > 0)[..., None] & effective.to(n.device)[:, None, None, None]
+    nan = torch.full_like(gain, float("nan"))
+    return torch.stack([torch.where(ok, gain, nan), torch.where(ok, var, nan)], dim=2).to(r.dtype)
+
+
+def level_prices(gains: Tensor, targets: Tensor, levels: Tensor, min_cells: int = 16,
+                 iters: int = 60) -> tuple[Tensor, Tensor]:
+    """Per-row price of one unit of usage `[N, 3]` on axes with more than two levels (0 on the others), and
+    each such axis's mean shrink factor `[3]` (NaN elsewhere): `budget_prices` for any number of levels.
+
+    Under a reward r_t − λ·(u_t − b) a step is worth the level ℓ that maximises gain_ℓ − λ·u_ℓ, so a price
+    λ makes the pooled cells spend U(λ) = mean over cells of u at that level, which can only fall as λ rises;
+    λ(b) is where U crosses b (bisection, `iters` halvings, per row). With two levels this is the quantile
+    rule of `budget_prices`; with more, a concave quality per axis makes the middle levels win wherever
+    their marginal damage is below the price, which one linear slope per axis cannot say. Gains are shrunk
+    towards their pooled mean per level by sqrt(1 − mean noise variance / total variance), as the slopes
+    are. `gains` `[M, 2, 3, L]` pools `level_gains` cells (a cell counts on an axis when every level has a
+    finite gain); axes with fewer than `min_cells` such cells get price 0."""
+    N = targets.shape[0]
+    out = torch.zeros(N, targets.shape[1], dtype=torch.float32)
+    shrinks = torch.full((targets.shape[1],), float("nan"), dtype=torch.float64)
+    g, v = gains[:, 0].double().cpu(), gains[:, 1].double().cpu()  # [M, 3, L]
+    b = targets.double().cpu()
+    for j in range(targets.shape[1]):
+        lv = levels[j][levels[j].isfinite()].double().cpu()
+        if lv.numel() < 3:
+            continue
+        L = lv.numel()
+        ok = (g[:, j, :L].isfinite() & v[:, j, :L].isfinite()).all(-1)
+        gj, vj = g[ok, j, :L], v[ok, j, :L]
+        if gj.shape[0] < max(2, int(min_cells)):
+            continue
+        mu = gj.mean(0)
+        total = gj.var(0, unbiased=True)
+        f = torch.where(total > 0, (1.0 - vj.mean(0) / total.clamp_min(1e-300)).clamp(0.0, 1.0).sqrt(),
+                        torch.zeros_like(total))
+        f[L - 1] = 1.0  # the top level's gain is 0 by construction
+        gj = mu + f * (gj - mu)
+        shrinks[j] = f[:L - 1].mean()
+        # every price at which some cell switches level lies between the extreme pairwise breakpoints
+        du = lv[None, :] - lv[:, None]
+        brk = (gj[:, None, :] - gj[:, :, None]) / du.masked_fill(du == 0, float("nan"))  # [M, L, L]
+        brk = brk[brk.isfinite()]
+        lo = (brk.min() if brk.numel() else torch.tensor(0.0, dtype=torch.float64)) - 1.0
+        hi = (brk.max() if brk.numel() else torch.tensor(0.0, dtype=torch.float64)) + 1.0
+        lo_n, hi_n = lo.expand(N).clone(), hi.expand(N).clone()
+        for _ in range(int(iters)):
+            lam = 0.5 * (lo_n + hi_n)  # [N]
+            choice = (gj[:, None, :] - lam[None, :, None] * lv).argmax(-1)  # [M, N]
+            spend = lv[choice].mean(0)
+            cheaper = spend < b[:, j]  # too expensive a price: lower it
+            hi_n = torch.where(cheaper, lam, hi_n)
+            lo_n = torch.where(cheaper, lo_n, lam)
+        out[:, j] = (0.5 * (lo_n + hi_n)).float()
+    return out.to(targets.device), shrinks
+
+
 def shaped_rewards(x: Tensor, penalty: Tensor, level: str) -> Tensor:
     """Subtract the penalty: a per-rollout `[N]` one at every step, or per-step costs `[T, N]` as they are.
 

@@ -29,9 +29,9 @@ from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
 from utils.ema import WeightEMA
 from utils.engine import Episode, run_episode
-from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, budget_gaps, budget_penalty, budget_prices,
-                        grpo_advantages, sample_budgets, slope_shrinks, step_budget_costs, step_price_costs,
-                        task_reward, usage_slopes)
+from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, axis_levels, budget_gaps, budget_penalty,
+                        budget_prices, grpo_advantages, level_gains, level_prices, sample_budgets, slope_shrinks,
+                        step_budget_costs, step_price_costs, task_reward, usage_slopes)
 from utils.lm import ControlledLM
 from utils.metrics import MetricsLogger
 from utils.model import load_lm
@@ -239,6 +239,10 @@ class GRPOTrainer:
         self.price_window: collections.deque[torch.Tensor] = collections.deque(maxlen=cfg.budget_price_window)
         nominal = self.actions.nominal_usage()
         self.usage_lo, self.usage_hi = nominal.min(0).values, nominal.max(0).values
+        # axes with more than two levels are priced per level (`level_prices`), from their own window of gains
+        self.levels = axis_levels(nominal)
+        self.multilevel = self.levels.isfinite().sum(-1) > 2
+        self.level_window: collections.deque[torch.Tensor] = collections.deque(maxlen=cfg.budget_price_window)
         per_batch = cfg.batch_size * cfg.grpo_rollouts_per_input * cfg.rollout_len
         self.total_updates = args.total_updates or self._estimate_updates(per_batch)
         self.save_stride = max(1, self.total_updates // 10)
@@ -294,7 +298,8 @@ class GRPOTrainer:
         """What differs between torchrun ranks: data position, RNGs, the pooled rollouts, the budget window."""
         return {"sampler": self.sampler.state_dict(), "rng": _rng_state(self.budget_gen, self.action_gen),
                 "updater": self.updater.state_dict(), "budget_window": [w.clone() for w in self.budget_window],
-                "price_window": [w.clone() for w in self.price_window]}
+                "price_window": [w.clone() for w in self.price_window],
+                "level_window": [w.clone() for w in self.level_window]}
 
     def _payload(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: rank 0's state at the top level (as a single-process run writes it) and, under
@@ -347,6 +352,7 @@ class GRPOTrainer:
         self.batches_done = ckpt["batches_done"]
         self.budget_window.extend(mine.get("budget_window", []))
         self.price_window.extend(mine.get("price_window", []))
+        self.level_window.extend(mine.get("level_window", []))
         if self.args.total_updates is None:
             self.total_updates = ckpt["total_updates"]
             self.save_stride = max(1, self.total_updates // 10)
@@ -378,8 +384,14 @@ class GRPOTrainer:
             self.price_window.append(slopes.reshape(-1, 2, 3).cpu())
             pooled = torch.cat(list(self.price_window))
             prices = budget_prices(pooled, ep.budgets, self.usage_lo, self.usage_hi)
-            charge = step_price_costs(usage, ep.budgets, ep.effective, prices)
             _, shrink, _ = slope_shrinks(pooled)
+            if bool(self.multilevel.any()):
+                gains = level_gains(r_task, usage, ep.effective, ep.group_size, self.levels)
+                self.level_window.append(gains.reshape(-1, *gains.shape[2:]).cpu())
+                ml_prices, ml_shrink = level_prices(torch.cat(list(self.level_window)), ep.budgets, self.levels)
+                prices = torch.where(self.multilevel.to(prices.device), ml_prices, prices)
+                shrink = torch.where(self.multilevel, ml_shrink, shrink)
+            charge = step_price_costs(usage, ep.budgets, ep.effective, prices)
             extra = {}
             for i, ax in enumerate(("tok", "prune", "qratio")):
                 if float(self.usage_hi[i]) > float(self.usage_lo[i]):  # axes with one level have no price

@@ -6,6 +6,8 @@
 #   SEED=S results/prune_price_k16/run.sh                            # train (bfloat16, as shipped) + export
 #   SEED=1235 TRAIN=0 DEV=1 results/prune_price_k16/run.sh           # dev check (results/prune_price/dev.sh)
 #   SEED=S TRAIN=0 SCORE=1 NUM_TRIALS=2 EMC_DAC=0 results/prune_price_k16/run.sh   # test, once per seed
+#   SEED=S TRAIN=0 SCORE=1 OUT=test_full results/prune_price_k16/run.sh   # the same policy rows again (deterministic),
+#       with the full baseline protocol: best of 8 random trials, EMC and DAC (test_full_ppl_seedS.csv)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1235}
@@ -25,10 +27,11 @@ if [[ "${DEV:-0}" == 1 ]]; then
     results/prune_price/dev.sh | tee $D/dev_seed$SEED.txt
 fi
 if [[ "${SCORE:-0}" == 1 ]]; then
-  rm -f $D/test_ppl_seed$SEED.csv
-  CKPT_DIR=$CKPT CSV_PATH=$D/test_ppl_seed$SEED.csv SPLIT=test \
+  OUT=${OUT:-test}
+  rm -f $D/${OUT}_ppl_seed$SEED.csv
+  CKPT_DIR=$CKPT CSV_PATH=$D/${OUT}_ppl_seed$SEED.csv SPLIT=test \
     EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=${NUM_TRIALS:-8} EMC_DAC=${EMC_DAC:-1} \
     POINTS="1,0.5,16 1,0.6,16 1,0.7,16 1,0.8,16 1,0.9,16" \
     EXTRA="--keep_prefill_mb 4096 --no_progress --dtype float32" \
-    ./eval_perplexity.sh 2>&1 | tee $D/test_seed$SEED.log
+    ./eval_perplexity.sh 2>&1 | tee $D/${OUT}_seed$SEED.log
 fi
