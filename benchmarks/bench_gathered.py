@@ -366,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="QUEST page rankings of table 3: per_head (the reference) and/or per_kv_head (one selection "
                         "per KV group; default both)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--ckpt_dir", default="results/ckpt_prune_bc_cal",
-                   help="prune policy for the policy table (default: the shipped headline policy)")
-    p.add_argument("--ppl_csv", default="results/headline_prune_bc_cal/test_ppl.csv",
+    p.add_argument("--ckpt_dir", default="results/prune_price_k16/ckpt_seed1234",
+                   help="prune policy for the policy table (default: seed 1234 of the GRPO recipe `make train` runs, "
+                        "with its knob table)")
+    p.add_argument("--ppl_csv", default="results/prune_price_k16/test_ppl_seed1234.csv",
                    help="that policy's test results, for the PPL column")
     p.add_argument("--skip", nargs="*", choices=["mlp", "e2e", "attention", "policy", "joint"], default=[],
                    help="tables to skip")

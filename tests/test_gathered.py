@@ -131,8 +131,8 @@ def test_gathered_gate_up_vs_loop_and_masked_matmul(n_bags):
 
 @pytest.mark.parametrize("ties", ["none", "at_threshold", "all_equal"])
 def test_one_row_gate_up_keeps_the_simulated_channels(ties):
-    """The batch-1 fast path (`Controls._gate_up_one_row`: topk in float32, with its tie fallback) keeps the
-    channels `prune_channels` keeps, ties at the threshold included, and gives the masked dense product."""
+    """The batch-1 fast path (`Controls._gate_up_one_row`) keeps the channels `prune_channels` keeps, ties at
+    the threshold included, and gives the masked dense product."""
     from utils.mlp_controls import prune_channels
     g = torch.Generator().manual_seed(3)
     D, N = 40, 12

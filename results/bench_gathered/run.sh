@@ -6,6 +6,9 @@
 # row; 64 new tokens (256 take too long at 8192 tokens within one session).
 # Part C (this machine, 2026-12-06; part_c.md): the MLP table, then recency and QUEST at kappa 0.25 with an
 # 8192-token prompt only, QUEST with both page rankings at page 4 and at page 16 (the QUEST paper's page size).
+# Part D (2026-12-06, a later session on the same CPU model, part_d.md): the MLP table, end to end and the policy
+# table with the shipped GRPO prune policy (results/prune_price_k16/ckpt_seed1234, the bench's default now), then
+# recency and QUEST (per_kv_head, page 16) at kappa 0.25 with an 8192-token prompt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -15,8 +18,13 @@ if [[ $PART == A ]]; then  # the MLP table with 9 interleaved rounds (it is chea
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
 elif [[ $PART == B ]]; then
   $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --skip mlp e2e policy
-else
+elif [[ $PART == C ]]; then
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria recency quest --page_size 4 --skip mlp e2e policy joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria quest --page_size 16 --skip mlp e2e policy joint
+else
+  $B --runs 9 --skip e2e attention policy joint
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy joint
 fi
