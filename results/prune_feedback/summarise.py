@@ -1,5 +1,7 @@
 """Summarise the per-seed test sweeps of a results directory (default results/prune_feedback; e.g.
 `python results/prune_feedback/summarise.py results/prune_price`) into its summary.md (issue 15's success criteria).
+A second argument names other sweeps of the same directory: `... results/prune_price_k16 test_full` reads
+test_full_ppl_seed*.csv into summary_test_full.md.
 
 Per requested ρ: realised keep (mean and spread over seeds), ΔNLL vs matched fixed per seed with its paired 95%
 interval, how many seeds' intervals exclude zero, and the policy against best-of-N random, EMC, DAC, fixed_ref.
@@ -11,9 +13,11 @@ import sys
 from pathlib import Path
 
 here = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else Path(__file__).resolve().parent
-runs = {p.stem.split("seed")[-1]: list(csv.DictReader(open(p))) for p in sorted(here.glob("test_ppl_seed*.csv"))}
+prefix = sys.argv[2] if len(sys.argv) > 2 else "test"
+runs = {p.stem.split("seed")[-1]: list(csv.DictReader(open(p)))
+        for p in sorted(here.glob(f"{prefix}_ppl_seed*.csv"))}
 if not runs:
-    sys.exit("no test_ppl_seed*.csv yet")
+    sys.exit(f"no {prefix}_ppl_seed*.csv yet")
 
 
 def nll(ppl: str) -> float:
@@ -42,7 +46,7 @@ for p in points:
         + f" | {sum(hi < 0 for _, _, hi in d)}/{len(d)} | {target:+.3f} | {vs('random_ppl_best')} | {vs('emc_ppl')} | "
         f"{vs('dac_ppl')} | {vs('fixed_ref_ppl')} |")
 seeds = ", ".join(runs)
-out = here / "summary.md"
+out = here / ("summary.md" if prefix == "test" else f"summary_{prefix}.md")
 out.write_text(f"Seeds: {seeds} (one value per seed, in that order). ΔNLL in nats per token; negative = policy "
                "better.\n\n" + "\n".join(lines) + "\n")
 print(out.read_text())
