@@ -265,3 +265,59 @@ def test_head_init_scale_scales_only_the_logit_layers() -> None:
         assert SOLPolicy.from_config(cfg, H, E, A)(h, e, s, prev).abs().max() == 0  # 0: exactly uniform
     with pytest.raises(ValueError, match="head_init_scale"):
         SOLPolicy(H, E, A, d_model=32, n_heads=4, head_init_scale=-1.0)
+
+
+def test_level_map_marks_each_actions_levels() -> None:
+    from utils.actions import ActionSpace
+    space = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s100"], ["q5", "q7", "q16"])
+    m = space.level_map()
+    assert m.shape == (18, 3 + 2 + 3) and torch.equal(m.sum(1), torch.full((18,), 3.0))
+    levels = [float(k) for k in space.keep_values] + list(space.prune_values) + [float(b) for b in space.bit_values]
+    for a in range(len(space)):
+        k, p, b = (float(v) for v in space.lookup(torch.tensor(a)))
+        marked = [levels[j] for j in m[a].nonzero().flatten().tolist()]
+        assert marked == pytest.approx([k, p, b])
+
+
+@pytest.mark.parametrize("bound", [0.0, 2.0])
+def test_factorised_head_is_a_product_of_axis_distributions(bound: float) -> None:
+    # the 18 action probabilities factor into one distribution per axis (their marginals), the incremental
+    # path agrees with the full pass, and the joint head does not factor
+    from utils.actions import ActionSpace
+    space = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s100"], ["q5", "q7", "q16"])
+    torch.manual_seed(0)
+    pol = SOLPolicy(H, E, len(space), d_model=32, n_heads=4, action_dim=8, max_len=16,
+                    level_map=space.level_map(), logit_bound=bound).eval()
+    assert pol.pi.out_features == 8
+    g = torch.Generator().manual_seed(1)
+    h, e, s = torch.randn(T, B, H, generator=g), torch.randn(T, B, E, generator=g), torch.rand(T, B, N_SCALARS, generator=g)
+    acts = torch.randint(0, len(space), (T, B), generator=g)
+    prev = torch.cat([torch.full((1, B), len(space)), acts[:-1]], dim=0)
+    with torch.no_grad():
+        logits = pol(h, e, s, prev, temperature=1.3)
+        inc, _ = _run_steps(pol, h, e, s, acts, temperature=1.3)
+    torch.testing.assert_close(inc, logits, atol=1e-5, rtol=0)
+    p = logits.softmax(-1).view(T, B, 3, 2, 3).double()
+    pk, pp, pq = p.sum((3, 4)), p.sum((2, 4)), p.sum((2, 3))
+    outer = pk[..., :, None, None] * pp[..., None, :, None] * pq[..., None, None, :]
+    torch.testing.assert_close(p, outer, atol=1e-6, rtol=0)
+    assert pk.std() > 0 and pp.std() > 0 and pq.std() > 0
+    torch.manual_seed(0)
+    joint = SOLPolicy(H, E, len(space), d_model=32, n_heads=4, action_dim=8, max_len=16).eval()
+    with torch.no_grad():
+        pj = joint(h, e, s, prev).softmax(-1).view(T, B, 3, 2, 3).double()
+    outer_j = pj.sum((3, 4))[..., :, None, None] * pj.sum((2, 4))[..., None, :, None] * pj.sum((2, 3))[..., None, None, :]
+    assert (pj - outer_j).abs().max() > 1e-4
+
+
+def test_from_config_factorised_head() -> None:
+    from utils.actions import ActionSpace
+    cfg = Config()
+    cfg.policy_d_model, cfg.policy_n_heads, cfg.policy_head = 32, 4, "factorised"
+    space = ActionSpace.build([0.5, 1.0], ["s40", "s100"], ["q16"])
+    pol = SOLPolicy.from_config(cfg, H, E, space)
+    assert pol.pi.out_features == 5 and pol.budget_head[-1].out_features == 5
+    with pytest.raises(ValueError, match="factorised"):
+        SOLPolicy.from_config(cfg, H, E, A)
+    with pytest.raises(ValueError, match="level_map"):
+        SOLPolicy(H, E, A, d_model=32, n_heads=4, level_map=torch.ones(A + 1, 3))

@@ -454,12 +454,13 @@ def test_price_budget_credit_trains_logs_its_price_and_resumes_exactly(tmp_path,
     _check_resume_exact(straight, resumed)
 
 
-def test_price_on_three_level_axes_trains_and_resumes_exactly(tmp_path, block_cache):
+@pytest.mark.parametrize("head", ["joint", "factorised"])
+def test_price_on_three_level_axes_trains_and_resumes_exactly(tmp_path, block_cache, head):
     """budget_credit=price with three levels on the token and prune axes: those axes are priced per level
     (`level_prices`, finite prices logged), the bits axis keeps the two-level price, the window of level
-    gains is in the checkpoint and the run resumes exactly."""
+    gains is in the checkpoint and the run resumes exactly, with either policy head."""
     sets = ("budget_credit=price", "budget_price_window=3", "keep_fracs=[0.25, 0.5, 1.0]",
-            "struct_prune_choices=[s50, s75, s100]", "grpo_rollouts_per_input=8")
+            "struct_prune_choices=[s50, s75, s100]", "grpo_rollouts_per_input=8", f"policy_head={head}")
     straight = run_main(tmp_path / "A", block_cache, updates=8, sets=sets)
     rows = read_metrics(straight)
     for ax in ("tok", "prune", "qratio"):
@@ -469,6 +470,8 @@ def test_price_on_three_level_axes_trains_and_resumes_exactly(tmp_path, block_ca
     ckpt = load_ckpt(straight / "policy_latest.pt")
     window = ckpt["level_window"]
     assert 1 <= len(window) <= 3 and window[0].shape[1:] == (2, 3, 3)
+    n_out = 3 + 3 + len(load_config(str(straight / "config.yaml"), []).quant_choices) if head == "factorised" else None
+    assert n_out is None or ckpt["policy_state_dict"]["pi.weight"].shape[0] == n_out
     resumed = run_main(tmp_path / "B", block_cache, updates=4, sets=sets)  # the second rollout batch after it
     resume_main(resumed, 8)
     _check_resume_exact(straight, resumed)

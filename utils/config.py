@@ -177,6 +177,10 @@ class Config:
                                        "content preference to unlearn (the last-layer scaling recommended by "
                                        "Andrychowicz et al. 2021, 'What matters in on-policy RL'); only a new run's "
                                        "initialisation, checkpoints load as saved")
+    policy_head: str = _f("joint", "ours: joint (the reference: one logit per action of the grid) or factorised (one "
+                          "logit per level of each axis, an action's logit the sum of its levels': a product of "
+                          "one distribution per axis, so every rollout teaches each axis's levels whatever the "
+                          "other axes took; 3 x 3 logits instead of 27 on the joint grid)")
     policy_tbptt_k: int = _f(0, "accepted for compatibility; no effect (reference: unused)")
     eval_sparsity_bias: float = _f(0.0, "eval logit bias against dense kappa")
     eval_prune_bias: float = _f(0.0, "eval logit bias against dense prune")
@@ -418,7 +422,7 @@ _CHOICES = {
     "quest_tier": ("per_head", "per_kv_head"),
     "dtype": ("float32", "bfloat16", "float16"), "reward_agg": (None, "sum", "max"),
     "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step", "price"),
-    "grpo_norm": ("center", "zscore"),
+    "grpo_norm": ("center", "zscore"), "policy_head": ("joint", "factorised"),
 }
 # (fields, description, predicate); a null Optional value skips its rule.
 _RANGES = [

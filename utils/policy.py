@@ -147,6 +147,7 @@ class SOLPolicy(nn.Module):
         action_usage: Optional[Tensor] = None,
         logit_bound: float = 0.0,
         head_init_scale: float = 1.0,
+        level_map: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -166,10 +167,16 @@ class SOLPolicy(nn.Module):
         self.pos_emb = nn.Embedding(max_len, d_model)
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
-        self.pi = nn.Linear(d_model, n_actions)
+        if level_map is not None and (level_map.ndim != 2 or level_map.shape[0] != n_actions):
+            raise ValueError(f"level_map must be [{n_actions}, levels], got {tuple(level_map.shape)}")
+        # factorised head: the layers write one logit per axis level, mapped to actions in _head
+        self.register_buffer("level_map", None if level_map is None else level_map.detach().float().clone(),
+                             persistent=False)
+        n_out = n_actions if level_map is None else level_map.shape[1]
+        self.pi = nn.Linear(d_model, n_out)
         nn.init.zeros_(self.pi.bias)
         self.budget_head = nn.Sequential(
-            nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_actions)
+            nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_out)
         )
         if not head_init_scale >= 0:
             raise ValueError(f"head_init_scale must be >= 0, got {head_init_scale}")
@@ -196,8 +203,13 @@ class SOLPolicy(nn.Module):
     @classmethod
     def from_config(cls, cfg: Any, h_dim: int, e_dim: int, actions: Any) -> "SOLPolicy":
         """Build from a `Config` (fields `policy_*`, `budget_feedback_gain`) for an `ActionSpace` (or a bare
-        action count, which allows no budget feedback)."""
+        action count, which allows neither budget feedback nor a factorised head)."""
         usage = None if isinstance(actions, int) else actions.nominal_usage()
+        level_map = None
+        if getattr(cfg, "policy_head", "joint") == "factorised":
+            if isinstance(actions, int):
+                raise ValueError("policy_head: factorised needs the action grid, not a bare action count")
+            level_map = actions.level_map()
         return cls(
             h_dim, e_dim, actions if isinstance(actions, int) else len(actions), action_usage=usage,
             budget_feedback_gain=getattr(cfg, "budget_feedback_gain", 0.0),
@@ -206,7 +218,7 @@ class SOLPolicy(nn.Module):
             mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
             use_hidden=cfg.policy_use_hidden, use_token=cfg.policy_use_token,
-            head_init_scale=getattr(cfg, "policy_head_init_scale", 1.0),
+            head_init_scale=getattr(cfg, "policy_head_init_scale", 1.0), level_map=level_map,
         )
 
     # ---- shared pieces -----------------------------------------------------------------------------
@@ -270,7 +282,8 @@ class SOLPolicy(nn.Module):
 
     def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float) -> Tensor:
         """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), bounded to [-c, c] when
-        `logit_bound` c > 0, plus the budget feedback and the knob offsets, all / temperature."""
+        `logit_bound` c > 0 (with a factorised head: each level's logit bounded, then summed over the action's
+        levels), plus the budget feedback and the knob offsets, all / temperature."""
         if scalars.shape[-1] < StepScalars.REFERENCE_DIM:
             raise ValueError(f"scalars need >= {StepScalars.REFERENCE_DIM} columns (utils.records.StepScalars), "
                              f"got {scalars.shape[-1]}")
@@ -278,6 +291,8 @@ class SOLPolicy(nn.Module):
         raw = self.pi(self.ln_f(x)) + self.budget_head(budgets)
         if self.logit_bound > 0:
             raw = self.logit_bound * torch.tanh(raw / self.logit_bound)
+        if self.level_map is not None:
+            raw = raw @ self.level_map.to(raw.dtype).T
         fixed = self.budget_feedback(scalars, n_eff) + self.knob_term(StepScalars.budgets(scalars))
         return (raw + fixed.to(raw.dtype)) / temperature
 
