@@ -5,9 +5,9 @@
 
 Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
 1. MLP gate+up alone, per layer, on the model's own weights (all layers in turn, so nothing stays in cache),
-   x random: the dense fused product x·W_in, the simulated mode's masked dense product, the gather kernel
-   alone (`gather_gemv`) and channel selection + gather (`Controls.gate_up`, what a controlled batch-1 step
-   runs), at ρ = 0.4/0.6/0.8.
+   x random: the dense fused product x·W_in, the simulated mode's masked dense product, the embedding_bag
+   gather, the gather kernel alone (`gather_gemv`: the native one where it builds) and channel selection +
+   gather (`Controls.gate_up`, what a controlled batch-1 step runs), at ρ = 0.4/0.6/0.8.
 2. End-to-end decode tokens/s after an --e2e_prompt-token prompt, s40 (κ=1, ρ=0.4, 16 bits) on every step:
    both executions, against plain dense steps (actions=None) and against the stock Hugging Face forward
    (SDPA attention, DynamicCache) of an untouched copy of the model.
@@ -37,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from utils import gathered  # noqa: E402
+from utils import gathered, native  # noqa: E402
 from utils.actions import ActionSpace  # noqa: E402
 from utils.attention import ceil_count, topk_by_threshold  # noqa: E402
 from utils.engine import Scheduler  # noqa: E402
@@ -100,6 +100,8 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     xs = [torch.randn(1, 1, H, generator=gen).to(m._sol_w_in.dtype) for m in mlps]
     bags = gathered.default_bags(lm.device, mlps[0]._sol_w_in.dtype)
     per_layer = 1e6 / len(mlps)
+    kernel = "native (utils/native.py)" if (mlps[0]._sol_w_in.dtype == torch.float32 and lm.device.type == "cpu"
+                                            and native.gather_kernel() is not None) else "embedding_bag"
     rhos = (0.4, 0.6, 0.8)
     cells = {"dense": lambda: [x @ m._sol_w_in for x, m in zip(xs, mlps)]}
     counts = {}
@@ -115,6 +117,8 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
                                                        for x, k, m in zip(xs, keeps, mlps)]
         cells[("kernel", rho)] = lambda idx=idx: [gathered.gather_gemv(x.view(-1), i, m._sol_w_in, None, bags)
                                                   for x, i, m in zip(xs, idx, mlps)]
+        cells[("bag", rho)] = lambda idx=idx: [gathered.gather_gemv(x.view(-1), i, m._sol_w_in, None, bags, False)
+                                               for x, i, m in zip(xs, idx, mlps)]
 
         def full(rho=rho):
             ctl.set(torch.ones(1), torch.tensor([rho]), torch.tensor([16]), 2 * (lm.Ts + lm.Tw + 1))
@@ -131,13 +135,14 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     rows = []
     for rho in rhos:
         ratio = median_ratio(times[("full", rho)], times["dense"])
-        rows.append(f"| ρ={rho} | {med['dense']:.1f} | {med[('masked', rho)]:.1f} | {med[('kernel', rho)]:.1f} | "
+        rows.append(f"| ρ={rho} | {med['dense']:.1f} | {med[('masked', rho)]:.1f} | {med[('bag', rho)]:.1f} | "
+                    f"{med[('kernel', rho)]:.1f} | "
                     f"{med[('full', rho)]:.1f} | {ratio:.2f} | {counts[rho] / H:.2f} |")
     head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer over {len(mlps)} layers, median of {runs} "
-            f"interleaved rounds, {bags} bag(s) per row\n",
-            "| setting | dense x·W_in | masked dense (simulated) | gather kernel | select + gather | "
-            "select + gather × dense | bound |",
-            "|---|---|---|---|---|---|---|"]
+            f"interleaved rounds, {bags} bag(s) per row; gather kernel: {kernel}\n",
+            "| setting | dense x·W_in | masked dense (simulated) | embedding_bag gather | gather kernel | "
+            "select + gather | select + gather × dense | bound |",
+            "|---|---|---|---|---|---|---|---|"]
     return head + rows
 
 

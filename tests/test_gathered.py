@@ -129,6 +129,40 @@ def test_gathered_gate_up_vs_loop_and_masked_matmul(n_bags):
         torch.testing.assert_close(row.double(), loop[r], atol=1e-5, rtol=0)
 
 
+def _can_build_native() -> bool:
+    import shutil
+    return shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+
+@pytest.mark.parametrize("path", ["native", "embedding_bag"])
+def test_one_row_kernel_paths_vs_loop(path, monkeypatch):
+    """Both one-row kernels (the native C++ one and the embedding_bag fallback) against a float64 loop, for
+    kept counts around the native kernel's 4-row unroll and output widths that do not tile its column blocks."""
+    from utils import native
+    if path == "native":
+        if not _can_build_native():
+            pytest.skip("no C++ compiler or ninja: the native kernel cannot be built here")
+        assert native.gather_kernel() is not None  # with a compiler and ninja the build must succeed
+    else:
+        monkeypatch.setenv("SOL_NATIVE_KERNEL", "0")
+        assert native.gather_kernel() is None
+    g = torch.Generator().manual_seed(3)
+    for D, N in [(40, 24), (64, 600), (576, 6144)]:
+        x, w, b = torch.randn(D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+        for n in (1, 3, 4, 5, D // 2, D):
+            idx = torch.randperm(D, generator=g)[:n].sort().values
+            loop = torch.zeros(N, dtype=torch.float64)
+            for c in idx.tolist():
+                loop += x[c].double() * w[c].double()
+            got = gathered.gather_gemv(x, idx, w, b, 4)
+            torch.testing.assert_close(got.double(), loop + b.double(), atol=1e-4, rtol=1e-5)
+    if path == "native":
+        kernel = native.gather_kernel()
+        with pytest.raises(RuntimeError, match="out of range"):
+            kernel.gather_gemv(x, torch.tensor([D]), w, 256)
+        assert native.column_block(6144) % 16 == 0 and native.column_block(8) == 256
+
+
 @pytest.mark.parametrize("ties", ["none", "at_threshold", "all_equal"])
 def test_one_row_gate_up_keeps_the_simulated_channels(ties):
     """The batch-1 fast path (`Controls._gate_up_one_row`) keeps the channels `prune_channels` keeps, ties at

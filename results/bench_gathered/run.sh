@@ -9,6 +9,8 @@
 # Part D (2026-12-06, a later session on the same CPU model, part_d.md): the MLP table, end to end and the policy
 # table with the shipped GRPO prune policy (results/prune_price_k16/ckpt_seed1234, the bench's default now), then
 # recency and QUEST (per_kv_head, page 16) at kappa 0.25 with an 8192-token prompt.
+# Part E (2026-12-06, a later session, part_e.md): the MLP table with the native gather kernel (utils/native.py)
+# beside the embedding_bag gather, end to end and the policy table, as part D's first two commands.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -22,6 +24,9 @@ elif [[ $PART == C ]]; then
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria recency quest --page_size 4 --skip mlp e2e policy joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria quest --page_size 16 --skip mlp e2e policy joint
+elif [[ $PART == E ]]; then
+  $B --runs 9 --skip e2e attention policy joint
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
 else
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint

@@ -1,0 +1,55 @@
+"""The optional native (C++) kernel of the gathered execution, built once on first use.
+
+`gather_kernel()` compiles `utils/csrc/gather_gemv.cpp` with torch's JIT extension builder (a C++ compiler and
+ninja; ~40 s the first time, then loaded from torch's extension cache, `TORCH_EXTENSIONS_DIR`) and returns the
+module, or None when it cannot be built or `SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback:
+`utils.gathered.gather_gemv` then runs the same sum with `embedding_bag`, and both agree to float rounding.
+On the 2-core CPU the native kernel ran SmolLM2's gate+up at ρ 0.4 in 0.28 of the dense product's time against
+0.37 for `embedding_bag` (benchmarks/bench_gathered.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "gather_gemv.cpp"
+_STATE: dict[str, ModuleType | None] = {}
+
+
+def native_enabled() -> bool:
+    """False when the environment switches the native kernel off (`SOL_NATIVE_KERNEL=0`)."""
+    return os.environ.get("SOL_NATIVE_KERNEL", "1") != "0"
+
+
+def gather_kernel() -> ModuleType | None:
+    """The compiled gather-GEMV module (`.gather_gemv(x, idx, w, block)`), or None if it is switched off or
+    cannot be built (one note on stderr, once per process)."""
+    if not native_enabled():
+        return None
+    if "gather" not in _STATE:
+        _STATE["gather"] = _build()
+    return _STATE["gather"]
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(name="sol_gather_gemv", sources=[str(SOURCE)], verbose=False,
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"])
+    except Exception as exc:  # no compiler, no ninja, a failed build: the embedding_bag path still works
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"[sol] note: native gather kernel unavailable ({first[:160]}); using embedding_bag "
+              "(set SOL_NATIVE_KERNEL=0 to skip the build)", file=sys.stderr)
+        return None
+
+
+def column_block(n_cols: int) -> int:
+    """Output columns per parallel block of the native kernel: two blocks per thread (a multiple of 16, at
+    least 256), so each thread's slice of the output stays in its L1 while the kept rows stream through."""
+    per = -(-n_cols // (2 * max(1, torch.get_num_threads())))
+    return max(256, -(-per // 16) * 16)
