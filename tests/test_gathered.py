@@ -134,18 +134,25 @@ def _can_build_native() -> bool:
     return shutil.which("c++") is not None and shutil.which("ninja") is not None
 
 
+def _use_path(path: str, monkeypatch) -> None:
+    """Make the one-row kernels take the native kernel (which must build where a compiler and ninja exist)
+    or the embedding_bag fallback."""
+    from utils import native
+    if path == "native":
+        if not _can_build_native():
+            pytest.skip("no C++ compiler or ninja: the native kernel cannot be built here")
+        assert native.gather_kernel() is not None
+    else:
+        monkeypatch.setenv("SOL_NATIVE_KERNEL", "0")
+        assert native.gather_kernel() is None
+
+
 @pytest.mark.parametrize("path", ["native", "embedding_bag"])
 def test_one_row_kernel_paths_vs_loop(path, monkeypatch):
     """Both one-row kernels (the native C++ one and the embedding_bag fallback) against a float64 loop, for
     kept counts around the native kernel's 4-row unroll and output widths that do not tile its column blocks."""
     from utils import native
-    if path == "native":
-        if not _can_build_native():
-            pytest.skip("no C++ compiler or ninja: the native kernel cannot be built here")
-        assert native.gather_kernel() is not None  # with a compiler and ninja the build must succeed
-    else:
-        monkeypatch.setenv("SOL_NATIVE_KERNEL", "0")
-        assert native.gather_kernel() is None
+    _use_path(path, monkeypatch)
     g = torch.Generator().manual_seed(3)
     for D, N in [(40, 24), (64, 600), (576, 6144)]:
         x, w, b = torch.randn(D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
@@ -156,18 +163,29 @@ def test_one_row_kernel_paths_vs_loop(path, monkeypatch):
                 loop += x[c].double() * w[c].double()
             got = gathered.gather_gemv(x, idx, w, b, 4)
             torch.testing.assert_close(got.double(), loop + b.double(), atol=1e-4, rtol=1e-5)
+    for kth in (1, 2, D // 2, D):  # selection + gather: the channels at or above the kth smallest |x|
+        thr = x.abs().sort().values[kth - 1]
+        kept = (x.abs() >= thr).nonzero().flatten().tolist()
+        loop = sum((x[c].double() * w[c].double() for c in kept), torch.zeros(N, dtype=torch.float64))
+        got, n = gathered.select_gather_gemv(x, kth, w, b, 4)
+        assert n == len(kept)
+        torch.testing.assert_close(got.double(), loop + b.double(), atol=1e-4, rtol=1e-5)
     if path == "native":
         kernel = native.gather_kernel()
         with pytest.raises(RuntimeError, match="out of range"):
             kernel.gather_gemv(x, torch.tensor([D]), w, 256)
+        with pytest.raises(RuntimeError, match="kth out of range"):
+            kernel.select_gather_gemv(x, D + 1, w, 256)
         assert native.column_block(6144) % 16 == 0 and native.column_block(8) == 256
 
 
+@pytest.mark.parametrize("path", ["native", "embedding_bag"])
 @pytest.mark.parametrize("ties", ["none", "at_threshold", "all_equal"])
-def test_one_row_gate_up_keeps_the_simulated_channels(ties):
-    """The batch-1 fast path (`Controls._gate_up_one_row`) keeps the channels `prune_channels` keeps, ties at
-    the threshold included, and gives the masked dense product."""
+def test_one_row_gate_up_keeps_the_simulated_channels(ties, path, monkeypatch):
+    """The batch-1 fast path (`Controls._gate_up_one_row`: the native select + gather, or the ATen ops) keeps
+    the channels `prune_channels` keeps, ties at the threshold included, and gives the masked dense product."""
     from utils.mlp_controls import prune_channels
+    _use_path(path, monkeypatch)
     g = torch.Generator().manual_seed(3)
     D, N = 40, 12
     w, b = torch.randn(D, N, generator=g), torch.randn(N, generator=g)
@@ -295,7 +313,8 @@ def test_gathered_kernels_are_the_ones_running(tiny, monkeypatch):
     """The gathered mode really takes the gathered kernels (not a silent simulated fallback)."""
     _, _, ids = tiny
     calls: dict[str, int] = {}
-    for name in ("gather_gemv", "gathered_gate_up", "recency_attention", "relevancy_attention", "quest_attention"):
+    for name in ("select_gather_gemv", "gathered_gate_up", "recency_attention", "relevancy_attention",
+                 "quest_attention"):
         fn = getattr(gathered, name)
 
         def spy(*a, _fn=fn, _name=name, **k):
@@ -307,7 +326,7 @@ def test_gathered_kernels_are_the_ones_running(tiny, monkeypatch):
     for crit in CRIT[:2] + CRIT[3:4]:
         run(pair(tiny, crit)["gathered"], ids[:1], acts)
     L = 2 * STEPS  # layers × decode steps
-    assert calls == {"gather_gemv": 3 * L, "recency_attention": L, "relevancy_attention": L, "quest_attention": L}
+    assert calls == {"select_gather_gemv": 3 * L, "recency_attention": L, "relevancy_attention": L, "quest_attention": L}
     calls.clear()
     run(pair(tiny, CRIT[0])["gathered"], ids[:2], torch.tensor([SPACE.index(0.25, 0.4, 4), SPACE.index(1.0, 0.4, 16)]))
     assert calls == {"gathered_gate_up": L, "recency_attention": L}  # 2 rows at ρ=0.4: 0.8 of a dense pass

@@ -262,16 +262,14 @@ class Controls:
                          kth: int) -> torch.Tensor:
         """`gate_up` of one token of one row, in as few ops as possible (it runs once per layer per step and
         its selection is most of what the gather saves over dense): `topk_by_threshold` with a known count is
-        the rows at or above the kth smallest |x| (ties kept), then the gather-GEMV. The channel count is
+        the rows at or above the kth smallest |x| (ties kept), then the gather-GEMV, both in one native call
+        where the kernel is built (`gathered.select_gather_gemv`). The channel count is
         added on the host and folded into `channel_sum` once per step (`channels_kept`). (A `topk` of count + 1
         with a tie check measured no faster on the 2-core CPU: 0.70-0.71 against 0.68 of the dense product's
         time at ρ 0.4, both DRAM-bound there.)"""
-        row = x.view(-1)
-        score = row.abs()
-        idx = (score >= score.kthvalue(kth).values).nonzero().view(-1)
-        n = idx.shape[0]
+        out, n = gathered.select_gather_gemv(x.view(-1), kth, w_in, b_in, self._bags)
         self._channels_host += n
-        return gathered.gather_gemv(row, idx, w_in, b_in, self._bags).view(1, 1, -1)
+        return out.view(1, 1, -1)
 
     def channels_kept(self) -> torch.Tensor | None:
         """Kept MLP input channels of each row, summed over this step's layers ([B]; None when not armed)."""

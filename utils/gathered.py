@@ -127,6 +127,22 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
     return out if b_in is None else out + b_in
 
 
+def select_gather_gemv(x: torch.Tensor, kth: int, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
+                       n_bags: int = 1) -> tuple[torch.Tensor, int]:
+    """One row's channel selection and gather-GEMV: the channels whose |x| is at least the kth smallest |x|
+    (ties at the threshold kept, as `topk_by_threshold` keeps them), x [D] -> (Σ over them of x_c · w_in[c]
+    (+ bias) [2I], their count). The native kernel does both in one call where it is built (float32, CPU);
+    otherwise `kthvalue`, a comparison, `nonzero` and `gather_gemv`."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and w_in.dtype == torch.float32:
+        kernel = native.gather_kernel()
+        if kernel is not None:
+            out, n = kernel.select_gather_gemv(x.contiguous(), kth, w_in, native.column_block(w_in.shape[1]))
+            return (out if b_in is None else out + b_in), n
+    score = x.abs()
+    idx = (score >= score.kthvalue(kth).values).nonzero().view(-1)
+    return gather_gemv(x, idx, w_in, b_in, n_bags, native_ok=False), idx.shape[0]
+
+
 _PLANS: dict[tuple[int, int, str, bool], tuple[torch.Tensor | None, torch.Tensor]] = {}
 
 

@@ -8,19 +8,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
 
-torch::Tensor gather_gemv(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& w, int64_t block) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "gather_gemv: float32 only");
-  TORCH_CHECK(idx.dtype() == torch::kInt64, "gather_gemv: idx must be int64");
-  TORCH_CHECK(x.dim() == 1 && idx.dim() == 1 && w.dim() == 2 && x.size(0) == w.size(0), "gather_gemv: shapes");
-  TORCH_CHECK(x.is_contiguous() && idx.is_contiguous() && w.is_contiguous() && block > 0, "gather_gemv: layout");
-  const int64_t N = w.size(1), n = idx.size(0), D = w.size(0);
-  auto out = torch::empty({N}, w.options());
-  const float* xp = x.data_ptr<float>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t j = 0; j < n; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < D, "gather_gemv: index out of range");
+// out[c] = sum_j xp[ip[j]] * wp[ip[j] * N + c] over n kept rows, output columns in parallel blocks.
+static void gather_rows(const float* xp, const int64_t* ip, int64_t n, const float* wp, int64_t N, int64_t block,
+                        float* op) {
   at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * block, len = std::min(N, c0 + block) - c0;
@@ -44,9 +38,52 @@ torch::Tensor gather_gemv(const torch::Tensor& x, const torch::Tensor& idx, cons
       }
     }
   });
+}
+
+static void check_args(const torch::Tensor& x, const torch::Tensor& w, int64_t block) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "gather_gemv: float32 only");
+  TORCH_CHECK(x.dim() == 1 && w.dim() == 2 && x.size(0) == w.size(0), "gather_gemv: shapes");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && block > 0, "gather_gemv: layout");
+}
+
+// The kept rows idx [n] given.
+torch::Tensor gather_gemv(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& w, int64_t block) {
+  check_args(x, w, block);
+  TORCH_CHECK(idx.dtype() == torch::kInt64 && idx.dim() == 1 && idx.is_contiguous(), "gather_gemv: idx");
+  const int64_t D = w.size(0), n = idx.size(0);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < D, "gather_gemv: index out of range");
+  auto out = torch::empty({w.size(1)}, w.options());
+  gather_rows(x.data_ptr<float>(), ip, n, w.data_ptr<float>(), w.size(1), block, out.data_ptr<float>());
   return out;
+}
+
+// The kept rows chosen here, as the simulated mode chooses them (utils/controls.py `_gate_up_one_row`): every
+// channel whose |x| is at least the kth smallest |x| (1-based; ties at the threshold kept), in ascending order.
+// Returns the sum and the number of kept channels; saves the separate ops of the selection.
+std::tuple<torch::Tensor, int64_t> select_gather_gemv(const torch::Tensor& x, int64_t kth, const torch::Tensor& w,
+                                                      int64_t block) {
+  check_args(x, w, block);
+  const int64_t D = w.size(0);
+  TORCH_CHECK(kth >= 1 && kth <= D, "select_gather_gemv: kth out of range");
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> score(D);
+  for (int64_t i = 0; i < D; ++i) score[i] = std::fabs(xp[i]);
+  std::vector<float> tmp(score);
+  std::nth_element(tmp.begin(), tmp.begin() + (kth - 1), tmp.end());
+  const float thr = tmp[kth - 1];
+  std::vector<int64_t> idx;
+  idx.reserve(D - kth + 1);
+  for (int64_t i = 0; i < D; ++i)
+    if (score[i] >= thr) idx.push_back(i);
+  auto out = torch::empty({w.size(1)}, w.options());
+  gather_rows(xp, idx.data(), static_cast<int64_t>(idx.size()), w.data_ptr<float>(), w.size(1), block,
+              out.data_ptr<float>());
+  return {out, static_cast<int64_t>(idx.size())};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv, "sum_j x[idx_j] * w[idx_j, :] over the kept rows of an input-major w");
+  m.def("select_gather_gemv", &select_gather_gemv,
+        "(sum over the channels with |x| >= the kth smallest |x| of x_c * w[c, :], their count)");
 }
