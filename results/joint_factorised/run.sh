@@ -11,36 +11,7 @@
 #   TRAIN=0 DEV=0 SCORE=1 results/joint_factorised/run.sh     # test, once
 #   TRAIN=0 MODE=55 results/joint_factorised/run.sh           # another update of the run: export it to ckpt_u55_seed$SEED,
 #                                                           # fit its knob table (train blocks), then the dev check
+# The steps are results/joint_levels/run.sh's, with this recipe's config and directory.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SEED=${SEED:-1234}
-D=results/joint_factorised
-MODE=${MODE:-latest}
-TAG=$([[ $MODE == latest ]] && echo "" || echo "_u$MODE")
-CKPT=$D/ckpt${TAG}_seed$SEED
-if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config official_configs/cpu_smollm2_joint_factorised.yml --set seed=$SEED \
-    --output_dir checkpoints/joint_factorised_seed$SEED 2>&1 \
-    | tr '\r' '\n' | grep -v "^updates: .*upd, reward" > $D/train_seed$SEED.log
-  cp checkpoints/joint_factorised_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl
-  python -m utils.checkpoint export checkpoints/joint_factorised_seed$SEED $CKPT
-elif [[ $MODE != latest && ! -d $CKPT ]]; then
-  python -m utils.checkpoint export checkpoints/joint_factorised_seed$SEED $CKPT --mode $MODE
-  python -m utils.knob_calibration --ckpt_dir $CKPT --no_progress
-fi
-if [[ "${DEV:-1}" == 1 ]]; then
-  rm -f $D/dev_ppl${TAG}_seed$SEED.csv $D/dev${TAG}_seed$SEED.txt
-  for P in ${POINTS:-0.2,0.5,6 0.5,0.7,8 0.8,0.9,12}; do
-    IFS=, read -r K R Q <<< "$P"
-    python eval_perplexity.py --ckpt_dir $CKPT --split dev --eval_batches 3 --batch_size 32 \
-      --tgt_keep $K --tgt_prune_keep $R --tgt_quant_bits $Q --num_trials 4 --no_progress --dtype float32 \
-      --csv_path $D/dev_ppl${TAG}_seed$SEED.csv 2>/dev/null | grep -E "^(policy|fixed|random |delta)" \
-      | sed "s/^/joint_factorised$TAG $P: /" | tee -a $D/dev${TAG}_seed$SEED.txt
-  done
-fi
-if [[ "${SCORE:-0}" == 1 ]]; then
-  rm -f $D/test_ppl${TAG}_seed$SEED.csv
-  CKPT_DIR=$CKPT CSV_PATH=$D/test_ppl${TAG}_seed$SEED.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=2 \
-    EMC_DAC=0 POINTS="0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" \
-    EXTRA="--keep_prefill_mb 4096 --no_progress --dtype float32" ./eval_perplexity.sh 2>&1 | tee $D/test${TAG}_seed$SEED.log
-fi
+CONFIG=official_configs/cpu_smollm2_joint_factorised.yml D=results/joint_factorised exec results/joint_levels/run.sh

@@ -11,21 +11,24 @@
 #   TRAIN=0 DEV=0 SCORE=1 results/joint_levels/run.sh     # test, once
 #   TRAIN=0 MODE=55 results/joint_levels/run.sh           # another update of the run: export it to ckpt_u55_seed$SEED,
 #                                                           # fit its knob table (train blocks), then the dev check
+# Other joint recipes reuse this script with their own CONFIG and D (e.g. results/joint_factorised/run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
-D=results/joint_levels
+D=${D:-results/joint_levels}
+CONFIG=${CONFIG:-official_configs/cpu_smollm2_joint_levels.yml}
+NAME=$(basename $D)
 MODE=${MODE:-latest}
 TAG=$([[ $MODE == latest ]] && echo "" || echo "_u$MODE")
 CKPT=$D/ckpt${TAG}_seed$SEED
 if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config official_configs/cpu_smollm2_joint_levels.yml --set seed=$SEED \
-    --output_dir checkpoints/joint_levels_seed$SEED 2>&1 \
+  python train.py --config $CONFIG --set seed=$SEED \
+    --output_dir checkpoints/${NAME}_seed$SEED 2>&1 \
     | tr '\r' '\n' | grep -v "^updates: .*upd, reward" > $D/train_seed$SEED.log
-  cp checkpoints/joint_levels_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl
-  python -m utils.checkpoint export checkpoints/joint_levels_seed$SEED $CKPT
+  cp checkpoints/${NAME}_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl
+  python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED $CKPT
 elif [[ $MODE != latest && ! -d $CKPT ]]; then
-  python -m utils.checkpoint export checkpoints/joint_levels_seed$SEED $CKPT --mode $MODE
+  python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED $CKPT --mode $MODE
   python -m utils.knob_calibration --ckpt_dir $CKPT --no_progress
 fi
 if [[ "${DEV:-1}" == 1 ]]; then
@@ -35,7 +38,7 @@ if [[ "${DEV:-1}" == 1 ]]; then
     python eval_perplexity.py --ckpt_dir $CKPT --split dev --eval_batches 3 --batch_size 32 \
       --tgt_keep $K --tgt_prune_keep $R --tgt_quant_bits $Q --num_trials 4 --no_progress --dtype float32 \
       --csv_path $D/dev_ppl${TAG}_seed$SEED.csv 2>/dev/null | grep -E "^(policy|fixed|random |delta)" \
-      | sed "s/^/joint_levels$TAG $P: /" | tee -a $D/dev${TAG}_seed$SEED.txt
+      | sed "s/^/$NAME$TAG $P: /" | tee -a $D/dev${TAG}_seed$SEED.txt
   done
 fi
 if [[ "${SCORE:-0}" == 1 ]]; then
