@@ -9,8 +9,8 @@ it reads (weights, then the KV cache), so this module computes the same result f
   nothing is duplicated). A step computes gate/up as Σ_c x_c · W_in[c] over the kept channels with
   `F.embedding_bag(..., per_sample_weights=x[kept], mode="sum")`: a fused gather-GEMV reading ρ of the rows.
   The kept list is split into bags (a bag runs on one thread; `default_bags`) and the partial sums added.
-  At batch 1 in float32 a small C++ kernel (`utils.native`, built on first use) streams each kept row once
-  with the output columns split over the threads instead: ~25% faster than the bags on the 2-core CPU.
+  At batch 1 in float32 a small C++ kernel (`utils.native`, built on first use) selects the channels and
+  streams each kept row once, with the output columns split over the threads, in one call.
   Masking then a dense product saves nothing; `index_select` then a product copies the rows first and is
   several times slower than dense. (The input-channel sparse GEMV of activation sparsity, as in TEAL,
   Liu et al. 2024.)

@@ -4,8 +4,10 @@
 ninja; ~40 s the first time, then loaded from torch's extension cache, `TORCH_EXTENSIONS_DIR`) and returns the
 module, or None when it cannot be built or `SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback:
 `utils.gathered.gather_gemv` then runs the same sum with `embedding_bag`, and both agree to float rounding.
-On the 2-core CPU the native kernel ran SmolLM2's gate+up at ρ 0.4 in 0.28 of the dense product's time against
-0.37 for `embedding_bag` (benchmarks/bench_gathered.py).
+It also does the batch-1 channel selection (|x| at or above the kth smallest) in the same call, which saves
+the four ATen ops the selection otherwise takes per layer. On the 2-core CPU (SmolLM2 gate+up at ρ 0.4,
+`results/bench_gathered/part_e.md`) selection + gather took 0.49 of the dense product's time, the kernel alone
+about 4% less than `embedding_bag`; the selection was ~10% of a dense product on top before.
 """
 from __future__ import annotations
 
