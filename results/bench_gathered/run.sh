@@ -10,7 +10,8 @@
 # table with the shipped GRPO prune policy (results/prune_price_k16/ckpt_seed1234, the bench's default now), then
 # recency and QUEST (per_kv_head, page 16) at kappa 0.25 with an 8192-token prompt.
 # Part E (2026-12-06, a later session, part_e.md): the MLP table with the native gather kernel (utils/native.py)
-# beside the embedding_bag gather, end to end and the policy table, as part D's first two commands.
+# beside the embedding_bag gather, end to end and the policy table, as part D's first two commands; then (run by
+# hand after them, appended) recency and QUEST (per_kv_head, page 16) at kappa 0.25 and the joint row, 8192 tokens.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -27,6 +28,8 @@ elif [[ $PART == C ]]; then
 elif [[ $PART == E ]]; then
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy
 else
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
