@@ -10,8 +10,9 @@
 # table with the shipped GRPO prune policy (results/prune_price_k16/ckpt_seed1234, the bench's default now), then
 # recency and QUEST (per_kv_head, page 16) at kappa 0.25 with an 8192-token prompt.
 # Part E (2026-12-06, a later session, part_e.md): the MLP table with the native gather kernel (utils/native.py)
-# beside the embedding_bag gather, end to end and the policy table, as part D's first two commands; then (run by
-# hand after them, appended) recency and QUEST (per_kv_head, page 16) at kappa 0.25 and the joint row, 8192 tokens.
+# beside the embedding_bag gather, end to end and the policy table, as part D's first two commands; then recency and
+# QUEST (per_kv_head, page 16) at kappa 0.25 and the joint row at 8192 tokens (that third command was run on its own
+# right after the first two and appended to part_e.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
