@@ -2,7 +2,7 @@
 # HellaSwag (first 1000 items of the shipped validation, 0-shot, acc_norm) for the shipped prune policy
 # (results/prune_price_k16, seed 1234: the config's own seed, what `make train` trains), with the fixed baseline
 # at the policy's realised usage and the paired bootstrap 95% interval over items on the accuracy difference
-# (`policy_minus_fixed` in the JSON). ~11 min per method alone on the 2-core machine.
+# (`policy_minus_fixed` in the JSON). ~5 min per method alone on the 2-core machine (measured 2026-12-06).
 #   P=0.5 results/prune_price_k16/downstream/run.sh
 #   P=0.8 results/prune_price_k16/downstream/run.sh
 set -euo pipefail
