@@ -321,3 +321,70 @@ def test_from_config_factorised_head() -> None:
         SOLPolicy.from_config(cfg, H, E, A)
     with pytest.raises(ValueError, match="level_map"):
         SOLPolicy(H, E, A, d_model=32, n_heads=4, level_map=torch.ones(A + 1, 3))
+
+
+def test_level_indices_invert_index() -> None:
+    from utils.actions import ActionSpace
+    space = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s100"], ["q5", "q7", "q16"])
+    lv = space.level_indices()
+    for a in range(len(space)):
+        i_k, i_p, i_q = lv[a].tolist()
+        assert space.index(space.keep_values[i_k], space.prune_values[i_p], space.bit_values[i_q]) == a
+
+
+def _contrast_space():
+    from utils.actions import ActionSpace
+    return ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s80", "s100"], ["q5", "q16"])
+
+
+def test_one_axis_contrast_rows_differ_on_one_axis_only() -> None:
+    # every group of K rows whose logits are alike shares all levels but (at most) one axis, and each axis with
+    # more than one level is the varying one in about a third of the groups
+    from utils.schedulers import sample_one_axis_contrast
+    space, K, G = _contrast_space(), 8, 3000
+    lv = space.level_indices()
+    logits = torch.randn(G, 1, len(space), generator=torch.Generator().manual_seed(3)).expand(G, K, -1).reshape(G * K, -1)
+    a = sample_one_axis_contrast(logits, lv, K, torch.Generator().manual_seed(4))
+    levels = lv[a].view(G, K, 3)
+    varying = (levels != levels[:, :1]).any(1)  # [G, 3]
+    assert int(varying.sum(-1).max()) == 1
+    share = varying.float().mean(0)  # a group can also draw the same level K times (no axis varies)
+    assert all(0.2 < float(s) < 0.34 for s in share)
+
+
+def test_one_axis_contrast_is_an_exact_draw_per_row() -> None:
+    # rows of a group with DIFFERENT logits: each row position's empirical action frequencies over many groups
+    # match its own softmax (the coupling changes the joint law of the rows, not any row's law)
+    from utils.schedulers import sample_one_axis_contrast
+    space, K, G = _contrast_space(), 4, 40000
+    lv = space.level_indices()
+    per_row = torch.randn(K, len(space), generator=torch.Generator().manual_seed(5)) * 1.5
+    a = sample_one_axis_contrast(per_row.repeat(G, 1), lv, K, torch.Generator().manual_seed(6)).view(G, K)
+    for k in range(K):
+        freq = torch.bincount(a[:, k], minlength=len(space)).double() / G
+        p = torch.softmax(per_row[k].double(), -1)
+        assert (freq - p).abs().max() < 4.5 * (p * (1 - p) / G).sqrt().max()
+    # and the coupling is real: with alike (not equal) logits, rows 0 and 1 share their levels on the two undrawn
+    # axes far more often than independent draws from the same logits would
+    near = per_row[:1] + 0.2 * torch.randn(K, len(space), generator=torch.Generator().manual_seed(7))
+    b = sample_one_axis_contrast(near.repeat(G, 1), lv, K, torch.Generator().manual_seed(8)).view(G, K)
+    same = float(((lv[b[:, 0]] == lv[b[:, 1]]).sum(-1) >= 2).double().mean())
+    p0, p1 = torch.softmax(near[0], -1), torch.softmax(near[1], -1)
+    indep = sum(float(p0[i] * p1[j]) for i in range(len(space)) for j in range(len(space))
+                if int((lv[i] == lv[j]).sum()) >= 2)
+    assert same > 0.9 and same > indep + 0.2
+
+
+def test_one_axis_contrast_single_axis_and_checks() -> None:
+    from utils.actions import ActionSpace
+    from utils.schedulers import PolicyScheduler, sample_one_axis_contrast
+    space = ActionSpace.build([1.0], ["s40", "s100"], ["q16"])  # one varying axis: independent draws per row
+    logits = torch.zeros(6, len(space))
+    a = sample_one_axis_contrast(logits, space.level_indices(), 3, torch.Generator().manual_seed(0))
+    assert a.shape == (6,) and int(a.max()) < len(space)
+    with pytest.raises(ValueError, match="groups"):
+        sample_one_axis_contrast(logits, space.level_indices(), 4)
+    with pytest.raises(ValueError, match="contrast"):
+        PolicyScheduler(_policy(), greedy=False, contrast="bad")
+    with pytest.raises(ValueError, match="action space"):
+        PolicyScheduler(_policy(), greedy=False, contrast="one_axis")

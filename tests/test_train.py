@@ -454,26 +454,29 @@ def test_price_budget_credit_trains_logs_its_price_and_resumes_exactly(tmp_path,
     _check_resume_exact(straight, resumed)
 
 
-@pytest.mark.parametrize("head", ["joint", "factorised"])
-def test_price_on_three_level_axes_trains_and_resumes_exactly(tmp_path, block_cache, head):
+@pytest.mark.parametrize("head,contrast", [("joint", "all"), ("factorised", "all"), ("factorised", "one_axis")])
+def test_price_on_three_level_axes_trains_and_resumes_exactly(tmp_path, block_cache, head, contrast):
     """budget_credit=price with three levels on the token and prune axes: those axes are priced per level
     (`level_prices`, finite prices logged), the bits axis keeps the two-level price, the window of level
-    gains is in the checkpoint and the run resumes exactly, with either policy head."""
-    sets = ("budget_credit=price", "budget_price_window=3", "keep_fracs=[0.25, 0.5, 1.0]",
-            "struct_prune_choices=[s50, s75, s100]", "grpo_rollouts_per_input=8", f"policy_head={head}")
-    straight = run_main(tmp_path / "A", block_cache, updates=8, sets=sets)
+    gains is in the checkpoint and the run resumes exactly, with either policy head and either way of drawing
+    the K rollouts (one_axis also draws its axes and common uniforms from the action RNG, which resume restores)."""
+    # one_axis: about a third of the (step, input) cells contrast each axis, so the level rule needs more batches
+    window, updates = (3, 8) if contrast == "all" else (8, 24)
+    sets = ("budget_credit=price", f"budget_price_window={window}", "keep_fracs=[0.25, 0.5, 1.0]",
+            "struct_prune_choices=[s50, s75, s100]", "grpo_rollouts_per_input=8", f"policy_head={head}",
+            f"rollout_contrast={contrast}")
+    straight = run_main(tmp_path / "A", block_cache, updates=updates, sets=sets)
     rows = read_metrics(straight)
     for ax in ("tok", "prune", "qratio"):
         got = [r[f"budgets/price_{ax}"] for r in rows if f"budgets/price_{ax}" in r]
         assert got and all(math.isfinite(x) for x in got)
     assert any(r.get("budgets/price_tok", 0.0) != 0.0 for r in rows)  # the level rule had enough cells
     ckpt = load_ckpt(straight / "policy_latest.pt")
-    window = ckpt["level_window"]
-    assert 1 <= len(window) <= 3 and window[0].shape[1:] == (2, 3, 3)
+    assert 1 <= len(ckpt["level_window"]) <= window and ckpt["level_window"][0].shape[1:] == (2, 3, 3)
     n_out = 3 + 3 + len(load_config(str(straight / "config.yaml"), []).quant_choices) if head == "factorised" else None
     assert n_out is None or ckpt["policy_state_dict"]["pi.weight"].shape[0] == n_out
-    resumed = run_main(tmp_path / "B", block_cache, updates=4, sets=sets)  # the second rollout batch after it
-    resume_main(resumed, 8)
+    resumed = run_main(tmp_path / "B", block_cache, updates=updates // 2, sets=sets)  # a later rollout batch after it
+    resume_main(resumed, updates)
     _check_resume_exact(straight, resumed)
 
 

@@ -83,14 +83,19 @@ class ActionSpace:
         """[A, 3] each action's nominal usage (κ, ρ / P_MAX, bits / 16): the units of budgets and penalties."""
         return torch.stack([self.keep, self.prune / self.prune_max, self.bits.float() / DENSE_BITS], dim=-1)
 
+    def level_indices(self) -> torch.Tensor:
+        """[A, 3] long: each action's level index on the κ, ρ and bits axes (grid order, the inverse of `index`)."""
+        _, n_p, n_q = self.axis_sizes()
+        a = torch.arange(len(self))
+        return torch.stack([a // (n_p * n_q), (a // n_q) % n_p, a % n_q], dim=-1)
+
     def level_map(self) -> torch.Tensor:
         """[A, n_κ + n_ρ + n_bits] 0/1: row a marks action a's level on each axis (κ levels first, then ρ, then
         bits, in grid order). A factorised policy head writes one logit per level and gets the action's logit as
         `level_logits @ level_map().T`: a product of one distribution per axis."""
-        n_k, n_p, n_q = self.axis_sizes()
-        a = torch.arange(len(self))
-        cols = torch.stack([a // (n_p * n_q), n_k + (a // n_q) % n_p, n_k + n_p + a % n_q], dim=-1)
-        return torch.zeros(len(self), n_k + n_p + n_q).scatter_(1, cols, 1.0)
+        n_k, n_p, _ = self.axis_sizes()
+        cols = self.level_indices() + torch.tensor([0, n_k, n_k + n_p])
+        return torch.zeros(len(self), sum(self.axis_sizes())).scatter_(1, cols, 1.0)
 
     def lookup(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(κ, ρ, bits) per row for action indices `idx` (any device)."""

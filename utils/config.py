@@ -68,6 +68,12 @@ class Config:
     # ---- rollouts -----------------------------------------------------------------------------------
     batch_size: int = _f(32, "input sequences per rollout batch (per rank)")
     grpo_rollouts_per_input: int = _f(16, "K counterfactual schedules per input sequence")
+    rollout_contrast: str = _f("all", "ours: how the K rollouts of an input are drawn in training: all (the "
+                               "reference: each samples its whole action independently) or one_axis (at each step "
+                               "each group draws one axis with more than one level; the rollouts share their levels "
+                               "on the other axes through common random numbers and differ on that one, so every "
+                               "group comparison teaches one axis without noise from the others; each rollout is "
+                               "still an exact draw from the policy, utils.schedulers.sample_one_axis_contrast)")
     epochs: int = _f(1, "passes over the training blocks")
     rollout_rows_per_forward: int = _f(128, "ours: memory knob, decode rows per batched forward. Training decodes "
                                        "as many rollout batches (batch_size x K rows each) of one update cycle "
@@ -423,6 +429,7 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"), "reward_agg": (None, "sum", "max"),
     "grpo_level": ("process", "outcome"), "budget_credit": ("episode", "step", "price"),
     "grpo_norm": ("center", "zscore"), "policy_head": ("joint", "factorised"),
+    "rollout_contrast": ("all", "one_axis"),
 }
 # (fields, description, predicate); a null Optional value skips its rule.
 _RANGES = [

@@ -411,7 +411,8 @@ class GRPOTrainer:
         cfg, K = self.cfg, self.cfg.grpo_rollouts_per_input
         blocks = torch.from_numpy(np.concatenate([np.asarray(self.blocks[i], dtype=np.int64) for i in idxs]))
         budgets = torch.cat([sample_budgets(cfg, len(i), self.budget_gen) for i in idxs])
-        sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True)
+        sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True,
+                                actions=self.actions, contrast=cfg.rollout_contrast)
         try:
             ep_all = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, K, need_kl=cfg.task_w_kl > 0)
         except RuntimeError as e:  # torch.multinomial refuses non-finite probabilities
