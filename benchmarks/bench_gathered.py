@@ -199,7 +199,9 @@ def make_lm(base, tok, criteria: str, execution: str, page: int, quest_tier: str
 
 def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int) -> list[str]:
     """Tokens/s of stock HF, and of dense steps and s40 on every step in both executions, the five timed in
-    turn within each round; each ratio is the median of the rounds' ratios."""
+    turn within each round; each ratio is the median of the rounds' ratios. A sixth cell times one step's dense
+    gate+up products alone (every layer's x·W_in, `tokens` times), which gives the bound this runtime allows:
+    s40 can only remove (1 − ρ) of the gate+up share of a step, whatever the rest of the step costs."""
     s40 = SPACE.index(1.0, 0.4, 16)
     P = prompt.shape[1]
     dense_b = step_bytes(base, P + tokens // 2)
@@ -208,6 +210,15 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
         lm = make_lm(base, tok, "recency", execution, page)
         for name, action in (("dense", None), ("s40", s40)):
             cells[execution, name], infos[execution, name] = lm_decode_run(lm, prompt, tokens, action)
+    mlps = [m for m in lm.model.modules() if hasattr(m, "_sol_w_in")]
+    xs = [torch.randn(1, lm.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(len(mlps))]
+
+    @torch.inference_mode()
+    def gate_up():
+        for _ in range(tokens):
+            for x, m in zip(xs, mlps):
+                x @ m._sol_w_in
+    cells["gate_up"] = gate_up
     times = interleaved(cells, runs)
     tps = {c: tokens / statistics.median(v) for c, v in times.items()}
     ref = times["simulated", "dense"]
@@ -220,8 +231,14 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
             rows.append(f"| {label} | {execution} | {tps[execution, name]:.1f} | {median_ratio(ref, t):.2f} | "
                         f"{median_ratio(times['hf'], t):.2f} | {b:.2f} |")
     gd, gs = times["gathered", "dense"], times["gathered", "s40"]
+    share = median_ratio(times["gate_up"], gd)  # gate+up's share of a gathered dense step
+    keep = infos["gathered", "s40"]()[0].channel_keep.item()
+    step_ms = 1e3 * statistics.median(gd) / tokens
     head = [f"\nEnd-to-end decode, prompt {P} tokens, {tokens} new tokens, median of {runs} interleaved rounds "
-            f"(ratios: medians of the rounds' ratios; s40 gathered vs gathered dense steps: {median_ratio(gd, gs):.2f})\n",
+            f"(ratios: medians of the rounds' ratios; s40 gathered vs gathered dense steps: {median_ratio(gd, gs):.2f}). "
+            f"The dense gate+up products are {share:.0%} of a gathered dense step ({step_ms:.1f} ms) here, so s40 "
+            f"computed at exactly ρ of their time would give at most {1 / (1 - share * (1 - keep)):.2f}× this runtime's "
+            f"dense steps; the bytes bound (last column) assumes the rest of the step runs at memory speed too\n",
             "| method | execution | tokens/s | × dense (simulated) | × stock HF | bound |",
             "|---|---|---|---|---|---|"]
     return head + rows

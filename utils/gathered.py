@@ -10,7 +10,7 @@ it reads (weights, then the KV cache), so this module computes the same result f
   `F.embedding_bag(..., per_sample_weights=x[kept], mode="sum")`: a fused gather-GEMV reading ρ of the rows.
   The kept list is split into bags (a bag runs on one thread; `default_bags`) and the partial sums added.
   At batch 1 in float32 a small C++ kernel (`utils.native`, built on first use) selects the channels and
-  streams each kept row once, with the output columns split over the threads, in one call.
+  streams each kept row once (the kept rows split over the threads), in one call.
   Masking then a dense product saves nothing; `index_select` then a product copies the rows first and is
   several times slower than dense. (The input-channel sparse GEMV of activation sparsity, as in TEAL,
   Liu et al. 2024.)
@@ -102,7 +102,7 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
     (`gathered_gate_up` of a single row, with no mask to decode).
 
     In float32 on a CPU the native kernel does it when it could be built (`utils.native`: each kept row
-    streamed once, output columns in parallel blocks) and `native_ok`; otherwise, and in other dtypes,
+    streamed once, the kept rows split over the threads) and `native_ok`; otherwise, and in other dtypes,
     `embedding_bag` below.
 
     In float32 bag j sums every n_bags-th kept channel from the j-th on (`_bag_plan`), so each bag's rows
@@ -113,7 +113,7 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
     if native_ok and x.dtype == torch.float32 and x.device.type == "cpu" and w_in.dtype == torch.float32:
         kernel = native.gather_kernel()
         if kernel is not None:
-            out = kernel.gather_gemv(x.contiguous(), idx, w_in, native.column_block(w_in.shape[1]))
+            out = kernel.gather_gemv(x.contiguous(), idx, w_in)
             return out if b_in is None else out + b_in
     order, offsets = _bag_plan(idx.shape[0], n_bags, x.device, strided=x.dtype == torch.float32)
     if order is not None:
@@ -136,7 +136,7 @@ def select_gather_gemv(x: torch.Tensor, kth: int, w_in: torch.Tensor, b_in: torc
     if x.dtype == torch.float32 and x.device.type == "cpu" and w_in.dtype == torch.float32:
         kernel = native.gather_kernel()
         if kernel is not None:
-            out, n = kernel.select_gather_gemv(x.contiguous(), kth, w_in, native.column_block(w_in.shape[1]))
+            out, n = kernel.select_gather_gemv(x.contiguous(), kth, w_in)
             return (out if b_in is None else out + b_in), n
     score = x.abs()
     idx = (score >= score.kthvalue(kth).values).nonzero().view(-1)

@@ -5,9 +5,9 @@ ninja; ~40 s the first time, then loaded from torch's extension cache, `TORCH_EX
 module, or None when it cannot be built or `SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback:
 `utils.gathered.gather_gemv` then runs the same sum with `embedding_bag`, and both agree to float rounding.
 It also does the batch-1 channel selection (|x| at or above the kth smallest) in the same call, which saves
-the four ATen ops the selection otherwise takes per layer. On the 2-core CPU (SmolLM2 gate+up at ρ 0.4,
-`results/bench_gathered/part_e.md`) selection + gather took 0.49 of the dense product's time, the kernel alone
-about 4% less than `embedding_bag`; the selection was ~10% of a dense product on top before.
+the four ATen ops the selection otherwise takes per layer. The kept rows are split over the threads, each
+streaming whole rows into its own accumulator. On the 2-core CPU (SmolLM2 gate+up,
+`results/bench_gathered/part_f.md`) selection + gather takes about ρ of the dense product's time.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def native_enabled() -> bool:
 
 
 def gather_kernel() -> ModuleType | None:
-    """The compiled gather-GEMV module (`.gather_gemv(x, idx, w, block)`), or None if it is switched off or
+    """The compiled gather-GEMV module (`.gather_gemv(x, idx, w)`, `.select_gather_gemv(x, kth, w)`), or None if it is switched off or
     cannot be built (one note on stderr, once per process)."""
     if not native_enabled():
         return None
@@ -48,10 +48,3 @@ def _build() -> ModuleType | None:
         print(f"[sol] note: native gather kernel unavailable ({first[:160]}); using embedding_bag "
               "(set SOL_NATIVE_KERNEL=0 to skip the build)", file=sys.stderr)
         return None
-
-
-def column_block(n_cols: int) -> int:
-    """Output columns per parallel block of the native kernel: two blocks per thread (a multiple of 16, at
-    least 256), so each thread's slice of the output stays in its L1 while the kept rows stream through."""
-    per = -(-n_cols // (2 * max(1, torch.get_num_threads())))
-    return max(256, -(-per // 16) * 16)

@@ -13,6 +13,11 @@
 # beside the embedding_bag gather, end to end and the policy table, as part D's first two commands; then recency and
 # QUEST (per_kv_head, page 16) at kappa 0.25 and the joint row at 8192 tokens (that third command was run on its own
 # right after the first two and appended to part_e.md).
+# Part F (2026-12-06, a later session, part_f.md): the native kernel with the kept rows split over the threads (it
+# split the output columns before): the MLP table, end to end and the policy table as part E, then the joint row
+# (recency kappa 0.25 + s40) at 8192 tokens.
+# Part G (same session, right after part F, part_g.md): the end-to-end table alone, now with the gate+up share of
+# a dense step timed in the same rounds and the bound that share allows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -31,6 +36,12 @@ elif [[ $PART == E ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
     --skip mlp e2e policy
+elif [[ $PART == F ]]; then
+  $B --runs 9 --skip e2e attention policy joint
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
+elif [[ $PART == G ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint policy
 else
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
