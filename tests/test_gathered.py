@@ -101,6 +101,44 @@ def test_layout_mlp_keeps_weights_and_shares_memory(tiny):
     torch.testing.assert_close(mlp(x), ref(x), atol=1e-6, rtol=0)  # the Linear layers still work on the views
 
 
+def test_layout_qkv_keeps_weights_and_shares_memory(tiny):
+    from utils import fast_decode
+    model, _, _ = tiny
+    attn = copy.deepcopy(model.model.layers[0].self_attn)
+    ref = copy.deepcopy(attn)
+    fast_decode.layout_qkv(attn)
+    w = attn._sol_w_qkv
+    assert w.is_contiguous() and w.shape[0] == sum(p.weight.shape[0] for p in (ref.q_proj, ref.k_proj, ref.v_proj))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(attn, name).weight, getattr(ref, name).weight)
+    assert attn.q_proj.weight.data_ptr() == w.data_ptr()  # a view, not a second copy
+    assert attn.v_proj.weight.data_ptr() == w[-ref.v_proj.weight.shape[0]:].data_ptr()
+
+
+def test_fast_decode_step_is_the_hf_forward(tiny, monkeypatch):
+    """Gathered decode steps run `fast_decode.decode_hidden` (not LlamaModel.forward), and it gives the Hugging
+    Face forward's hidden states and caches (same controls, same weights) at batch 1 and 3, dense and controlled."""
+    from utils import fast_decode
+    _, _, ids = tiny
+    lm = pair(tiny, CRIT[3])["gathered"]  # QUEST: reads the cache's page bounds as it grows
+    calls = []
+    real = fast_decode.decode_hidden
+    monkeypatch.setattr(fast_decode, "decode_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for rows, acts in ((1, None), (1, torch.tensor([SPACE.index(0.25, 0.4, 8)])),
+                       (3, torch.tensor([SPACE.index(0.25, 0.4, 8), SPACE.index(0.5, 1.0, 4), SPACE.dense_idx]))):
+        fast = run(lm, ids[:rows], acts)
+        calls_fast = len(calls)
+        monkeypatch.setattr(lm, "execution", "gathered-hf")  # any other value takes the Hugging Face forward
+        hf = run(lm, ids[:rows], acts)
+        monkeypatch.setattr(lm, "execution", "gathered")
+        assert calls_fast == STEPS and len(calls) == STEPS  # the fast step ran every decode step, and only there
+        calls.clear()
+        torch.testing.assert_close(fast[0], hf[0], atol=1e-5, rtol=0)
+        for a, b in zip(fast[1], hf[1]):
+            assert torch.equal(a.channel_keep, b.channel_keep)
+            torch.testing.assert_close(a.attn_keep, b.attn_keep, atol=1e-7, rtol=0)
+
+
 # ==== kernels against independent computations ==========================================================
 
 @pytest.mark.parametrize("n_bags", [1, 2, 3, 7, 8])

@@ -22,7 +22,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from utils import gathered
+from utils import fast_decode, gathered
 from utils.attention import (
     CRITERIA, ceil_count, protected_positions, quest_keep, quest_page_bounds, quest_select_pages, recency_keep,
     recency_start, relevancy_keep, topk_by_threshold,
@@ -299,6 +299,8 @@ def install_controls(model: nn.Module, controls: Controls) -> Controls:
         raise ValueError("install_controls expects a Llama-style model (attention with q_proj, MLP with gate_proj)")
     for m in attn:
         m._sol_controls = controls
+        if controls.execution == "gathered":
+            fast_decode.layout_qkv(m)  # one q/k/v product in the gathered decode step
     for m in mlps:
         if controls.execution == "gathered":
             gathered.install_gathered_mlp(m, controls)  # prunes inside its forward

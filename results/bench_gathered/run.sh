@@ -18,6 +18,8 @@
 # (recency kappa 0.25 + s40) at 8192 tokens.
 # Part G (same session, right after part F, part_g.md): the end-to-end table alone, now with the gate+up share of
 # a dense step timed in the same rounds and the bound that share allows.
+# Part H (same session, part_h.md): gathered decode steps through utils/fast_decode.py (the same layers without the
+# Hugging Face module stack): the end-to-end table with the gate+up share, the policy table, the joint row.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -42,6 +44,9 @@ elif [[ $PART == F ]]; then
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
 elif [[ $PART == G ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint policy
+elif [[ $PART == H ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
 else
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
