@@ -6,8 +6,8 @@ reshapes (docs/usage.md, "Why end to end stops"). Those costs are the same for a
 cap what skipping work can buy. `decode_hidden` runs the same layers for one token per row with fewer, larger
 ops: `F.rms_norm`, one q/k/v product over weights laid out side by side once (`layout_qkv`; the Linear weights
 become views of it), the model's own rotary embedding and `apply_rotary_pos_emb`, the cache's own `update`, and
-the controlled attention and MLP exactly as the Hugging Face path calls them (`_sol_attention`, the MLP module
-with its hooks). Same math, so the same logits to float rounding (tests/test_gathered.py); only the gathered
+the controlled attention and MLP exactly as the Hugging Face path calls them (the model's registered attention
+function, the MLP module with its hooks). Same math, so the same logits to float rounding (tests/test_gathered.py); only the gathered
 execution uses it, for decode steps (one token per row, no attention mask).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
@@ -45,10 +46,12 @@ def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_hidden(model: nn.Module, input_ids: torch.Tensor, cache, attention_fn) -> torch.Tensor:
+def decode_hidden(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor:
     """Final-norm hidden states [B, 1, H] of one decode token per row (`input_ids` [B, 1]) on top of `cache`
-    (which grows by that token), through every layer of the Llama `model` (a CausalLM), with attention by
-    `attention_fn(module, q, k, v, mask, scaling=...)` as the Hugging Face layers would call it."""
+    (which grows by that token), through every layer of the Llama `model` (a CausalLM), with the attention
+    function the model has selected (`utils.controls` registers and selects its own), called as the Hugging
+    Face layers call it."""
+    attention_fn = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
     m = model.model
     past = cache.get_seq_length()
     h = m.embed_tokens(input_ids)

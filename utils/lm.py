@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from utils.actions import DENSE_BITS, ActionSpace
 from utils.attention import is_effective
 from utils import fast_decode
-from utils.controls import Controls, _sol_attention, install_controls
+from utils.controls import Controls, install_controls
 from utils.kv_cache import SPARE_TOKENS, GrowableCache
 
 # transformers 5.x renamed past_key_values -> cache (the old name still works with a warning until 5.40).
@@ -88,7 +88,7 @@ class ControlledLM:
     def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, attention_mask=None):
         if self.execution == "gathered" and input_ids.shape[1] == 1 and attention_mask is None and cache is not None:
             # a decode step: the same layers without the Hugging Face module stack (utils/fast_decode.py)
-            return cache, fast_decode.decode_hidden(self.model, input_ids, cache, _sol_attention)
+            return cache, fast_decode.decode_hidden(self.model, input_ids, cache)
         past = cache.get_seq_length() if cache is not None else 0
         pos = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
