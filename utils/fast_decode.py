@@ -1,14 +1,14 @@
 """The gathered execution's decode step without the Hugging Face module stack.
 
-At batch 1 on a CPU a SmolLM2 decode step through `LlamaModel.forward` spends about half its time outside the
-weight products: the module calls, RMSNorm as seven ATen ops, three separate q/k/v products, mask building and
-reshapes (docs/usage.md, "Why end to end stops"). Those costs are the same for a dense and a pruned step, so they
-cap what skipping work can buy. `decode_hidden` runs the same layers for one token per row with fewer, larger
-ops: `F.rms_norm`, one q/k/v product over weights laid out side by side once (`layout_qkv`; the Linear weights
-become views of it), the model's own rotary embedding and `apply_rotary_pos_emb`, the cache's own `update`, and
-the controlled attention and MLP exactly as the Hugging Face path calls them (the model's registered attention
-function, the MLP module with its hooks). Same math, so the same logits to float rounding (tests/test_gathered.py); only the gathered
-execution uses it, for decode steps (one token per row, no attention mask).
+At batch 1 on a CPU a SmolLM2 decode step through `LlamaModel.forward` spends over 40% of its time outside the
+weight products: module calls, RMSNorm as seven ATen ops, three separate q/k/v products, mask building and
+reshapes (docs/usage.md, "What limits end to end at batch 1"). Those costs are the same for a dense and a pruned
+step, so they cap what skipping work can buy. `decode_hidden` runs the same layers for one token per row with
+fewer, larger ops: `F.rms_norm`, one q/k/v product over weights laid out side by side once (`layout_qkv`; the
+Linear weights become views of it), the model's own rotary embedding and `apply_rotary_pos_emb`, the cache's own
+`update`, and the controlled attention and MLP exactly as the Hugging Face path calls them (the model's
+registered attention function, the MLP module with its hooks). Same math, so the same logits to float rounding
+(tests/test_gathered.py); only the gathered execution uses it, for decode steps (one token per row, no mask).
 """
 from __future__ import annotations
 
