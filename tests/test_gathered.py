@@ -185,6 +185,28 @@ def _use_path(path: str, monkeypatch) -> None:
         assert native.gather_kernel() is None
 
 
+def test_native_build_announces_itself_only_when_not_cached(tmp_path, monkeypatch, capsys):
+    """A first build (nothing in the extension folder) prints one line before the ~40 s compile; a cached build
+    prints nothing; a failed build falls back with one note."""
+    from torch.utils import cpp_extension
+    from utils import native
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    loaded = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: loaded.append(kw["name"]) or "module")
+    assert native._build() == "module" and loaded == [native.NAME]
+    assert "building the native gather kernel" in capsys.readouterr().err
+    (tmp_path / native.NAME).mkdir(exist_ok=True)  # the first call made the folder (torch does)
+    (tmp_path / native.NAME / f"{native.NAME}.so").write_bytes(b"")
+    assert native._build() == "module" and capsys.readouterr().err == ""
+
+    def fail(**kw):
+        raise RuntimeError("no compiler\nmore")
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    assert native._build() is None
+    err = capsys.readouterr().err
+    assert "unavailable (no compiler)" in err and "building" not in err
+
+
 @pytest.mark.parametrize("path", ["native", "embedding_bag"])
 def test_one_row_kernel_paths_vs_loop(path, monkeypatch):
     """Both one-row kernels (the native C++ one and the embedding_bag fallback) against a float64 loop, for

@@ -37,11 +37,26 @@ def gather_kernel() -> ModuleType | None:
     return _STATE["gather"]
 
 
+NAME = "sol_gather_gemv"
+
+
+def _built_before(cpp_extension) -> bool:
+    """Whether torch's extension cache already holds a build of the kernel (then loading takes well under a
+    second; a changed source is still rebuilt, silently)."""
+    try:
+        return any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob(f"{NAME}*.so"))
+    except Exception:  # a private torch helper: if it moves, only the note below is lost
+        return True
+
+
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
+    if not _built_before(cpp_extension):
+        print("[sol] building the native gather kernel for the gathered execution (once, ~30-40 s; cached in "
+              "torch's extension folder, TORCH_EXTENSIONS_DIR)", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name="sol_gather_gemv", sources=[str(SOURCE)], verbose=False,
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], verbose=False,
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, a failed build: the embedding_bag path still works
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
