@@ -11,7 +11,8 @@
 #   TRAIN=0 DEV=0 SCORE=1 results/joint_levels/run.sh     # test, once
 #   TRAIN=0 MODE=55 results/joint_levels/run.sh           # another update of the run: export it to ckpt_u55_seed$SEED,
 #                                                           # fit its knob table (train blocks), then the dev check
-# Other joint recipes reuse this script with their own CONFIG and D (e.g. results/joint_factorised/run.sh).
+# Other joint recipes reuse this script with their own CONFIG and D (e.g. results/joint_factorised/run.sh), and SETS
+# for extra training arguments (e.g. SETS="--set lr=3e-4", results/joint_axis_lr3e4/run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
@@ -22,7 +23,7 @@ MODE=${MODE:-latest}
 TAG=$([[ $MODE == latest ]] && echo "" || echo "_u$MODE")
 CKPT=$D/ckpt${TAG}_seed$SEED
 if [[ "${TRAIN:-1}" == 1 ]]; then
-  python train.py --config $CONFIG --set seed=$SEED \
+  python train.py --config $CONFIG --set seed=$SEED ${SETS:-} \
     --output_dir checkpoints/${NAME}_seed$SEED 2>&1 \
     | tr '\r' '\n' | grep -v "^updates: .*upd, reward" > $D/train_seed$SEED.log
   cp checkpoints/${NAME}_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl
