@@ -388,3 +388,37 @@ def test_one_axis_contrast_single_axis_and_checks() -> None:
         PolicyScheduler(_policy(), greedy=False, contrast="bad")
     with pytest.raises(ValueError, match="action space"):
         PolicyScheduler(_policy(), greedy=False, contrast="one_axis")
+
+
+def test_scheduler_episode_logp_equals_the_full_forward(tmp_path) -> None:
+    """A recorded PolicyScheduler episode (budget terms computed once at start, knob table, feedback and
+    logit bound on, K rollouts per input) gives, at every step, the log-probabilities that the full-sequence
+    forward (the loss's path, budget terms recomputed per step) gives on the recorded inputs."""
+    import numpy as np
+
+    from utils.config import load_config
+    from utils.data import load_blocks
+    from utils.engine import run_episode
+    from utils.lm import ControlledLM
+    from utils.model import load_lm
+
+    cfg = load_config("official_configs/tiny.yml", [f"block_cache_dir={tmp_path}"])
+    model, tok = load_lm(cfg.model_name, "float32", "cpu")
+    lm = ControlledLM.from_config(cfg, model, tok)
+    torch.manual_seed(3)
+    pol = SOLPolicy(lm.hidden_size, lm.hidden_size, len(lm.actions), d_model=32, n_heads=4, mlp_ratio=2,
+                    action_dim=8, max_len=64, scalar_dim=10, budget_feedback_gain=5.0,
+                    action_usage=lm.actions.nominal_usage(), logit_bound=2.0).eval()
+    grid = torch.tensor([[0.2, 0.3, 0.4], [0.9, 0.95, 0.97]])
+    pol.set_knob_table(grid, torch.tensor([[3.0, -2.0, 1.0], [-1.0, 4.0, 0.5]]))
+    from utils.schedulers import PolicyScheduler
+
+    sched = PolicyScheduler(pol, 1.3, greedy=False, generator=torch.Generator().manual_seed(2), record=True)
+    blocks = torch.from_numpy(np.asarray(load_blocks(cfg, tok, "train")[:2], dtype=np.int64))
+    with torch.no_grad():
+        run_episode(lm, blocks, sched, torch.tensor([[0.5, 0.6, 0.5], [0.8, 0.4, 0.9]]), cfg.context_len,
+                    group_size=3)
+        tr = sched.trace()
+        full = torch.log_softmax(pol(tr.h, tr.e, tr.scalars, tr.prev_actions, 1.3), -1)
+    want = full.gather(-1, tr.actions[..., None])[..., 0]
+    assert torch.allclose(tr.logp_old, want, atol=1e-5)

@@ -280,20 +280,27 @@ class SOLPolicy(nn.Module):
         c = (f0 + w * (f1 - f0)).T  # [N, 3]
         return -(c @ self.action_usage.T).reshape(*budgets.shape[:-1], -1)
 
-    def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float) -> Tensor:
+    def budget_terms(self, budgets: Tensor) -> tuple[Tensor, Tensor]:
+        """The two logit terms that depend on the requested budgets [..., 3] alone: the budget head's output
+        (before the bound) and the knob offsets' term. Constant over an episode, so a decode loop computes
+        them once (`step(..., budget_terms=...)`) instead of at every step."""
+        return self.budget_head(budgets.to(self.pi.weight.dtype)), self.knob_term(budgets)
+
+    def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float,
+              budget_terms: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), bounded to [-c, c] when
         `logit_bound` c > 0 (with a factorised head: each level's logit bounded, then summed over the action's
         levels), plus the budget feedback and the knob offsets, all / temperature."""
         if scalars.shape[-1] < StepScalars.REFERENCE_DIM:
             raise ValueError(f"scalars need >= {StepScalars.REFERENCE_DIM} columns (utils.records.StepScalars), "
                              f"got {scalars.shape[-1]}")
-        budgets = StepScalars.budgets(scalars).to(x.dtype)
-        raw = self.pi(self.ln_f(x)) + self.budget_head(budgets)
+        budget_out, knob = self.budget_terms(StepScalars.budgets(scalars)) if budget_terms is None else budget_terms
+        raw = self.pi(self.ln_f(x)) + budget_out
         if self.logit_bound > 0:
             raw = self.logit_bound * torch.tanh(raw / self.logit_bound)
         if self.level_map is not None:
             raw = raw @ self.level_map.to(raw.dtype).T
-        fixed = self.budget_feedback(scalars, n_eff) + self.knob_term(StepScalars.budgets(scalars))
+        fixed = self.budget_feedback(scalars, n_eff) + knob
         return (raw + fixed.to(raw.dtype)) / temperature
 
     # ---- incremental path --------------------------------------------------------------------------
@@ -312,12 +319,15 @@ class SOLPolicy(nn.Module):
         )
 
     def step(
-        self, h: Tensor, e: Tensor, scalars: Tensor, state: PolicyState, temperature: float = 1.0
+        self, h: Tensor, e: Tensor, scalars: Tensor, state: PolicyState, temperature: float = 1.0,
+        budget_terms: Optional[tuple[Tensor, Tensor]] = None,
     ) -> tuple[Tensor, PolicyState]:
         """One decode step for a batch: inputs [B, ...] -> logits [B, A] and the advanced state.
 
         The returned state has the new keys/values and `step_idx + 1`, but still the OLD `last_action`:
-        the caller must do `state = new_state.with_action(chosen)` before the next step.
+        the caller must do `state = new_state.with_action(chosen)` before the next step. `budget_terms`:
+        `self.budget_terms(budgets)` of the rows' requested budgets, if the caller has it (they must be the
+        budget columns of `scalars`); computed here otherwise.
         """
         if state.step_idx >= self.max_len:
             raise ValueError(f"policy step {state.step_idx} exceeds policy_max_len={self.max_len}")
@@ -328,7 +338,7 @@ class SOLPolicy(nn.Module):
             x, k, v = blk(x, pk, pv)
             new_k.append(k)
             new_v.append(v)
-        logits = self._head(x.squeeze(1), scalars, state.n_eff, temperature)
+        logits = self._head(x.squeeze(1), scalars, state.n_eff, temperature, budget_terms)
         n_eff = state.n_eff + StepScalars.effective(scalars).to(state.n_eff)
         return logits, PolicyState(new_k, new_v, state.step_idx + 1, state.last_action, n_eff)
 

@@ -86,13 +86,15 @@ class PolicyScheduler(Scheduler):
         super().start(lm, budgets, group_size)
         self.group_size = group_size
         self.state = self.policy.init_state(budgets.shape[0], device=budgets.device)
+        with torch.no_grad():  # constant over the episode: the decode loop feeds these budgets as the scalars'
+            self.budget_terms = self.policy.budget_terms(budgets.float())
         self.recorder = TraceRecorder()
 
     @torch.no_grad()
     def choose(self, obs: StepObs) -> torch.Tensor:
         h = obs.hidden.float()
         e = self.lm.embed(obs.input_ids).float()
-        logits, self.state = self.policy.step(h, e, obs.scalars, self.state, self.temperature)
+        logits, self.state = self.policy.step(h, e, obs.scalars, self.state, self.temperature, self.budget_terms)
         if self.bias is not None:
             logits = logits - self.bias.to(logits.device)
         if self.levels is not None and self.group_size > 1:
