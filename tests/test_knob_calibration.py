@@ -221,3 +221,15 @@ def test_training_refuses_a_calibration_with_nothing_to_calibrate(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "knob_calibration_blocks" in err[0], err
     assert not out.exists()
+
+
+def test_offset_bounds_widen_each_axis_to_its_closest_levels():
+    """±max_offset at least; on an axis with more than one level, gap_logits over its smallest level gap."""
+    from utils.knob_calibration import offset_bounds
+
+    joint = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s80", "s100"], ["q5", "q7", "q16"])
+    # gaps: kappa 0.5 / 0.4, rho 0.4 / 0.2, bits 2/16 / 9/16 -> 6 / 0.4, 6 / 0.2, 6 / 0.125
+    assert torch.allclose(offset_bounds(joint, 12.0, 6.0), torch.tensor([15.0, 30.0, 48.0]))
+    prune = ActionSpace.build([1.0], ["s40", "s100"], ["q16"])  # 6 / 0.6 = 10 < 12: stays 12
+    assert torch.allclose(offset_bounds(prune, 12.0, 6.0), torch.tensor([12.0, 12.0, 12.0]))
+    assert torch.allclose(offset_bounds(prune, 12.0, 9.0), torch.tensor([12.0, 15.0, 12.0]))

@@ -74,6 +74,21 @@ def budget_grid(actions, points: int) -> torch.Tensor:
     return grid
 
 
+def offset_bounds(actions, max_offset: float = 12.0, gap_logits: float = 6.0) -> torch.Tensor:
+    """[3] the bisection's range ± per axis, in logits per unit of usage: at least `max_offset`, widened to
+    `gap_logits` logits between the axis's two closest levels. An offset c moves a level's logit by c × its
+    usage, so on the bits axis (5 / 7 / 16 bits: levels 0.125 apart) ±12 moves q5 against q7 by only 1.5
+    logits, less than a bounded network's own preference can be (results/joint_axis_lr3e4: its tightest bit
+    request saturated at +12 and realised 0.434 for 0.381)."""
+    u = actions.nominal_usage()
+    bounds = torch.full((3,), float(max_offset))
+    for j in calibrated_axes(actions):
+        levels = torch.unique(u[:, j])
+        gap = float((levels[1:] - levels[:-1]).min())
+        bounds[j] = max(float(max_offset), gap_logits / gap)
+    return bounds
+
+
 def table_grid(grid: torch.Tensor) -> torch.Tensor:
     """The grid as `set_knob_table` needs it: columns that do not vary are replaced by 0..1 (their offsets
     are zero, so the values do not matter, only that they increase)."""
@@ -85,11 +100,12 @@ def table_grid(grid: torch.Tensor) -> torch.Tensor:
 
 
 def fit_knob_offsets(lm, policy, blocks: torch.Tensor, context_len: int, grid: torch.Tensor,
-                     axes: Sequence[int], iters: int = 10, max_offset: float = 12.0, batch_size: int = 16,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     axes: Sequence[int], iters: int = 10, max_offset: float | Sequence[float] = 12.0,
+                     batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Bisect, per grid point and axis, the offset at which the policy's greedy mean usage over `blocks`
-    equals the requested budget. Returns (offsets [m, 3], realised usage at them [m, 3]); offsets are 0 on
-    the axes not in `axes`. Leaves the fitted table installed on `policy`."""
+    equals the requested budget, inside ±`max_offset` (one value, or one per axis: `offset_bounds`). Returns
+    (offsets [m, 3], realised usage at them [m, 3]); offsets are 0 on the axes not in `axes`. Leaves the
+    fitted table installed on `policy`."""
     from tqdm import tqdm
 
     from utils.schedulers import PolicyScheduler
@@ -97,7 +113,8 @@ def fit_knob_offsets(lm, policy, blocks: torch.Tensor, context_len: int, grid: t
     m = grid.shape[0]
     mask = torch.zeros(3, dtype=torch.bool)
     mask[list(axes)] = True
-    lo, hi = torch.full((m, 3), -float(max_offset)), torch.full((m, 3), float(max_offset))
+    bound = torch.as_tensor(max_offset, dtype=torch.float32).expand(3)
+    lo, hi = -bound.expand(m, 3).clone(), bound.expand(m, 3).clone()
     tgrid = table_grid(grid)
     with torch.inference_mode():
         prefills = [prefill_blocks(lm, blocks[i: i + batch_size], context_len)
@@ -122,16 +139,17 @@ def fit_knob_offsets(lm, policy, blocks: torch.Tensor, context_len: int, grid: t
 
 
 def calibrate_policy(lm, policy, blocks: torch.Tensor, context_len: int, gain: float, points: int = 9,
-                     iters: int = 10, max_offset: float = 12.0, batch_size: int = 16,
+                     iters: int = 10, max_offset: float = 12.0, gap_logits: float = 6.0, batch_size: int = 16,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Set the policy's feedback gain to `gain` and fit its table on `blocks` (`fit_knob_offsets` over
-    `budget_grid`): (grid, offsets, realised, calibrated axes). The table is left installed."""
+    `budget_grid`, within `offset_bounds`): (grid, offsets, realised, calibrated axes). The table is left
+    installed."""
     axes = calibrated_axes(lm.actions)
     need(len(axes) >= 1, "the action grid has a single level on every axis: nothing to calibrate")
     policy.budget_feedback_gain = float(gain)
     grid = budget_grid(lm.actions, points)
-    offsets, realised = fit_knob_offsets(lm, policy, blocks, context_len, grid, axes, iters, max_offset,
-                                         batch_size, progress)
+    offsets, realised = fit_knob_offsets(lm, policy, blocks, context_len, grid, axes, iters,
+                                         offset_bounds(lm.actions, max_offset, gap_logits), batch_size, progress)
     return grid, offsets, realised, axes
 
 
@@ -177,7 +195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10, help="bisection steps per point (default 10: ~0.02 logits "
                    "per unit of usage over ±12)")
     p.add_argument("--max_offset", type=float, default=12.0,
-                   help="bisection range ± in logits per unit of usage (default 12)")
+                   help="bisection range ± in logits per unit of usage, at least (default 12)")
+    p.add_argument("--gap_logits", type=float, default=6.0,
+                   help="widen an axis's range to this many logits between its two closest levels (default 6: "
+                   "±48 on 5/7/16 bits, ±12 on s40/s100)")
     p.add_argument("--batch_size", type=int, default=16, help="blocks per decode batch (rows = blocks x points; default 16)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -193,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         need(a.blocks >= 1 and a.batch_size >= 1 and a.points >= 2 and a.iters >= 1 and a.skip_blocks >= 0,
              "--blocks, --batch_size and --iters must be >= 1, --points >= 2, --skip_blocks >= 0")
         need(math.isfinite(a.max_offset) and a.max_offset > 0, f"--max_offset must be > 0, got {a.max_offset}")
+        need(math.isfinite(a.gap_logits) and a.gap_logits >= 0, f"--gap_logits must be >= 0, got {a.gap_logits}")
         need(a.knob_calibration in (None, "auto", "none"),
              "--knob_calibration: this tool fits a table; it does not read one")
         check_mode(a.mode)
@@ -204,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         need(len(blocks) >= 1, f"the {a.split} split has no blocks after --skip_blocks {a.skip_blocks}")
         gain = cfg.knob_calibration_gain if a.budget_feedback_gain is None else a.budget_feedback_gain
         grid, offsets, realised, axes = calibrate_policy(lm, policy, blocks, cfg.context_len, gain, a.points, a.iters,
-                                                         a.max_offset, a.batch_size, progress=not a.no_progress)
+                                                         a.max_offset, a.gap_logits, a.batch_size,
+                                                         progress=not a.no_progress)
         write_calibration(a.out, grid, offsets, realised, gain, {
             "weights_sha1": weights_fingerprint(policy.state_dict()), "ckpt_dir": a.ckpt_dir, "mode": a.mode,
             "split": a.split, "blocks": len(blocks), "skip_blocks": a.skip_blocks, "axes": axes, "iters": a.iters,
-            "max_offset": a.max_offset})
+            "max_offset": offset_bounds(lm.actions, a.max_offset, a.gap_logits).tolist()})
     except (SOLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

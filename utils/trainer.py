@@ -519,7 +519,8 @@ class GRPOTrainer:
         """Fit the final weights' knob calibration on the first `knob_calibration_blocks` train blocks at
         `knob_calibration_gain` (`utils.knob_calibration`) and write it beside the checkpoints, where the
         evaluators and `utils.checkpoint export` find it."""
-        from utils.knob_calibration import TABLE_FILE, calibrate_policy, weights_fingerprint, write_calibration
+        from utils.knob_calibration import (TABLE_FILE, calibrate_policy, offset_bounds, weights_fingerprint,
+                                            write_calibration)
 
         cfg = self.cfg
         n = min(len(self.blocks), cfg.knob_calibration_blocks)
@@ -536,7 +537,7 @@ class GRPOTrainer:
             write_calibration(str(path), grid, offsets, realised, cfg.knob_calibration_gain, {
                 "weights_sha1": weights_fingerprint(policy.state_dict()), "ckpt_dir": str(self.run_dir),
                 "mode": str(self.updater.num_updates), "split": "train", "blocks": n, "skip_blocks": 0,
-                "axes": axes, "iters": 10, "max_offset": 12.0})
+                "axes": axes, "iters": 10, "max_offset": offset_bounds(self.lm.actions).tolist()})
         got = "; ".join(" ".join(f"{v:.3f}" for v in realised[:, j].tolist()) for j in axes)
         print(f"knob calibration (gain {cfg.knob_calibration_gain:g}, {n} train blocks) -> {path}; realised at "
               f"the grid points: {got}", file=sys.stderr)

@@ -32,6 +32,7 @@ elif [[ $MODE != latest && ! -d $CKPT ]]; then
   python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED $CKPT --mode $MODE
   python -m utils.knob_calibration --ckpt_dir $CKPT --no_progress
 fi
+TAG=$TAG${SUFFIX:-}  # SUFFIX: a name for the dev / test files of another table or setting of the same weights
 if [[ "${DEV:-1}" == 1 ]]; then
   rm -f $D/dev_ppl${TAG}_seed$SEED.csv $D/dev${TAG}_seed$SEED.txt
   for P in ${POINTS:-0.2,0.5,6 0.5,0.7,8 0.8,0.9,12}; do
