@@ -20,6 +20,8 @@
 # a dense step timed in the same rounds and the bound that share allows.
 # Part H (same session, part_h.md): gathered decode steps through utils/fast_decode.py (the same layers without the
 # Hugging Face module stack): the end-to-end table with the gate+up share, the policy table, the joint row.
+# Part I (a later session, part_i.md): the policy table after the budget-only logit terms moved out of the policy's
+# decode step (computed once per episode), then benchmarks/bench_policy_step.py (the step alone, both ways).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -44,6 +46,9 @@ elif [[ $PART == F ]]; then
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
 elif [[ $PART == G ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint policy
+elif [[ $PART == I ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
+  python benchmarks/bench_policy_step.py
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention

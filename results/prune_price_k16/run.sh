@@ -8,22 +8,25 @@
 #   SEED=S TRAIN=0 SCORE=1 NUM_TRIALS=2 EMC_DAC=0 results/prune_price_k16/run.sh   # test, once per seed
 #   SEED=S TRAIN=0 SCORE=1 OUT=test_full results/prune_price_k16/run.sh   # the same policy rows again (deterministic),
 #       with the full baseline protocol: best of 8 random trials, EMC and DAC (test_full_ppl_seedS.csv)
+# Variants of the recipe reuse this script with their own D, SETS (extra training flags) and TAG (the dev lines'
+# prefix), e.g. results/prune_lr3e4/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1235}
-D=results/prune_price_k16
+D=${D:-results/prune_price_k16}
+NAME=$(basename $D)
 CKPT=$D/ckpt_seed$SEED
 if [[ "${TRAIN:-1}" == 1 ]]; then
   python train.py --config official_configs/cpu_smollm2_prune_price.yml --set seed=$SEED \
-    --set grpo_rollouts_per_input=16 --set ppo_target_batch_size=4096 --set ppo_minibatch_size=1024 \
-    --output_dir checkpoints/prune_price_k16_seed$SEED 2>&1 \
+    --set grpo_rollouts_per_input=16 --set ppo_target_batch_size=4096 --set ppo_minibatch_size=1024 ${SETS:-} \
+    --output_dir checkpoints/${NAME}_seed$SEED 2>&1 \
     | tr '\r' '\n' | grep -v "^updates: .*upd, reward" > $D/train_seed$SEED.log
-  cp checkpoints/prune_price_k16_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl
-  python -m utils.checkpoint export checkpoints/prune_price_k16_seed$SEED $CKPT
+  cp checkpoints/${NAME}_seed$SEED/metrics.jsonl $D/metrics_seed$SEED.jsonl
+  python -m utils.checkpoint export checkpoints/${NAME}_seed$SEED $CKPT
 fi
 if [[ "${DEV:-0}" == 1 ]]; then
   rm -f $D/dev_seed$SEED.csv
-  TAG="k16" CKPT=$CKPT CSV=$D/dev_seed$SEED.csv FB="--dtype float32" \
+  TAG=${TAG:-k16} CKPT=$CKPT CSV=$D/dev_seed$SEED.csv FB="--dtype float32" \
     results/prune_price/dev.sh | tee $D/dev_seed$SEED.txt
 fi
 if [[ "${SCORE:-0}" == 1 ]]; then
