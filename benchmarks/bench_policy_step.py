@@ -32,11 +32,17 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=10, help="episodes per timed call (default 10)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     a = p.parse_args()
+    if min(a.batch, a.steps, a.rounds, a.episodes, a.threads) < 1:
+        p.error("--batch, --steps, --rounds, --episodes and --threads must be >= 1")
     from utils.checkpoint import load_policy_eval
+    from utils.cli import SOLError
     from utils.records import StepScalars
 
     torch.set_num_threads(a.threads)
-    _, _, policy = load_policy_eval(a.ckpt_dir, "latest", {"dtype": "float32"}, trust=False)
+    try:
+        _, _, policy = load_policy_eval(a.ckpt_dir, "latest", {"dtype": "float32"}, trust=False)
+    except (SOLError, OSError) as e:
+        sys.exit(f"error: {e}")
     g = torch.Generator().manual_seed(0)
     h, e = torch.randn(a.batch, policy.h_dim, generator=g), torch.randn(a.batch, policy.e_dim, generator=g)
     scalars = torch.rand(a.batch, StepScalars.DIM, generator=g)
