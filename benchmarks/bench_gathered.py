@@ -5,15 +5,16 @@
 
 Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
 1. MLP gate+up alone, per layer, on the model's own weights (all layers in turn, so nothing stays in cache),
-   x random: the dense fused product x·W_in, the simulated mode's masked dense product, the embedding_bag
+   x random: the dense fused product x·W_in as a BLAS matmul and as the gathered execution runs it
+   (`gathered.dense_gemv`: the native every-row loop where it builds), the simulated mode's masked dense product, the embedding_bag
    gather, the gather kernel alone (`gather_gemv`: the native one where it builds) and channel selection +
    gather (`Controls.gate_up`, what a controlled batch-1 step runs), at ρ = 0.4/0.6/0.8.
 2. End-to-end decode tokens/s after an --e2e_prompt-token prompt, s40 (κ=1, ρ=0.4, 16 bits) on every step:
    both executions, against plain dense steps (actions=None) and against the stock Hugging Face forward
    (SDPA attention, DynamicCache) of an untouched copy of the model.
 3. Attention alone (ρ=1, 16 bits) at κ=0.25 with long prompts: recency, QUEST and relevancy, each execution
-   against its own dense steps (the gathered execution's dense steps differ too: gate and up run as one
-   input-major product).
+   against its own dense steps (the gathered execution's dense steps differ too: every weight product runs
+   input-major through `gathered.dense_gemv`, benchmarks/bench_layout.py).
 
 "bound" is the bytes a step must read relative to a dense step (weights incl. the LM head, plus the KV
 cache): what a perfect kernel would reach on a memory-bound CPU. For table 1 it is ρ; "KV read" is the
@@ -103,7 +104,8 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     kernel = "native (utils/native.py)" if (mlps[0]._sol_w_in.dtype == torch.float32 and lm.device.type == "cpu"
                                             and native.gather_kernel() is not None) else "embedding_bag"
     rhos = (0.4, 0.6, 0.8)
-    cells = {"dense": lambda: [x @ m._sol_w_in for x, m in zip(xs, mlps)]}
+    cells = {"blas": lambda: [x @ m._sol_w_in for x, m in zip(xs, mlps)],
+             "dense": lambda: [gathered.dense_gemv(x, m._sol_w_in) for x, m in zip(xs, mlps)]}
     counts = {}
     for rho in rhos:
         count = ceil_count(torch.tensor([rho]), H).clamp(1, H)
@@ -135,14 +137,16 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     rows = []
     for rho in rhos:
         ratio = median_ratio(times[("full", rho)], times["dense"])
-        rows.append(f"| ρ={rho} | {med['dense']:.1f} | {med[('masked', rho)]:.1f} | {med[('bag', rho)]:.1f} | "
-                    f"{med[('kernel', rho)]:.1f} | "
-                    f"{med[('full', rho)]:.1f} | {ratio:.2f} | {counts[rho] / H:.2f} |")
+        blas = median_ratio(times[("full", rho)], times["blas"])
+        rows.append(f"| ρ={rho} | {med['blas']:.1f} | {med['dense']:.1f} | {med[('masked', rho)]:.1f} | "
+                    f"{med[('bag', rho)]:.1f} | {med[('kernel', rho)]:.1f} | "
+                    f"{med[('full', rho)]:.1f} | {ratio:.2f} | {blas:.2f} | {counts[rho] / H:.2f} |")
     head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer over {len(mlps)} layers, median of {runs} "
             f"interleaved rounds, {bags} bag(s) per row; gather kernel: {kernel}\n",
-            "| setting | dense x·W_in | masked dense (simulated) | embedding_bag gather | gather kernel | "
-            "select + gather | select + gather × dense | bound |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| setting | dense x·W_in, BLAS | dense x·W_in, gathered execution | masked dense (simulated) | "
+            "embedding_bag gather | gather kernel | select + gather | × dense (gathered execution) | × BLAS dense | "
+            "bound |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     return head + rows
 
 
@@ -218,7 +222,7 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
     def gate_up():
         for _ in range(tokens):
             for x, m in zip(xs, mlps):
-                x @ m._sol_w_in
+                gathered.dense_gemv(x, m._sol_w_in)
     cells["gate_up"] = gate_up
     times = interleaved(cells, runs)
     tps = {c: tokens / statistics.median(v) for c, v in times.items()}

@@ -101,18 +101,37 @@ def test_layout_mlp_keeps_weights_and_shares_memory(tiny):
     torch.testing.assert_close(mlp(x), ref(x), atol=1e-6, rtol=0)  # the Linear layers still work on the views
 
 
-def test_layout_qkv_keeps_weights_and_shares_memory(tiny):
+def test_layout_attention_keeps_weights_and_shares_memory(tiny):
     from utils import fast_decode
     model, _, _ = tiny
     attn = copy.deepcopy(model.model.layers[0].self_attn)
     ref = copy.deepcopy(attn)
-    fast_decode.layout_qkv(attn)
+    fast_decode.layout_attention(attn)
     w = attn._sol_w_qkv
-    assert w.is_contiguous() and w.shape[0] == sum(p.weight.shape[0] for p in (ref.q_proj, ref.k_proj, ref.v_proj))
-    for name in ("q_proj", "k_proj", "v_proj"):
+    H = model.config.hidden_size
+    assert w.is_contiguous() and w.shape == (H, sum(p.weight.shape[0] for p in (ref.q_proj, ref.k_proj, ref.v_proj)))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert torch.equal(getattr(attn, name).weight, getattr(ref, name).weight)
     assert attn.q_proj.weight.data_ptr() == w.data_ptr()  # a view, not a second copy
-    assert attn.v_proj.weight.data_ptr() == w[-ref.v_proj.weight.shape[0]:].data_ptr()
+    assert attn.v_proj.weight.data_ptr() == w[:, -ref.v_proj.weight.shape[0]:].data_ptr()
+    assert attn.o_proj.weight.data_ptr() == attn._sol_w_o.data_ptr() and attn._sol_w_o.is_contiguous()
+    x = torch.randn(2, 3, H)
+    for name in ("q_proj", "v_proj", "o_proj"):  # the Linear layers still work on the views
+        torch.testing.assert_close(getattr(attn, name)(x), getattr(ref, name)(x), atol=1e-6, rtol=0)
+
+
+def test_layout_lm_head_keeps_the_tie(tiny):
+    """The LM head laid out input-major stays tied to the input embedding (one copy) and gives the same logits
+    and embeddings."""
+    from utils import fast_decode
+    model, _, ids = tiny
+    m = copy.deepcopy(model)
+    fast_decode.layout_lm_head(m)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    head, emb = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+    assert torch.equal(head, model.get_output_embeddings().weight) and head.t().is_contiguous()
+    assert (emb is head) == tied
+    torch.testing.assert_close(m(ids[:1]).logits, model(ids[:1]).logits, atol=1e-5, rtol=0)
 
 
 def test_fast_decode_step_is_the_hf_forward(tiny, monkeypatch):
@@ -205,6 +224,34 @@ def test_native_build_announces_itself_only_when_not_cached(tmp_path, monkeypatc
     assert native._build() is None
     err = capsys.readouterr().err
     assert "unavailable (no compiler)" in err and "building" not in err
+
+
+@pytest.mark.parametrize("path", ["native", "embedding_bag"])
+def test_dense_gemv_vs_float64(path, monkeypatch):
+    """`dense_gemv` (the gathered execution's dense products: the native every-row kernel for one float32 row,
+    else a matmul) against a float64 product, with and without bias, for one row (several leading shapes), three
+    rows and bfloat16, over 1-3 threads (rows split over the threads)."""
+    _use_path(path, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    for D, N in [(3, 5), (40, 24), (576, 960)]:
+        w, b = torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+        for shape in ((D,), (1, D), (1, 1, D), (3, 1, D)):
+            x = torch.randn(*shape, generator=g)
+            ref = x.double() @ w.double()
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                try:
+                    got, got_b = gathered.dense_gemv(x, w), gathered.dense_gemv(x, w, b)
+                finally:
+                    torch.set_num_threads(threads)
+                assert got.shape == ref.shape and got.dtype == torch.float32
+                torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(got_b.double(), ref + b.double(), atol=1e-4, rtol=1e-5)
+    xb, wb = torch.randn(1, 1, 40, generator=g).bfloat16(), torch.randn(40, 24, generator=g).bfloat16()
+    got = gathered.dense_gemv(xb, wb)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 24)
+    torch.testing.assert_close(got.double(), xb.double() @ wb.double(), atol=0.1, rtol=0.02)
 
 
 @pytest.mark.parametrize("path", ["native", "embedding_bag"])
@@ -490,7 +537,7 @@ def _channel_flip_step(xs: dict[str, list[torch.Tensor]], rho: torch.Tensor, n_l
 
 @pytest.mark.smollm2
 @pytest.mark.parametrize("criteria", ["recency", "relevancy", "quest"])
-def test_smollm2_gathered_matches_simulated(smol, criteria):
+def test_smollm2_gathered_matches_simulated(smol, criteria, monkeypatch):
     """Every κ and ρ level at 16 bits, batch 1 and a batch of 2 with different actions: logits within 1e-4
     on the prefill and every decode step. Both modes select from inputs that agree only to float rounding, so
     a channel sitting at the top-k threshold can swap over 30 layers; the test finds such swaps (and checks
@@ -506,10 +553,15 @@ def test_smollm2_gathered_matches_simulated(smol, criteria):
         lm = ControlledLM(copy.deepcopy(model), tok, SMOL_SPACE, criteria, TS, TW, PAGE, execution=e)
         mlps = [m for m in lm.model.modules() if hasattr(m, "gate_proj")]
         xs[e] = []
-        for m in mlps:
+        for m in mlps:  # the MLP inputs of controlled steps (gathered decode steps call the MLP's forward directly)
             m.register_forward_pre_hook(
                 lambda mod, args, _xs=xs[e], _ctl=lm.controls: _xs.append(args[0].clone()) if _ctl.active else None,
                 prepend=True)
+        if e == "gathered":
+            from utils import fast_decode
+            real = fast_decode.gathered_mlp_forward
+            monkeypatch.setattr(fast_decode, "gathered_mlp_forward", lambda mod, x, _xs=xs[e], _ctl=lm.controls: (
+                _xs.append(x.clone()) if _ctl.active else None) or real(mod, x))
         res[e] = [run(lm, ids[:a.shape[0]], a) for a in plans]
         n_layers = len(mlps)
         del lm

@@ -27,6 +27,7 @@ from utils.attention import (
     CRITERIA, ceil_count, protected_positions, quest_keep, quest_page_bounds, quest_select_pages, recency_keep,
     recency_start, relevancy_keep, topk_by_threshold,
 )
+from utils.actions import DENSE_BITS
 from utils.mlp_controls import fake_quantize, prune_channels
 
 ATTN_IMPL = "sol"
@@ -142,6 +143,7 @@ class Controls:
         self._recency = None
         self.key_frac_sum = self.channel_sum = None
         self._channels_host = 0
+        self._quant_identity = False
 
     def set(self, kappa: torch.Tensor, rho: torch.Tensor, bits: torch.Tensor, kv_len: int, cache=None) -> None:
         """Arm the controls for one decode step of B rows over a cache of kv_len keys (current included);
@@ -149,7 +151,9 @@ class Controls:
         self.active = True
         self.cache = cache
         self.kappa, self.rho, self.bits, self.kv_len = kappa, rho, bits, kv_len
-        self._recency = recency_keep(kv_len, kappa, self.Ts, self.Tw) if self.criteria == "recency" else None
+        simulated_recency = self.criteria == "recency" and self.execution == "simulated"
+        self._recency = recency_keep(kv_len, kappa, self.Ts, self.Tw) if simulated_recency else None
+        self._quant_identity = False  # gathered: True when every row's bit-width is dense (set by _plan_gathered)
         self.key_frac_sum = torch.zeros(kappa.shape[0], device=kappa.device)
         self.channel_sum = torch.zeros(kappa.shape[0], device=kappa.device)
         self._channels_host = 0  # counts of the batch-1 gathered MLP, added to channel_sum by channels_kept
@@ -157,19 +161,24 @@ class Controls:
         # (kept past `clear`, for benchmarks: the physical bound of the step)
         self.kv_read_sum = 0.0
         if self.execution == "gathered":
-            self._plan_gathered(kappa, rho, kv_len)
+            self._plan_gathered(kappa, bits, kv_len)
 
-    def _plan_gathered(self, kappa: torch.Tensor, rho: torch.Tensor, kv_len: int) -> None:
-        """What the gathered kernels need on the host, once per step (not once per layer): the κ values and
-        channel counts present in the batch (selections then run one threshold per present level) and the
-        recency spans."""
-        self._kappa_present = sorted(set(kappa.tolist()))
-        self._ch_plan = None  # (width, counts [B], present counts, total): set by the first MLP call
+    def _plan_gathered(self, kappa: torch.Tensor, bits: torch.Tensor, kv_len: int) -> None:
+        """What the gathered kernels need on the host, once per step (not once per layer), in one transfer: the
+        κ values present in the batch (selections then run one threshold per present level), whether every
+        row's MLP output stays unquantized, and the recency spans."""
+        rows = [kappa.float(), bits.float()]
         if self.criteria == "recency":
             start = recency_start(kv_len, kappa, self.Ts, self.Tw)
-            self._rec_lo = int(start.min())
-            self._rec_start = None if bool((start == self._rec_lo).all()) else start
-            self._rec_frac = self._recency.float().mean(-1)
+            rows.append(start.float())
+        host = torch.stack(rows).tolist()
+        self._kappa_present = sorted(set(host[0]))
+        self._quant_identity = min(host[1]) >= DENSE_BITS
+        self._ch_plan = None  # (width, counts [B], present counts, total): set by the first MLP call
+        if self.criteria == "recency":
+            self._rec_lo = int(min(host[2]))
+            self._rec_start = None if max(host[2]) == self._rec_lo else start
+            self._rec_frac = (self.Ts + kv_len - start).float() / kv_len  # recency_keep's mean, from its span
 
     def token_keep(self, q: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor,
                    layer_idx: int | None = None) -> torch.Tensor:
@@ -211,6 +220,8 @@ class Controls:
             if allowed is None:
                 self.key_frac_sum += self._rec_frac
             else:
+                if self._recency is None:
+                    self._recency = recency_keep(self.kv_len, self.kappa, self.Ts, self.Tw)
                 self.key_frac_sum += (self._recency[:, None, :] & allowed).expand(B, Hq, K).float().mean(dim=(1, 2))
         elif self.criteria == "relevancy":
             logits = decode_logits(query, key, scaling, padded)
@@ -285,10 +296,16 @@ class Controls:
         self.channel_sum += kept
         return (x,) + tuple(args[1:])
 
-    def mlp_post_hook(self, module: nn.Module, args, output):
-        if not (self.active and self.quant_enabled):
-            return None
+    def quantize_output(self, output: torch.Tensor) -> torch.Tensor:
+        """The MLP output under the rows' bit-widths (fake quantization; the output itself when the controls are
+        not armed, quantization is off, or, in the gathered execution, every row is at 16 bits, where
+        `fake_quantize` is the identity)."""
+        if not (self.active and self.quant_enabled) or self._quant_identity:
+            return output
         return fake_quantize(output, self.bits)
+
+    def mlp_post_hook(self, module: nn.Module, args, output):
+        return self.quantize_output(output)
 
 
 def install_controls(model: nn.Module, controls: Controls) -> Controls:
@@ -300,12 +317,14 @@ def install_controls(model: nn.Module, controls: Controls) -> Controls:
     for m in attn:
         m._sol_controls = controls
         if controls.execution == "gathered":
-            fast_decode.layout_qkv(m)  # one q/k/v product in the gathered decode step
+            fast_decode.layout_attention(m)  # one q/k/v product in the gathered decode step, input-major
     for m in mlps:
         if controls.execution == "gathered":
             gathered.install_gathered_mlp(m, controls)  # prunes inside its forward
         else:
             m.register_forward_pre_hook(controls.mlp_pre_hook)
         m.register_forward_hook(controls.mlp_post_hook)
+    if controls.execution == "gathered":
+        fast_decode.layout_lm_head(model)
     model.set_attn_implementation(ATTN_IMPL)
     return controls

@@ -56,21 +56,37 @@ def check_execution(execution: str) -> str:
 
 # ==== MLP: input-major gate/up and the gather-GEMV =======================================================
 
+def input_major(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lay Linear layers that share an input out once, side by side and input-major: (W [in, Σ out] contiguous,
+    row c holding input channel c's weights of every layer in turn; the biases joined, or None). Each Linear's
+    weight becomes a transposed column-slice view of W (same values, no second copy), so every other use of the
+    modules is unchanged and their products read W in this layout too. Why: a gather-GEMV needs one contiguous
+    row per input channel, and on the 2-core CPU the batch-1 product x·W reads an input-major matrix up to twice
+    as fast as F.linear reads the output-major one when out >= in (benchmarks/bench_layout.py)."""
+    with torch.no_grad():
+        w = torch.cat([p.weight for p in linears], dim=0).t().contiguous()
+        b = torch.cat([p.bias for p in linears]) if linears[0].bias is not None else None
+        start = 0
+        for p in linears:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(w[:, start:start + n].t(), requires_grad=False)
+            if b is not None:
+                p.bias = nn.Parameter(b[start:start + n], requires_grad=False)
+            start += n
+    return w, b
+
+
 def layout_mlp(mlp: nn.Module) -> None:
-    """Lay gate_proj and up_proj out input-major once: buffer `_sol_w_in` [H, 2I] (row c = input channel c's
-    gate weights then up weights) and `_sol_b_in` [2I] or None; the two Linear weights become views of it
-    (same values, no second copy), so every other use of the module is unchanged."""
+    """Lay gate_proj and up_proj out input-major once (`input_major`): buffer `_sol_w_in` [H, 2I] (row c = input
+    channel c's gate weights then up weights) and `_sol_b_in` [2I] or None; down_proj too (`_sol_w_down` [I, H])."""
     if hasattr(mlp, "_sol_w_in"):
         return
-    gate, up = mlp.gate_proj, mlp.up_proj
-    with torch.no_grad():
-        w_in = torch.cat([gate.weight, up.weight], dim=0).t().contiguous()  # [H, 2I]
-        I = gate.weight.shape[0]
-        gate.weight = nn.Parameter(w_in[:, :I].t(), requires_grad=False)
-        up.weight = nn.Parameter(w_in[:, I:].t(), requires_grad=False)
-        b_in = torch.cat([gate.bias, up.bias]) if gate.bias is not None else None
+    w_in, b_in = input_major([mlp.gate_proj, mlp.up_proj])
     mlp.register_buffer("_sol_w_in", w_in, persistent=False)
     mlp.register_buffer("_sol_b_in", b_in, persistent=False)
+    w_down, b_down = input_major([mlp.down_proj])  # for `dense_gemv`
+    mlp.register_buffer("_sol_w_down", w_down, persistent=False)
+    mlp.register_buffer("_sol_b_down", b_down, persistent=False)
 
 
 def gathered_gate_up(x: torch.Tensor, keep: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
@@ -125,6 +141,23 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
     else:
         out = out[0]
     return out if b_in is None else out + b_in
+
+
+def dense_gemv(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., D] @ w_in [D, N] (+ bias) for an input-major (contiguous) w_in. One float32 row on a CPU goes
+    through the native kernel's every-row loop where it is built (`gather_gemv` with nothing dropped: the same
+    kernel as the pruned product, and faster than the BLAS product there, benchmarks/bench_layout.py); anything
+    else is a matmul."""
+    if x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu" \
+            and w_in.dtype == torch.float32 and w_in.is_contiguous():
+        kernel = native.gather_kernel()
+        if kernel is not None:
+            out = kernel.gemv(x.reshape(-1).contiguous(), w_in)
+            out = out if b_in is None else out + b_in
+            return out.view(*x.shape[:-1], -1)
+    rows = x.reshape(-1, x.shape[-1])  # one 2-D product: a 3-D low-precision input copies w_in once per batch row
+    out = rows @ w_in if b_in is None else torch.addmm(b_in, rows, w_in)
+    return out.view(*x.shape[:-1], -1)
 
 
 def select_gather_gemv(x: torch.Tensor, kth: int, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
@@ -185,21 +218,19 @@ def install_gathered_mlp(mlp: nn.Module, controls) -> None:
     """Replace `mlp.forward` by the gathered one (hooks keep running around it: the bit-width post-hook)."""
     layout_mlp(mlp)
     mlp._sol_controls = controls
-    mlp.forward = types.MethodType(_gathered_mlp_forward, mlp)
+    mlp.forward = types.MethodType(gathered_mlp_forward, mlp)
 
 
-def _gathered_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def gathered_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """LlamaMLP.forward with gate and up computed from the input-major weights: dense (one fused product)
     unless the controls prune this call's channels (`Controls.gate_up`)."""
     ctl = self._sol_controls
     if ctl.active and ctl.prune_enabled:
         gu = ctl.gate_up(x, self._sol_w_in, self._sol_b_in)
     else:
-        gu = x @ self._sol_w_in
-        if self._sol_b_in is not None:
-            gu = gu + self._sol_b_in
+        gu = dense_gemv(x, self._sol_w_in, self._sol_b_in)
     g, u = gu.chunk(2, dim=-1)
-    return self.down_proj(self.act_fn(g) * u)
+    return dense_gemv(self.act_fn(g) * u, self._sol_w_down, self._sol_b_down)
 
 
 # ==== attention over the kept keys =======================================================================
@@ -256,12 +287,14 @@ def recency_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     Hkv, K = key.shape[1], key.shape[2]
     if lo <= Ts:
         k, v = key, value
-        pos = torch.arange(K, device=key.device)
     else:
         k = torch.cat([key[:, :, :Ts], key[:, :, lo:]], dim=2)
         v = torch.cat([value[:, :, :Ts], value[:, :, lo:]], dim=2)
-        pos = torch.cat([torch.arange(Ts, device=key.device), torch.arange(lo, K, device=key.device)])
     mask = None
+    if start is not None or allowed is not None:
+        pos = torch.arange(K, device=key.device)
+        if lo > Ts:
+            pos = torch.cat([pos[:Ts], pos[lo:]])
     if start is not None:
         mask = ((pos < Ts) | (pos >= start[:, None]))[:, None, None]  # [B, 1, 1, T]
     if allowed is not None:

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 
 from utils.actions import DENSE_BITS, ActionSpace
 from utils.attention import is_effective
-from utils import fast_decode
+from utils import fast_decode, gathered
 from utils.controls import Controls, install_controls
 from utils.kv_cache import SPARE_TOKENS, GrowableCache
 
@@ -124,8 +124,11 @@ class ControlledLM:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits (float32) of final-norm hidden states."""
         with torch.inference_mode():
+            head = self.model.lm_head
+            if getattr(head, "_sol_input_major", False):  # the gathered execution (utils/fast_decode.py)
+                return gathered.dense_gemv(h, head.weight.t(), head.bias).float()
             # as rows of one 2-D product: a 3-D bf16 input makes the CPU matmul copy the head once per batch row
-            return self.model.lm_head(h.reshape(-1, h.shape[-1])).float().reshape(*h.shape[:-1], -1)
+            return head(h.reshape(-1, h.shape[-1])).float().reshape(*h.shape[:-1], -1)
 
     def step(self, cache: DynamicCache, input_ids: torch.Tensor, actions: torch.Tensor | None = None) -> StepOutput:
         """One batched decode step: token `input_ids` [B] under action index `actions` [B] (None = dense).

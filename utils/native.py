@@ -5,7 +5,8 @@ ninja; ~40 s the first time, then loaded from torch's extension cache, `TORCH_EX
 module, or None when it cannot be built or `SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback:
 `utils.gathered.gather_gemv` then runs the same sum with `embedding_bag`, and both agree to float rounding.
 It also does the batch-1 channel selection (|x| at or above the kth smallest) in the same call, which saves
-the four ATen ops the selection otherwise takes per layer. The kept rows are split over the threads, each
+the four ATen ops the selection otherwise takes per layer, and the dense batch-1 products of the gathered
+decode step (`gemv`, every row: faster than the BLAS product there, so dense and pruned steps share a kernel). The kept rows are split over the threads, each
 streaming whole rows into its own accumulator. On the 2-core CPU (SmolLM2 gate+up,
 `results/bench_gathered/part_f.md`) selection + gather takes about ρ of the dense product's time.
 """
@@ -28,8 +29,8 @@ def native_enabled() -> bool:
 
 
 def gather_kernel() -> ModuleType | None:
-    """The compiled gather-GEMV module (`.gather_gemv(x, idx, w)`, `.select_gather_gemv(x, kth, w)`), or None if it is switched off or
-    cannot be built (one note on stderr, once per process)."""
+    """The compiled gather-GEMV module (`.gather_gemv(x, idx, w)`, `.select_gather_gemv(x, kth, w)`, `.gemv(x, w)`),
+    or None if it is switched off or cannot be built (one note on stderr, once per process)."""
     if not native_enabled():
         return None
     if "gather" not in _STATE:

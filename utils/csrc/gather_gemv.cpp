@@ -66,6 +66,18 @@ torch::Tensor gather_gemv(const torch::Tensor& x, const torch::Tensor& idx, cons
   return out;
 }
 
+// Every row: the dense product x @ w of an input-major w, by the same streaming loop. On the 2-core CPU it reads
+// the weights faster than the BLAS batch-1 product does in either layout (benchmarks/bench_layout.py), so the
+// gathered execution's dense products use it too and a pruned product is compared with the same kernel.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w) {
+  check_args(x, w);
+  std::vector<int64_t> idx(static_cast<size_t>(w.size(0)));
+  for (int64_t i = 0; i < w.size(0); ++i) idx[i] = i;
+  auto out = torch::empty({w.size(1)}, w.options());
+  gather(x.data_ptr<float>(), idx.data(), w.size(0), w.data_ptr<float>(), w.size(1), out.data_ptr<float>());
+  return out;
+}
+
 // The kept rows chosen here, as the simulated mode chooses them (utils/controls.py `_gate_up_one_row`): every
 // channel whose |x| is at least the kth smallest |x| (1-based; ties at the threshold kept), in ascending order.
 // Returns the sum and the number of kept channels; saves the separate ops of the selection.
@@ -90,6 +102,7 @@ std::tuple<torch::Tensor, int64_t> select_gather_gemv(const torch::Tensor& x, in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv, "sum_j x[idx_j] * w[idx_j, :] over the kept rows of an input-major w");
+  m.def("gemv", &gemv, "x @ w for an input-major w [D, N] (every row)");
   m.def("select_gather_gemv", &select_gather_gemv,
         "(sum over the channels with |x| >= the kth smallest |x| of x_c * w[c, :], their count)");
 }
