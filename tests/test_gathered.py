@@ -672,3 +672,21 @@ def test_eval_downstream_execution_flag(tiny_ckpt_dir, tmp_path, capsys):
     assert gat["attn_keep_realised"] == pytest.approx(sim["attn_keep_realised"], abs=1e-6)
     rc, _, err = _main("eval_downstream", ["--ckpt_dir", str(tiny_ckpt_dir), "--execution", "x"], capsys)
     assert rc == 2 and err.strip().startswith("error:") and "--execution" in err
+
+
+def test_gathered_policy_layout_keeps_the_policy(tiny_ckpt_dir):
+    """Loaded for the gathered execution, the policy's widening and square Linear layers read input-major weights
+    (transposed views, `checkpoint._layout_policy`), the narrowing ones stay; every parameter keeps its value."""
+    from torch import nn
+
+    from utils.checkpoint import load_policy_eval
+    pols = {e: load_policy_eval(str(tiny_ckpt_dir), execution=e)[2] for e in ("simulated", "gathered")}
+    sim, gat = (dict(pols[e].named_parameters()) for e in ("simulated", "gathered"))
+    assert sim.keys() == gat.keys() and all(torch.equal(sim[k], gat[k]) for k in sim)
+    laid = 0
+    for m in pols["gathered"].modules():
+        if isinstance(m, nn.Linear):
+            wide = m.out_features >= m.in_features
+            assert m.weight.t().is_contiguous() == wide and m.weight.is_contiguous() == (not wide or m.in_features == 1)
+            laid += wide
+    assert laid >= 5  # attention q/k/v/o and the MLP's first layer at least

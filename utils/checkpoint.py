@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 from utils.cli import TRUST_HELP, SOLError
 from utils.config import Config, config_from_dict
@@ -147,6 +148,18 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = N
     return config_from_dict(d)
 
 
+def _layout_policy(policy: nn.Module) -> None:
+    """The gathered execution's layout for the policy's batch-1 products: each Linear with at least as many outputs
+    as inputs laid out input-major (`gathered.input_major`; same values, its weight a transposed view), which the
+    CPU's matmul reads faster one token at a time (benchmarks/bench_layout.py: about 1.15-2x for such shapes,
+    slower for the narrowing ones, which stay). In generation the policy's weights come from DRAM each step
+    (the LM's stream evicts them), so its share of the decode time is mostly these reads."""
+    from utils.gathered import input_major
+    for m in policy.modules():
+        if isinstance(m, nn.Linear) and m.out_features >= m.in_features:
+            input_major([m])
+
+
 def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str, object] | None = None,
                      device: str | None = None, trust: bool = False, execution: str = "simulated"):
     """(cfg, ControlledLM, SOLPolicy in eval mode) from a checkpoint (a run's or an export) and its stored
@@ -190,6 +203,8 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
         raise CheckpointError(f"policy weights in {ckpt_dir} are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                               "the run that wrote them diverged")
     policy.to(dev).eval().requires_grad_(False)
+    if execution == "gathered":
+        _layout_policy(policy)
     if table is not None:
         try:
             policy.set_knob_table(table[0], table[1])

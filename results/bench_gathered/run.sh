@@ -22,6 +22,16 @@
 # Hugging Face module stack): the end-to-end table with the gate+up share, the policy table, the joint row.
 # Part I (a later session, part_i.md): the policy table after the budget-only logit terms moved out of the policy's
 # decode step (computed once per episode), then benchmarks/bench_policy_step.py (the step alone, both ways).
+# Part J (2026-12-06/07, a later session, part_j.md): every batch-1 weight product of the gathered execution input-major
+# through the native every-row loop (dense steps too; benchmarks/bench_layout.py first), the LM head included: the
+# MLP table, the layout table, end to end and the policy table, then recency and QUEST (per_kv_head, page 16) at
+# kappa 0.25 with 2048- and 8192-token prompts and the joint row.
+# Part K (same session, right after part J, part_k.md): recency attention over the sinks and the recent slice without
+# joining them (two SDPA spans merged by their log-sum-exps) and the policy's widening Linear layers input-major in the
+# gathered execution: the policy table, recency and QUEST at 2048 and 8192 and the joint row; then where a step's time
+# goes (step_parts.py) and the hand-written lean loop with the same native products (plain_step.py --native).
+# (Parts G and H printed "at most" before the e2e bound; the script says "about" since: the products timed alone do
+# not run exactly as they do inside a step.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -49,6 +59,18 @@ elif [[ $PART == G ]]; then
 elif [[ $PART == I ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
   python benchmarks/bench_policy_step.py
+elif [[ $PART == J ]]; then
+  $B --runs 9 --skip e2e attention policy joint
+  python benchmarks/bench_layout.py
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy
+elif [[ $PART == K ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy
+  python results/bench_gathered/step_parts.py
+  python results/bench_gathered/plain_step.py --native
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
