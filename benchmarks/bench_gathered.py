@@ -144,8 +144,8 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
     head = [f"\nMLP gate+up ({H} -> {2 * lm.ffn}), µs per layer over {len(mlps)} layers, median of {runs} "
             f"interleaved rounds, {bags} bag(s) per row; gather kernel: {kernel}\n",
             "| setting | dense x·W_in, BLAS | dense x·W_in, gathered execution | masked dense (simulated) | "
-            "embedding_bag gather | gather kernel | select + gather | × dense (gathered execution) | × BLAS dense | "
-            "bound |",
+            "embedding_bag gather | gather kernel | select + gather | select + gather time ÷ dense (gathered execution) | "
+            "÷ BLAS dense | bound |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     return head + rows
 

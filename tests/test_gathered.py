@@ -690,3 +690,21 @@ def test_gathered_policy_layout_keeps_the_policy(tiny_ckpt_dir):
             assert m.weight.t().is_contiguous() == wide and m.weight.is_contiguous() == (not wide or m.in_features == 1)
             laid += wide
     assert laid >= 5  # attention q/k/v/o and the MLP's first layer at least
+
+
+@pytest.mark.parametrize("Ts", [0, 1, 4])
+def test_recency_two_spans_vs_joined_and_float64(Ts, monkeypatch):
+    """Recency attention over [0, Ts) and [lo, K) as two spans merged by their log-sum-exps equals the joined
+    keys' SDPA and a float64 softmax over the kept positions (GQA, 2 rows)."""
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, K, D, lo = 2, 6, 2, 40, 8, 25
+    q, k, v = torch.randn(B, Hq, 1, D, generator=g), torch.randn(B, Hkv, K, D, generator=g), torch.randn(B, Hkv, K, D, generator=g)
+    two = gathered.recency_attention(q, k, v, 0.3, Ts, lo)
+    monkeypatch.setattr(gathered, "_FLASH_CPU", None)
+    joined = gathered.recency_attention(q, k, v, 0.3, Ts, lo)
+    pos = torch.cat([torch.arange(Ts), torch.arange(lo, K)])
+    kk, vv = k.double().repeat_interleave(Hq // Hkv, 1)[:, :, pos], v.double().repeat_interleave(Hq // Hkv, 1)[:, :, pos]
+    ref = torch.softmax((q.double() @ kk.transpose(-1, -2)) * 0.3, -1) @ vv  # [B, Hq, 1, D]
+    assert two.shape == joined.shape == (B, 1, Hq, D)
+    torch.testing.assert_close(two, joined, atol=1e-6, rtol=0)
+    torch.testing.assert_close(two.double(), ref.transpose(1, 2), atol=1e-6, rtol=0)
