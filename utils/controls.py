@@ -253,10 +253,9 @@ class Controls:
             self._ch_plan = (D, count, sorted(set(host)), sum(host))
             self._bags = gathered.default_bags(x.device, x.dtype)
         _, count, choices, total = self._ch_plan
-        if choices[0] >= D:  # every row keeps every channel
+        if choices[0] >= D:  # every row keeps every channel: the dense product, as an uncontrolled step runs it
             self.channel_sum += D
-            gu = x @ w_in
-            return gu if b_in is None else gu + b_in
+            return gathered.dense_gemv(x, w_in, b_in)
         gather = T == 1 and total <= self.gather_limit * D
         if gather and B == 1:
             return self._gate_up_one_row(x, w_in, b_in, D - choices[0] + 1)

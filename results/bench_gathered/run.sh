@@ -32,6 +32,9 @@
 # goes (step_parts.py) and the hand-written lean loop with the same native products (plain_step.py --native).
 # (Parts G and H printed "at most" before the e2e bound; the script says "about" since: the products timed alone do
 # not run exactly as they do inside a step.)
+# Part L (same session, after part K, part_l.md): a controlled step that keeps every MLP channel (κ-only actions, the
+# policy's dense choices) runs its gate+up product on the native loop like a dense step (it ran through BLAS in parts
+# J and K): the policy table, recency and QUEST at 2048 and 8192 and the joint row, as part K's first two commands.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -71,6 +74,10 @@ elif [[ $PART == K ]]; then
     --skip mlp e2e policy
   python results/bench_gathered/step_parts.py
   python results/bench_gathered/plain_step.py --native
+elif [[ $PART == L ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
