@@ -35,6 +35,7 @@
 # Part L (same session, after part K, part_l.md): a controlled step that keeps every MLP channel (κ-only actions, the
 # policy's dense choices) runs its gate+up product on the native loop like a dense step (it ran through BLAS in parts
 # J and K): the policy table, recency and QUEST at 2048 and 8192 and the joint row, as part K's first two commands.
+# Part M (same session, after part L, part_m.md): the end-to-end table again (a second run of part J's, on the final code).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -78,6 +79,8 @@ elif [[ $PART == L ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
   $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
     --skip mlp e2e policy
+elif [[ $PART == M ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
