@@ -25,7 +25,8 @@ cache, _, logits = lm.prefill(prompt)
 first = logits.argmax(-1)
 T = 128
 kernel = native.gather_kernel()
-assert kernel is not None, "the native kernel could not be built"
+if kernel is None:
+    sys.exit("step_parts.py: the native kernel is unavailable (no C++ compiler or ninja, or SOL_NATIVE_KERNEL=0)")
 NAMES = {(576, 960): "q/k/v", (576, 576): "o", (576, 3072): "gate+up", (1536, 576): "down", (576, 49152): "LM head"}
 acc: dict[str, float] = {}
 
