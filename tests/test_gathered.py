@@ -562,6 +562,8 @@ def test_smollm2_gathered_matches_simulated(smol, criteria, monkeypatch):
             real = fast_decode.gathered_mlp_forward
             monkeypatch.setattr(fast_decode, "gathered_mlp_forward", lambda mod, x, _xs=xs[e], _ctl=lm.controls: (
                 _xs.append(x.clone()) if _ctl.active else None) or real(mod, x))
+            monkeypatch.setattr(fast_decode, "MLP_INPUT_HOOK", lambda rec, _xs=xs[e], _ctl=lm.controls: (
+                _xs.extend(r.view(1, 1, -1).clone() for r in rec) if _ctl.active else None))  # batch-1 native steps
         res[e] = [run(lm, ids[:a.shape[0]], a) for a in plans]
         n_layers = len(mlps)
         del lm
@@ -675,21 +677,49 @@ def test_eval_downstream_execution_flag(tiny_ckpt_dir, tmp_path, capsys):
 
 
 def test_gathered_policy_layout_keeps_the_policy(tiny_ckpt_dir):
-    """Loaded for the gathered execution, the policy's widening and square Linear layers read input-major weights
-    (transposed views, `checkpoint._layout_policy`), the narrowing ones stay; every parameter keeps its value."""
+    """Loaded for the gathered execution, every Linear layer of the policy reads an input-major weight (a transposed
+    view, `checkpoint._layout_policy`) through `dense_gemv`; every parameter keeps its value, and a policy step
+    gives the simulated load's logits at batch 1 (the native loop) and batch 3 (the matmul)."""
     from torch import nn
 
     from utils.checkpoint import load_policy_eval
+    from utils.records import StepScalars
     pols = {e: load_policy_eval(str(tiny_ckpt_dir), execution=e)[2] for e in ("simulated", "gathered")}
     sim, gat = (dict(pols[e].named_parameters()) for e in ("simulated", "gathered"))
     assert sim.keys() == gat.keys() and all(torch.equal(sim[k], gat[k]) for k in sim)
-    laid = 0
-    for m in pols["gathered"].modules():
-        if isinstance(m, nn.Linear):
-            wide = m.out_features >= m.in_features
-            assert m.weight.t().is_contiguous() == wide and m.weight.is_contiguous() == (not wide or m.in_features == 1)
-            laid += wide
-    assert laid >= 5  # attention q/k/v/o and the MLP's first layer at least
+    linears = [m for m in pols["gathered"].modules() if isinstance(m, nn.Linear)]
+    assert len(linears) >= 8 and all(m.weight.t().is_contiguous() and m.weight.t() is not m.weight for m in linears)
+    assert all(m._sol_w.data_ptr() == m.weight.data_ptr() for m in linears)  # one copy of the weights
+    p = pols["simulated"]
+    g = torch.Generator().manual_seed(3)
+    for B in (1, 3):
+        h, e = torch.randn(B, p.h_dim, generator=g), torch.randn(B, p.e_dim, generator=g)
+        scalars = torch.rand(B, StepScalars.DIM, generator=g)
+        out = {}
+        for name, pol in pols.items():
+            state, logits = pol.init_state(B), []
+            with torch.inference_mode():
+                for _ in range(3):
+                    lg, state = pol.step(h, e, scalars, state)
+                    state = state.with_action(lg.argmax(-1))
+                    logits.append(lg)
+            out[name] = torch.stack(logits)
+        torch.testing.assert_close(out["gathered"], out["simulated"], atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_linear_vs_float64():
+    """`gemv_linear` leaves a Linear's outputs as they were (float64 reference) for one row, a [1, 1, in] token
+    and several rows, with and without bias, narrowing and widening."""
+    from torch import nn
+    g = torch.Generator().manual_seed(4)
+    for n_in, n_out, bias in ((16, 40, True), (40, 3, False), (7, 7, True)):
+        lin = nn.Linear(n_in, n_out, bias=bias)
+        ref = copy.deepcopy(lin).double()
+        gathered.gemv_linear(lin)
+        for shape in ((1, n_in), (1, 1, n_in), (5, n_in)):
+            x = torch.randn(*shape, generator=g)
+            with torch.no_grad():
+                torch.testing.assert_close(lin(x).double(), ref(x.double()), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("Ts", [0, 1, 4])
@@ -708,3 +738,70 @@ def test_recency_two_spans_vs_joined_and_float64(Ts, monkeypatch):
     assert two.shape == joined.shape == (B, 1, Hq, D)
     torch.testing.assert_close(two, joined, atol=1e-6, rtol=0)
     torch.testing.assert_close(two.double(), ref.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+# ==== the one-call native decode step (utils/csrc/decode_step.cpp) ======================================
+
+def _native_spy(monkeypatch) -> list[bool]:
+    """Records, for each gathered decode step, whether the native step ran it."""
+    from utils import fast_decode
+    took: list[bool] = []
+    real = fast_decode._native_step
+    monkeypatch.setattr(fast_decode, "_native_step", lambda *a: (lambda h: took.append(h is not None) or h)(real(*a)))
+    return took
+
+
+@pytest.mark.parametrize("criteria", ["recency", "quest"])
+def test_native_step_matches_the_per_layer_path(tiny, criteria, monkeypatch):
+    """Batch-1 float32 gathered steps run the native step exactly where it applies (dense steps, recency at any κ,
+    every criterion at κ = 1, 16 bits) and give the per-layer path's logits and usage; elsewhere the per-layer path."""
+    from utils import fast_decode, native
+    if native.gather_kernel() is None:
+        pytest.skip("no C++ toolchain: the native kernel cannot be built")
+    _, _, ids = tiny
+    lm = pair(tiny, (criteria, "per_head", False))["gathered"]
+    took = _native_spy(monkeypatch)
+    A = SPACE.index
+    for a, native_expected in ((None, True), (A(0.25, 0.4, 16), criteria == "recency"), (A(1.0, 0.4, 16), True),
+                               (A(0.5, 1.0, 16), criteria == "recency"), (A(1.0, 0.6, 8), False)):
+        acts = None if a is None else torch.tensor([a])
+        took.clear()
+        fast = run(lm, ids[:1], acts)
+        assert took == [native_expected] * STEPS, (a, took)
+        monkeypatch.setattr(fast_decode, "NATIVE_STEP", False)
+        per_layer = run(lm, ids[:1], acts)
+        monkeypatch.setattr(fast_decode, "NATIVE_STEP", True)
+        torch.testing.assert_close(fast[0], per_layer[0], atol=1e-5, rtol=0)
+        for u, v in zip(fast[1], per_layer[1]):
+            assert torch.equal(u.channel_keep, v.channel_keep) and u.effective == v.effective
+            torch.testing.assert_close(u.attn_keep, v.attn_keep, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_step_long_decode_matches_simulated(tiny, threads, monkeypatch):
+    """Recency κ 0.25 with s40 over more keys than one attention chunk and across the cache's reallocation, at
+    1 and 3 threads (the attention's chunks per KV head change with them): the simulated logits, and the same
+    cache contents."""
+    from utils import native
+    from utils.kv_cache import SPARE_TOKENS
+    if native.gather_kernel() is None:
+        pytest.skip("no C++ toolchain: the native kernel cannot be built")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 2000, (1, 12 + SPARE_TOKENS + 70), generator=g)
+    acts = torch.tensor([SPACE.index(0.25, 0.4, 16)])
+    took = _native_spy(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, caches = {}, {}
+        for e, lm in pair(tiny, CRIT[0]).items():
+            cache, _, _ = lm.prefill(ids[:, :12])
+            out[e] = torch.stack([lm.step(cache, ids[:, t], acts).logits for t in range(12, ids.shape[1])])
+            caches[e] = cache
+    finally:
+        torch.set_num_threads(before)
+    assert all(took) and len(took) == ids.shape[1] - 12
+    torch.testing.assert_close(out["gathered"], out["simulated"], atol=ATOL, rtol=0)
+    for a, b in zip(caches["gathered"].layers, caches["simulated"].layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)

@@ -247,12 +247,7 @@ class Controls:
         `prune_channels` does, computed from the kept rows of the input-major `w_in` (a gather-GEMV) when that
         reads less than a dense product; counts the kept channels."""
         B, T, D = x.shape
-        if self._ch_plan is None or self._ch_plan[0] != D:  # once per step: the channel counts on the host
-            count = ceil_count(self.rho, D).clamp(1, D)
-            host = count.tolist()
-            self._ch_plan = (D, count, sorted(set(host)), sum(host))
-            self._bags = gathered.default_bags(x.device, x.dtype)
-        _, count, choices, total = self._ch_plan
+        _, count, choices, total = self._channel_plan(D, x.device, x.dtype)
         if choices[0] >= D:  # every row keeps every channel: the dense product, as an uncontrolled step runs it
             self.channel_sum += D
             return gathered.dense_gemv(x, w_in, b_in)
@@ -267,6 +262,52 @@ class Controls:
         # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes
         gu = (x * keep[:, None].to(x.dtype)) @ w_in
         return gu if b_in is None else gu + b_in
+
+    def _channel_plan(self, D: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(D, kept channels per row [B], the distinct counts sorted, their sum) for MLP inputs of width D: on
+        the host once per step, by the simulated mode's rule (`prune_channels`: ceil(ρ·D), at least one)."""
+        if self._ch_plan is None or self._ch_plan[0] != D:
+            count = ceil_count(self.rho, D).clamp(1, D)
+            host = count.tolist()
+            self._ch_plan = (D, count, sorted(set(host)), sum(host))
+            self._bags = gathered.default_bags(device, dtype)
+        return self._ch_plan
+
+    def native_plan(self, hidden: int, device: torch.device) -> tuple[int, int] | None:
+        """(kth, lo) of a batch-1 step for the one-call native decode step (`utils.fast_decode`), or None when
+        this step needs the per-layer path (QUEST or relevancy below κ = 1, an MLP output below 16 bits).
+        kth: 0 keeps every MLP input channel, else the channels with |x| at or above the kth smallest |x|
+        (`_gate_up_one_row`'s choice); lo: recency's recent span start (the keys [0, Ts) and [lo, K) are read;
+        lo <= Ts reads every key). Uncontrolled steps: (0, 0)."""
+        if not self.active:
+            return 0, 0
+        if self.quant_enabled and not self._quant_identity:
+            return None
+        if self.criteria == "recency":
+            lo = self._rec_lo
+        elif min(self._kappa_present) >= 1.0:  # QUEST and relevancy keep every key at κ = 1
+            lo = 0
+        else:
+            return None
+        if not self.prune_enabled:
+            return 0, lo
+        choices = self._channel_plan(hidden, device, torch.float32)[2]
+        return (0 if choices[0] >= hidden else hidden - choices[0] + 1), lo
+
+    def native_done(self, n_layers: int, kept_channels: int) -> None:
+        """Book what a native decode step (planned by `native_plan`) kept over its `n_layers` layers, as the
+        per-layer path books it: the MLP input channels, the attended keys and the cache bytes read."""
+        if not self.active:
+            return
+        if self.prune_enabled:
+            self._channels_host += kept_channels
+        if self.criteria == "recency":
+            K, lo = self.kv_len, self._rec_lo
+            self.kv_read_sum += n_layers * (K if lo <= self.Ts else self.Ts + K - lo) / K
+            self.key_frac_sum += n_layers * self._rec_frac
+        else:
+            self.kv_read_sum += n_layers
+            self.key_frac_sum += n_layers
 
     def _gate_up_one_row(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
                          kth: int) -> torch.Tensor:

@@ -16,13 +16,20 @@ so the same logits to float rounding (tests/test_gathered.py); only the gathered
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import rotate_half
 
+from utils import native
 from utils.gathered import dense_gemv, gathered_mlp_forward, input_major
+
+# The one-call native step for batch-1 float32 steps (`_native_step`); SOL_NATIVE_DECODE=0 keeps the per-layer ops.
+NATIVE_STEP = os.environ.get("SOL_NATIVE_DECODE", "1") != "0"
+MLP_INPUT_HOOK = None  # tests: called with each native step's MLP inputs [layers, H] (the per-layer path's x)
 
 
 def layout_attention(attn: nn.Module) -> None:
@@ -64,6 +71,9 @@ def decode_hidden(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Ten
     (which grows by that token), through every layer of the Llama `model` (a CausalLM laid out by
     `layout_attention` and `gathered.layout_mlp`), with the attention function the model has selected
     (`utils.controls` registers and selects its own), called as the Hugging Face layers call it."""
+    hidden = _native_step(model, input_ids, cache)
+    if hidden is not None:
+        return hidden
     attention_fn = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
     m = model.model
     past = cache.get_seq_length()
@@ -87,3 +97,66 @@ def decode_hidden(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Ten
         h = h + dense_gemv(o.reshape(B, 1, -1), attn._sol_w_o, attn._sol_b_o)
         h = h + mlp._sol_controls.quantize_output(gathered_mlp_forward(mlp, _rms(layer.post_attention_layernorm, h)))
     return _rms(m.norm, h)
+
+
+def _native_spec(model: nn.Module) -> tuple | None:
+    """(the six weights of every layer in order, the final norm's weight, eps, scaling) for the native step, or
+    None when the model is not a float32 Llama it can run: biases, another activation, mixed norms' eps.
+    Cached on the model; rebuilt if its weights were replaced since."""
+    m = model.model
+    spec = getattr(model, "_sol_native_spec", None)
+    if spec is not None and (spec is False or spec[0][1] is m.layers[0].self_attn._sol_w_qkv):
+        return spec or None
+    weights, eps, scaling = [], set(), set()
+    ok = getattr(model.config, "hidden_act", None) == "silu"
+    for layer in m.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(mlp, "_sol_w_in") or any(
+                getattr(mod, b) is not None for mod, b in ((attn, "_sol_b_qkv"), (attn, "_sol_b_o"),
+                                                           (mlp, "_sol_b_in"), (mlp, "_sol_b_down"))):
+            ok = False
+            break
+        weights += [layer.input_layernorm.weight, attn._sol_w_qkv, attn._sol_w_o, layer.post_attention_layernorm.weight,
+                    mlp._sol_w_in, mlp._sol_w_down]
+        eps |= {layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon}
+        scaling.add(attn.scaling)
+    eps.add(m.norm.variance_epsilon)
+    ok = ok and len(eps) == 1 and len(scaling) == 1 and all(
+        w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in weights + [m.norm.weight])
+    model._sol_native_spec = (weights, m.norm.weight, eps.pop(), scaling.pop()) if ok else False
+    return model._sol_native_spec or None
+
+
+def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
+    """`decode_hidden` for one row in float32 on a CPU as one native call over every layer
+    (utils/csrc/decode_step.cpp: the same math, no per-op dispatch), when the step's controls allow it
+    (`Controls.native_plan`: dense or recency attention, every or the top-|x| MLP input channels, no
+    quantization) and the cache can take the token in place (`GrowableCache.next_slots`). None otherwise."""
+    if not NATIVE_STEP or input_ids.shape[0] != 1 or input_ids.device.type != "cpu":
+        return None
+    spec = _native_spec(model)
+    kernel = native.gather_kernel() if spec is not None else None
+    if kernel is None or not hasattr(cache, "next_slots"):
+        return None
+    m = model.model
+    ctl = m.layers[0].mlp._sol_controls
+    plan = ctl.native_plan(model.config.hidden_size, input_ids.device)
+    if plan is None:
+        return None
+    past = cache.get_seq_length()
+    slots = cache.next_slots()
+    if slots is None:
+        return None
+    weights, final_norm, eps, scaling = spec
+    h = m.embed_tokens(input_ids).reshape(-1).contiguous()
+    cos, sin = m.rotary_emb(h.view(1, 1, -1), torch.full((1, 1), past, device=h.device, dtype=torch.long))
+    n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    record = None if MLP_INPUT_HOOK is None else h.new_empty(len(m.layers), h.shape[0])
+    kept = kernel.decode_layers(h, weights, slots, final_norm, cos.reshape(-1).contiguous(),
+                                sin.reshape(-1).contiguous(), past, n_heads, n_kv, eps, scaling, plan[0], ctl.Ts,
+                                plan[1], record)
+    cache.advance()
+    ctl.native_done(len(m.layers), kept)
+    if record is not None:
+        MLP_INPUT_HOOK(record)
+    return h.view(1, 1, -1)

@@ -59,6 +59,23 @@ class GrowableLayer(DynamicLayer):
         self.values = self._vbuf[:, :, :new_len]
         return self.keys, self.values
 
+    def next_slot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole key and value buffers [B, H, capacity, D], with room for one more token at position
+        len(keys) (re-allocated as `update` would), for a kernel that writes that token in place; `advance`
+        then takes it in. None if the layer holds nothing yet."""
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return None
+        L = self.keys.shape[-2]
+        if not self._owns() or L + 1 > self._kbuf.shape[-2] or (
+                self._kbuf.is_inference() and not torch.is_inference_mode_enabled()):
+            self._adopt(1)
+        return self._kbuf, self._vbuf
+
+    def advance(self) -> None:
+        """Take in the token a kernel wrote at position len(keys) of the buffers `next_slot` returned."""
+        n = self.keys.shape[-2] + 1
+        self.keys, self.values = self._kbuf.narrow(2, 0, n), self._vbuf.narrow(2, 0, n)  # narrow: fewer µs than [:, :, :n]
+
     def padded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole key and value buffers [B, H, capacity, D], contiguous, positions >= the filled length
         finite (zeros or cropped-away entries), or None when keys/values are not this layer's buffers.
@@ -140,6 +157,22 @@ class GrowableCache(DynamicCache):
     def __init__(self) -> None:
         super().__init__()
         self.layer_class_to_replicate = GrowableLayer
+
+    def next_slots(self) -> list[torch.Tensor] | None:
+        """[keys 0, values 0, keys 1, …]: every layer's buffers with room for the next token
+        (`GrowableLayer.next_slot`), or None when a layer cannot give them."""
+        slots = []
+        for layer in self.layers:
+            slot = layer.next_slot() if isinstance(layer, GrowableLayer) else None
+            if slot is None:
+                return None
+            slots.extend(slot)
+        return slots
+
+    def advance(self) -> None:
+        """Every layer takes in the token written into the buffers of `next_slots`."""
+        for layer in self.layers:
+            layer.advance()
 
     @classmethod
     def repeated(cls, cache: DynamicCache, k: int = 1, spare: int = SPARE_TOKENS) -> "GrowableCache":

@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "gather_gemv.cpp"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("gather_gemv.cpp", "decode_step.cpp")]
 _STATE: dict[str, ModuleType | None] = {}
 
 
@@ -57,7 +57,7 @@ def _build() -> ModuleType | None:
         print("[sol] building the native gather kernel for the gathered execution (once, ~30-40 s; cached in "
               "torch's extension folder, TORCH_EXTENSIONS_DIR)", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], verbose=False,
+        return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], verbose=False,
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, a failed build: the embedding_bag path still works
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

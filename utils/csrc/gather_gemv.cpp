@@ -16,7 +16,7 @@
 // full-length accumulator, and the T partial sums are added at the end. On the 2-core CPU this ran 8-12% faster
 // than splitting the output columns over the threads (each thread then read a third of every kept row, and the
 // prefetcher restarted at every row), and reached rho of the dense product's time (results/bench_gathered).
-static void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int64_t N, float* op) {
+void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int64_t N, float* op) {
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + 3) / 4));
   std::vector<float> part(static_cast<size_t>(T * N), 0.f);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
@@ -100,9 +100,18 @@ std::tuple<torch::Tensor, int64_t> select_gather_gemv(const torch::Tensor& x, in
   return {out, static_cast<int64_t>(idx.size())};
 }
 
+// decode_step.cpp: every layer of a batch-1 float32 decode step in one call.
+int64_t decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& weights,
+                      const std::vector<torch::Tensor>& caches, const torch::Tensor& final_norm,
+                      const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
+                      int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo,
+                      c10::optional<torch::Tensor> record);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv, "sum_j x[idx_j] * w[idx_j, :] over the kept rows of an input-major w");
   m.def("gemv", &gemv, "x @ w for an input-major w [D, N] (every row)");
   m.def("select_gather_gemv", &select_gather_gemv,
         "(sum over the channels with |x| >= the kth smallest |x| of x_c * w[c, :], their count)");
+  m.def("decode_layers", &decode_layers,
+        "one batch-1 float32 decode token through every Llama layer and the final norm (h in place); kept channels");
 }
