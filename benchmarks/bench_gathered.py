@@ -179,6 +179,29 @@ def lm_tokens_per_s(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action:
     return (tps, *info())
 
 
+def lockstep_ratios(lm: ControlledLM, prompt: torch.Tensor, tokens: int, actions: tuple[int | None, int | None],
+                    runs: int) -> list[float]:
+    """Per round, the decode seconds of actions[0] over those of actions[1]: two greedy generations of `tokens`
+    steps from the same prefill advanced in lockstep, one step of each in turn (the order swapped every step),
+    each step timed. The machine's speed drifts by up to 25% from minute to minute here; two generations timed
+    step by step side by side see the same drift, so their ratio is steadier than one of runs timed in turn."""
+    cache, _, logits = lm.prefill(prompt)
+    acts = [None if a is None else torch.tensor([a]) for a in actions]
+    ratios = []
+    for r in range(runs + 1):  # the first round warms up
+        caches = [lm.clone_cache(cache, spare=tokens + 1) for _ in acts]
+        toks, secs = [logits.argmax(-1)] * 2, [0.0, 0.0]
+        for t in range(tokens):
+            for i in ((0, 1) if t % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                out = lm.step(caches[i], toks[i], acts[i])
+                toks[i] = out.logits.argmax(-1)
+                secs[i] += time.perf_counter() - t0
+        if r:
+            ratios.append(secs[0] / secs[1])
+    return ratios
+
+
 def hf_decode_run(model, prompt: torch.Tensor, tokens: int):
     """go() running `tokens` greedy decode steps of the stock Hugging Face forward (an untouched copy of the
     model) after its own prefill of `prompt`."""
@@ -235,6 +258,7 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
             t = times[execution, name]
             rows.append(f"| {label} | {execution} | {tps[execution, name]:.1f} | {median_ratio(ref, t):.2f} | "
                         f"{median_ratio(times['hf'], t):.2f} | {b:.2f} |")
+    lock = lockstep_ratios(lm, prompt, tokens, (None, s40), runs)  # lm: the gathered one
     gd, gs = times["gathered", "dense"], times["gathered", "s40"]
     share = median_ratio(times["gate_up"], gd)  # gate+up's share of a gathered dense step
     keep = infos["gathered", "s40"]()[0].channel_keep.item()
@@ -243,7 +267,10 @@ def e2e_table(base, tok, prompt: torch.Tensor, tokens: int, runs: int, page: int
             f"(ratios: medians of the rounds' ratios; s40 gathered vs gathered dense steps: {median_ratio(gd, gs):.2f}). "
             f"The dense gate+up products are {share:.0%} of a gathered dense step ({step_ms:.1f} ms) here, so s40 "
             f"computed at exactly ρ of their time would give about {1 / (1 - share * (1 - keep)):.2f}× this runtime's "
-            f"dense steps; the bytes bound (last column) assumes the rest of the step runs at memory speed too\n",
+            f"dense steps; the bytes bound (last column) assumes the rest of the step runs at memory speed too. "
+            f"Lockstep (the gathered s40 and dense generations advanced side by side, one step of each in turn, "
+            f"{runs} rounds): s40 {statistics.median(lock):.2f}× gathered dense steps "
+            f"(rounds {', '.join(f'{x:.2f}' for x in lock)})\n",
             "| method | execution | tokens/s | × dense (simulated) | × stock HF | bound |",
             "|---|---|---|---|---|---|"]
     return head + rows

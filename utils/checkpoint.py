@@ -149,15 +149,15 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = N
 
 
 def _layout_policy(policy: nn.Module) -> None:
-    """The gathered execution's layout for the policy's batch-1 products: each Linear with at least as many outputs
-    as inputs laid out input-major (`gathered.input_major`; same values, its weight a transposed view), which the
-    CPU's matmul reads faster one token at a time (benchmarks/bench_layout.py: about 1.15-2x for such shapes,
-    slower for the narrowing ones, which stay). In generation the policy's weights come from DRAM each step
-    (the LM's stream evicts them), so its share of the decode time is mostly these reads."""
-    from utils.gathered import input_major
-    for m in policy.modules():
-        if isinstance(m, nn.Linear) and m.out_features >= m.in_features:
-            input_major([m])
+    """The gathered execution's layout for the policy's batch-1 products: every Linear laid out input-major and run
+    through `gathered.dense_gemv` (`gathered.gemv_linear`; same values, its weight a transposed view), which reads
+    one float32 token's weights with the native every-row loop, as the LM's products in that execution. At batch 1
+    the policy step is mostly its Linear layers (~80% of it through BLAS), and in generation their weights come
+    from DRAM each step (the LM's stream evicts them), so its share of the decode time is mostly these reads."""
+    from utils.gathered import gemv_linear
+    for m in list(policy.modules()):
+        if isinstance(m, nn.Linear):
+            gemv_linear(m)
 
 
 def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str, object] | None = None,

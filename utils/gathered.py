@@ -160,6 +160,23 @@ def dense_gemv(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = 
     return out.view(*x.shape[:-1], -1)
 
 
+def gemv_linear(linear: nn.Linear) -> None:
+    """Lay `linear` out input-major (`input_major`; buffer `_sol_w` [in, out]) and run its forward through
+    `dense_gemv`: the native every-row loop for one float32 row on a CPU, the matmul of the same layout otherwise.
+    Same values and parameters (the weight becomes a transposed view of the buffer)."""
+    if hasattr(linear, "_sol_w"):
+        return
+    w, _ = input_major([linear])
+    linear.register_buffer("_sol_w", w, persistent=False)
+    linear.forward = types.MethodType(_gemv_linear_forward, linear)
+
+
+def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        return F.linear(x, self.weight, self.bias)  # the native loop has no backward
+    return dense_gemv(x, self._sol_w, self.bias)
+
+
 def select_gather_gemv(x: torch.Tensor, kth: int, w_in: torch.Tensor, b_in: torch.Tensor | None = None,
                        n_bags: int = 1) -> tuple[torch.Tensor, int]:
     """One row's channel selection and gather-GEMV: the channels whose |x| is at least the kth smallest |x|
