@@ -13,7 +13,7 @@ import torch
 
 from utils import gathered
 from utils.actions import ActionSpace
-from utils.attention import ceil_count, topk_by_threshold
+from utils.attention import ceil_count, quest_page_bounds, topk_by_threshold
 from utils.cli import SOLError
 from utils.controls import Controls
 from utils.lm import ControlledLM
@@ -751,22 +751,25 @@ def _native_spy(monkeypatch) -> list[bool]:
     return took
 
 
-@pytest.mark.parametrize("criteria", ["recency", "quest"])
-def test_native_step_matches_the_per_layer_path(tiny, criteria, monkeypatch):
-    """Batch-1 float32 gathered steps run the native step exactly where it applies (dense steps, recency at any κ,
-    every criterion at κ = 1, 16 bits) and give the per-layer path's logits and usage; elsewhere the per-layer path."""
+@pytest.mark.parametrize("crit", [CRIT[0], CRIT[1], CRIT[3], CRIT[4], CRIT[5]],
+                         ids=["recency", "relevancy", "quest", "quest-sinkwin", "quest-kvhead"])
+def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
+    """Batch-1 float32 gathered steps run the native step exactly where it applies (dense steps, recency and QUEST
+    without its protected sinks and window at any κ, every criterion at κ = 1; 16 bits) and give the per-layer
+    path's logits and usage, the cache bytes read included; elsewhere the per-layer path runs."""
     from utils import fast_decode, native
     if native.gather_kernel() is None:
         pytest.skip("no C++ toolchain: the native kernel cannot be built")
     _, _, ids = tiny
-    lm = pair(tiny, (criteria, "per_head", False))["gathered"]
+    lm = pair(tiny, crit)["gathered"]
     took = _native_spy(monkeypatch)
     A = SPACE.index
-    for a, native_expected in ((None, True), (A(0.25, 0.4, 16), criteria == "recency"), (A(1.0, 0.4, 16), True),
-                               (A(0.5, 1.0, 16), criteria == "recency"), (A(1.0, 0.6, 8), False)):
+    sparse_native = crit[0] == "recency" or (crit[0] == "quest" and not crit[2])
+    for a, native_expected in ((None, True), (A(0.25, 0.4, 16), sparse_native), (A(1.0, 0.4, 16), True),
+                               (A(0.5, 1.0, 16), sparse_native), (A(1.0, 0.6, 8), False)):
         acts = None if a is None else torch.tensor([a])
         took.clear()
-        fast = run(lm, ids[:1], acts)
+        fast, read = run(lm, ids[:1], acts), lm.controls.kv_read_sum
         assert took == [native_expected] * STEPS, (a, took)
         monkeypatch.setattr(fast_decode, "NATIVE_STEP", False)
         per_layer = run(lm, ids[:1], acts)
@@ -774,14 +777,17 @@ def test_native_step_matches_the_per_layer_path(tiny, criteria, monkeypatch):
         torch.testing.assert_close(fast[0], per_layer[0], atol=1e-5, rtol=0)
         for u, v in zip(fast[1], per_layer[1]):
             assert torch.equal(u.channel_keep, v.channel_keep) and u.effective == v.effective
-            torch.testing.assert_close(u.attn_keep, v.attn_keep, atol=1e-7, rtol=0)
+            torch.testing.assert_close(u.attn_keep, v.attn_keep, atol=1e-6, rtol=0)
+        if native_expected and a is not None and (crit[0] == "recency" or a in (A(0.25, 0.4, 16), A(0.5, 1.0, 16))):
+            assert read == pytest.approx(lm.controls.kv_read_sum, abs=1e-9)  # the last step's, both paths
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_native_step_long_decode_matches_simulated(tiny, threads, monkeypatch):
-    """Recency κ 0.25 with s40 over more keys than one attention chunk and across the cache's reallocation, at
-    1 and 3 threads (the attention's chunks per KV head change with them): the simulated logits, and the same
-    cache contents."""
+@pytest.mark.parametrize("crit", [CRIT[0], CRIT[3], CRIT[5]], ids=["recency", "quest", "quest-kvhead"])
+def test_native_step_long_decode_matches_simulated(tiny, crit, threads, monkeypatch):
+    """κ 0.25 with s40 over more keys than one attention chunk, across page boundaries and the cache's
+    reallocation, at 1 and 3 threads (the attention's chunks change with them): the simulated logits, and the same
+    cache contents (QUEST: the page bounds the native step folded each new key into, too)."""
     from utils import native
     from utils.kv_cache import SPARE_TOKENS
     if native.gather_kernel() is None:
@@ -794,7 +800,7 @@ def test_native_step_long_decode_matches_simulated(tiny, threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         out, caches = {}, {}
-        for e, lm in pair(tiny, CRIT[0]).items():
+        for e, lm in pair(tiny, crit).items():
             cache, _, _ = lm.prefill(ids[:, :12])
             out[e] = torch.stack([lm.step(cache, ids[:, t], acts).logits for t in range(12, ids.shape[1])])
             caches[e] = cache
@@ -805,3 +811,9 @@ def test_native_step_long_decode_matches_simulated(tiny, threads, monkeypatch):
     for a, b in zip(caches["gathered"].layers, caches["simulated"].layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+        if crit[0] == "quest":  # the page bounds kept step by step against a recount from the keys
+            fresh = quest_page_bounds(a.keys, PAGE)
+            buf = a._page_buf[:, :, : -(-a.keys.shape[2] // PAGE)]
+            D = a.keys.shape[-1]
+            torch.testing.assert_close(buf[..., :D], fresh[0], atol=0, rtol=0)
+            torch.testing.assert_close(buf[..., D:], fresh[1], atol=0, rtol=0)

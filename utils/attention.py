@@ -198,12 +198,17 @@ def quest_select_pages(query: torch.Tensor, K: int, kappa: torch.Tensor, page: i
     [B, Hkv, P] (the per-group analogue of relevancy's per_layer; with GQA a per-head choice makes a KV head
     read the union of its query heads' pages, which per_kv_head caps at the budget)."""
     scores = quest_page_scores(query, kmax, kmin, tier)  # [B, Hq, P] or [B, Hkv, P]
-    n_pages = scores.shape[-1]
 
     def n_keep_pages(frac: torch.Tensor) -> torch.Tensor:
-        budget = ceil_count(frac, K).clamp(1, K)
-        return torch.ceil(budget.double() / page).long().clamp(max=n_pages)
+        return quest_pages_kept(frac, K, page)
 
     all_pages = torch.ones_like(scores, dtype=torch.bool)
     return topk_by_threshold(scores, all_pages, n_keep_pages(kappa)[:, None],
                              count_choices(kappa_levels, n_keep_pages))
+
+
+def quest_pages_kept(kappa: torch.Tensor, K: int, page: int) -> torch.Tensor:
+    """Pages QUEST keeps per selection at keep fraction κ over K keys: ceil(ceil(κ·K)/page), at least one key's
+    page, at most every page."""
+    budget = ceil_count(kappa, K).clamp(1, K)
+    return torch.ceil(budget.double() / page).long().clamp(max=-(-K // page))

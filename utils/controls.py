@@ -24,7 +24,8 @@ from transformers.masking_utils import sdpa_mask
 
 from utils import fast_decode, gathered
 from utils.attention import (
-    CRITERIA, ceil_count, protected_positions, quest_keep, quest_page_bounds, quest_select_pages, recency_keep,
+    CRITERIA, ceil_count, protected_positions, quest_keep, quest_page_bounds, quest_pages_kept, quest_select_pages,
+    recency_keep,
     recency_start, relevancy_keep, topk_by_threshold,
 )
 from utils.actions import DENSE_BITS
@@ -273,36 +274,44 @@ class Controls:
             self._bags = gathered.default_bags(device, dtype)
         return self._ch_plan
 
-    def native_plan(self, hidden: int, device: torch.device) -> tuple[int, int] | None:
-        """(kth, lo) of a batch-1 step for the one-call native decode step (`utils.fast_decode`), or None when
-        this step needs the per-layer path (QUEST or relevancy below κ = 1, an MLP output below 16 bits).
-        kth: 0 keeps every MLP input channel, else the channels with |x| at or above the kth smallest |x|
-        (`_gate_up_one_row`'s choice); lo: recency's recent span start (the keys [0, Ts) and [lo, K) are read;
-        lo <= Ts reads every key). Uncontrolled steps: (0, 0)."""
+    def native_plan(self, hidden: int, device: torch.device) -> tuple[int, int, int] | None:
+        """(kth, lo, quest_keep) of a batch-1 step for the one-call native decode step (`utils.fast_decode`), or
+        None when this step needs the per-layer path (relevancy below κ = 1, QUEST with its sinks and window kept,
+        an MLP output below 16 bits). kth: 0 keeps every MLP input channel, else the channels with |x| at or above
+        the kth smallest |x| (`_gate_up_one_row`'s choice); lo: recency's recent span start (the keys [0, Ts) and
+        [lo, K) are read; lo <= Ts reads every key); quest_keep: QUEST's pages per selection
+        (`quest_pages_kept`), 0 when the step is not QUEST's. Uncontrolled steps: (0, 0, 0)."""
         if not self.active:
-            return 0, 0
+            return 0, 0, 0
         if self.quant_enabled and not self._quant_identity:
             return None
+        lo = quest = 0
         if self.criteria == "recency":
             lo = self._rec_lo
-        elif min(self._kappa_present) >= 1.0:  # QUEST and relevancy keep every key at κ = 1
-            lo = 0
-        else:
-            return None
+        elif min(self._kappa_present) < 1.0:  # QUEST and relevancy keep every key at κ = 1
+            if self.criteria != "quest" or self.quest_keep_sink_window:
+                return None
+            quest = int(quest_pages_kept(self.kappa, self.kv_len, self.page_size)[0])
         if not self.prune_enabled:
-            return 0, lo
+            return 0, lo, quest
         choices = self._channel_plan(hidden, device, torch.float32)[2]
-        return (0 if choices[0] >= hidden else hidden - choices[0] + 1), lo
+        return (0 if choices[0] >= hidden else hidden - choices[0] + 1), lo, quest
 
-    def native_done(self, n_layers: int, kept_channels: int) -> None:
-        """Book what a native decode step (planned by `native_plan`) kept over its `n_layers` layers, as the
-        per-layer path books it: the MLP input channels, the attended keys and the cache bytes read."""
+    def native_done(self, n_layers: int, n_heads: int, plan: tuple[int, int, int],
+                    stats: tuple[int, int, int]) -> None:
+        """Book what a native decode step (planned by `native_plan`; `stats`: its kept MLP channels, kept keys
+        summed over the n_heads query heads and tokens read per KV head, each summed over the n_layers layers)
+        kept, as the per-layer path books it: the MLP input channels, the attended keys and the cache bytes read."""
         if not self.active:
             return
         if self.prune_enabled:
-            self._channels_host += kept_channels
-        if self.criteria == "recency":
-            K, lo = self.kv_len, self._rec_lo
+            self._channels_host += stats[0]
+        K = self.kv_len
+        if plan[2]:  # QUEST: the kept pages and every page's key max/min
+            self.key_frac_sum += stats[1] / (n_heads * K)
+            self.kv_read_sum += stats[2] / K + n_layers / self.page_size
+        elif self.criteria == "recency":
+            lo = self._rec_lo
             self.kv_read_sum += n_layers * (K if lo <= self.Ts else self.Ts + K - lo) / K
             self.key_frac_sum += n_layers * self._rec_frac
         else:

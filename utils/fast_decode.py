@@ -130,7 +130,7 @@ def _native_spec(model: nn.Module) -> tuple | None:
 def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
     """`decode_hidden` for one row in float32 on a CPU as one native call over every layer
     (utils/csrc/decode_step.cpp: the same math, no per-op dispatch), when the step's controls allow it
-    (`Controls.native_plan`: dense or recency attention, every or the top-|x| MLP input channels, no
+    (`Controls.native_plan`: dense, recency or QUEST attention, every or the top-|x| MLP input channels, no
     quantization) and the cache can take the token in place (`GrowableCache.next_slots`). None otherwise."""
     if not NATIVE_STEP or input_ids.shape[0] != 1 or input_ids.device.type != "cpu":
         return None
@@ -147,16 +147,18 @@ def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tens
     slots = cache.next_slots()
     if slots is None:
         return None
+    pages = [layer.page_buffer(ctl.page_size) for layer in cache.layers] if plan[2] else []
     weights, final_norm, eps, scaling = spec
     h = m.embed_tokens(input_ids).reshape(-1).contiguous()
     cos, sin = m.rotary_emb(h.view(1, 1, -1), torch.full((1, 1), past, device=h.device, dtype=torch.long))
     n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
     record = None if MLP_INPUT_HOOK is None else h.new_empty(len(m.layers), h.shape[0])
-    kept = kernel.decode_layers(h, weights, slots, final_norm, cos.reshape(-1).contiguous(),
-                                sin.reshape(-1).contiguous(), past, n_heads, n_kv, eps, scaling, plan[0], ctl.Ts,
-                                plan[1], record)
+    stats = kernel.decode_layers(h, weights, slots, final_norm, cos.reshape(-1).contiguous(),
+                                 sin.reshape(-1).contiguous(), past, n_heads, n_kv, eps, scaling, plan[0], ctl.Ts,
+                                 plan[1], ctl.page_size if plan[2] else 0, plan[2], ctl.quest_tier == "per_kv_head",
+                                 pages, record)
     cache.advance()
-    ctl.native_done(len(m.layers), kept)
+    ctl.native_done(len(m.layers), n_heads, plan, stats)
     if record is not None:
         MLP_INPUT_HOOK(record)
     return h.view(1, 1, -1)

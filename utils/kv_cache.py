@@ -40,6 +40,7 @@ class GrowableLayer(DynamicLayer):
         self._kbuf[:, :, :L] = self.keys
         self._vbuf[:, :, :L] = self.values
         _zero_tail(self._kbuf, self._vbuf, L)
+        self.keys, self.values = self._kbuf[:, :, :L], self._vbuf[:, :, :L]  # owned from here on (page_bounds sizes by it)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
@@ -114,6 +115,7 @@ class GrowableLayer(DynamicLayer):
                 or pages[1].shape[2] * page < L):
             cap = -(-max(L, self._kbuf.shape[-2] if self._owns() else L) // page) + 1
             both = keys.new_empty(B, H, cap, 2 * D)  # max | min side by side: one product scores both
+            self._page_buf = both
             pmax, pmin, done = both[..., :D], both[..., D:], 0
         else:
             _, pmax, pmin, done = pages
@@ -127,6 +129,13 @@ class GrowableLayer(DynamicLayer):
             P += 1
         self._pages = (page, pmax, pmin, n_full)
         return pmax[:, :, :P], pmin[:, :, :P]
+
+    def page_buffer(self, page: int) -> torch.Tensor:
+        """The [B, H, pages, 2D] buffer behind `page_bounds` (each page's key max | min), up to date for the keys
+        held and with a page for one more token: a kernel appending a key folds it in there (a later
+        `page_bounds` recomputes the pages it changed from the keys anyway)."""
+        self.page_bounds(page)
+        return self._page_buf
 
     @classmethod
     def repeated(cls, src: DynamicLayer, k: int, spare: int = SPARE_TOKENS) -> "GrowableLayer":

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -45,31 +46,38 @@ void rotate(float* x, const float* c, const float* s, int64_t D) {
   }
 }
 
-// Softmax attention of the g query heads of one KV head over n kept positions (position of kept index i:
-// i < n0 ? i : lo + i - n0), split into chunks over the threads; each chunk keeps its own running max, sum and
-// weighted values, merged at the end (the split-K form of FlashAttention's online softmax).
-void attend(const float* q, const float* kb, const float* vb, int64_t Hkv, int64_t g, int64_t D, int64_t cap,
-            int64_t n, int64_t n0, int64_t lo, float scale, float* out) {
+// Softmax attention over kept positions. Selection s (a KV head's query group, or one query head) covers the g
+// query heads from s * g on and attends the positions pos[s] of KV head kv[s]. Each selection's positions are split
+// into chunks over the threads; a chunk keeps its own running max, sum and weighted values, merged at the end
+// (the split-K form of FlashAttention's online softmax).
+void attend(const float* q, const float* kb, const float* vb, const std::vector<int64_t>& kv,
+            const std::vector<std::vector<int32_t>>& pos, int64_t g, int64_t D, int64_t cap, float scale,
+            float* out) {
+  const int64_t n_sel = static_cast<int64_t>(pos.size());
+  int64_t longest = 1;
+  for (const auto& p : pos) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
   const int64_t T = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((2 * T + Hkv - 1) / Hkv, (n + 63) / 64));
-  const int64_t len = (n + chunks - 1) / chunks;
-  const int64_t tasks = Hkv * chunks;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((2 * T + n_sel - 1) / n_sel, (longest + 63) / 64));
+  const int64_t tasks = n_sel * chunks;
   std::vector<float> mx(tasks * g), sm(tasks * g), acc(tasks * g * D);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc(static_cast<size_t>(len * g));
+    std::vector<float> sc;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t hk = t / chunks, i0 = (t % chunks) * len, i1 = std::min(n, i0 + len);
-      const float* K = kb + hk * cap * D;
-      const float* V = vb + hk * cap * D;
-      const float* Q = q + hk * g * D;
+      const int64_t sel = t / chunks, n = static_cast<int64_t>(pos[sel].size());
+      const int64_t len = (n + chunks - 1) / chunks, i0 = std::min(n, (t % chunks) * len), i1 = std::min(n, i0 + len);
+      const int32_t* P = pos[sel].data();
+      const float* K = kb + kv[sel] * cap * D;
+      const float* V = vb + kv[sel] * cap * D;
+      const float* Q = q + sel * g * D;
       float* m = mx.data() + t * g;
       float* s = sm.data() + t * g;
       float* a = acc.data() + t * g * D;
       std::fill(m, m + g, -std::numeric_limits<float>::infinity());
       std::fill(s, s + g, 0.f);
       std::fill(a, a + g * D, 0.f);
+      sc.resize(static_cast<size_t>((i1 - i0) * g));
       for (int64_t i = i0; i < i1; ++i) {
-        const float* k = K + (i < n0 ? i : lo + i - n0) * D;
+        const float* k = K + static_cast<int64_t>(P[i]) * D;
         for (int64_t j = 0; j < g; ++j) {
           const float* qj = Q + j * D;
           float d = 0.f;
@@ -81,7 +89,7 @@ void attend(const float* q, const float* kb, const float* vb, int64_t Hkv, int64
         }
       }
       for (int64_t i = i0; i < i1; ++i) {
-        const float* v = V + (i < n0 ? i : lo + i - n0) * D;
+        const float* v = V + static_cast<int64_t>(P[i]) * D;
         for (int64_t j = 0; j < g; ++j) {
           const float p = std::exp(sc[(i - i0) * g + j] - m[j]);
           s[j] += p;
@@ -92,15 +100,15 @@ void attend(const float* q, const float* kb, const float* vb, int64_t Hkv, int64
       }
     }
   });
-  for (int64_t hk = 0; hk < Hkv; ++hk) {
+  for (int64_t sel = 0; sel < n_sel; ++sel) {
     for (int64_t j = 0; j < g; ++j) {
       float M = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) M = std::max(M, mx[(hk * chunks + c) * g + j]);
+      for (int64_t c = 0; c < chunks; ++c) M = std::max(M, mx[(sel * chunks + c) * g + j]);
       float total = 0.f;
-      float* o = out + (hk * g + j) * D;
+      float* o = out + (sel * g + j) * D;
       std::fill(o, o + D, 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t t = hk * chunks + c;
+        const int64_t t = sel * chunks + c;
         if (sm[t * g + j] == 0.f) continue;  // an empty chunk
         const float f = std::exp(mx[t * g + j] - M);
         total += f * sm[t * g + j];
@@ -110,6 +118,70 @@ void attend(const float* q, const float* kb, const float* vb, int64_t Hkv, int64
       for (int64_t e = 0; e < D; ++e) o[e] /= total;
     }
   }
+}
+
+// QUEST (Tang et al. 2024) for one layer, as utils/attention.py `quest_select_pages`: fold the new key (position
+// L) into its page's elementwise max | min (bounds [Hkv, capP, 2D], kept up to date for positions < L), score
+// every page of every selection by its upper bound sum_d max(q_d max_d, q_d min_d) = [q+, q-] . [max, min] (with a
+// group selection, the mean of its query heads' [q+, q-]), keep each selection's pages scoring at least its
+// n_keep-th largest (ties kept) and list their positions. Returns the tokens read per KV head (the largest union
+// of its selections' pages, whole pages, at most K) and adds the kept tokens summed over query heads to *kept.
+int64_t quest_positions(const float* q, const float* knew, float* bounds, int64_t cap_p, int64_t Hkv, int64_t g,
+                        bool per_kv_head, int64_t D, int64_t L, int64_t page, int64_t n_keep,
+                        std::vector<std::vector<int32_t>>& pos, int64_t* kept) {
+  const int64_t K = L + 1, P = (K + page - 1) / page, pl = L / page;
+  for (int64_t hk = 0; hk < Hkv; ++hk) {
+    const float* k = knew + hk * D;
+    float* b = bounds + (hk * cap_p + pl) * 2 * D;
+    for (int64_t e = 0; e < D; ++e) {
+      b[e] = L % page ? std::max(b[e], k[e]) : k[e];
+      b[D + e] = L % page ? std::min(b[D + e], k[e]) : k[e];
+    }
+  }
+  const int64_t gs = per_kv_head ? g : 1;  // query heads per selection
+  const int64_t n_sel = Hkv * g / gs;
+  pos.assign(n_sel, {});
+  std::vector<float> qq(2 * D), score(P), tmp(P);
+  std::vector<char> keep(P), any(P);
+  int64_t read = 0;
+  for (int64_t hk = 0; hk < Hkv; ++hk) {
+    std::fill(any.begin(), any.end(), 0);
+    for (int64_t j = 0; j < g / gs; ++j) {
+      const int64_t sel = hk * (g / gs) + j;
+      std::fill(qq.begin(), qq.end(), 0.f);
+      for (int64_t h = sel * gs; h < (sel + 1) * gs; ++h)
+        for (int64_t e = 0; e < D; ++e) {
+          qq[e] += std::max(q[h * D + e], 0.f);
+          qq[D + e] += std::min(q[h * D + e], 0.f);
+        }
+      if (gs > 1)
+        for (auto& v : qq) v /= static_cast<float>(gs);
+      const float* b = bounds + hk * cap_p * 2 * D;
+      for (int64_t p = 0; p < P; ++p) {
+        float d = 0.f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t e = 0; e < 2 * D; ++e) d += qq[e] * b[p * 2 * D + e];
+        score[p] = d;
+      }
+      float thr = -std::numeric_limits<float>::infinity();
+      if (n_keep < P) {
+        tmp = score;
+        std::nth_element(tmp.begin(), tmp.begin() + (n_keep - 1), tmp.end(), std::greater<float>());
+        thr = tmp[n_keep - 1];
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        keep[p] = score[p] >= thr;
+        if (!keep[p]) continue;
+        any[p] = 1;
+        for (int64_t t = p * page; t < std::min(K, (p + 1) * page); ++t) pos[sel].push_back(static_cast<int32_t>(t));
+      }
+      *kept += static_cast<int64_t>(pos[sel].size()) * gs;
+    }
+    int64_t m = 0;
+    for (int64_t p = 0; p < P; ++p) m += any[p];
+    read = std::max(read, std::min(m * page, K));
+  }
+  return read;
 }
 
 // The kept input channels of one MLP input: every i with |x_i| >= the kth smallest |x| (ties kept), ascending.
@@ -135,13 +207,17 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 // input-major [Hq D, H], post-attention norm [H], gate+up input-major [H, 2I], down input-major [I, H]); caches:
 // two per layer (key and value buffers [1, Hkv, cap, D]; the new token is written at position L, so cap > L).
 // cos/sin [D]: the rotary embedding of position L. kth: 0 keeps every MLP input channel, else those with |x| at
-// or above the kth smallest. Attention reads positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise.
-// record (optional, [layers, H]): each layer's MLP input, for tests. Returns the kept channels over all layers.
-int64_t decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& weights,
-                      const std::vector<torch::Tensor>& caches, const torch::Tensor& final_norm,
-                      const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
-                      int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo,
-                      c10::optional<torch::Tensor> record) {
+// or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages (`quest_positions`; page bounds
+// [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection per KV head or per query
+// head); else positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise. record (optional, [layers, H]):
+// each layer's MLP input, for tests. Returns (kept MLP channels, kept keys summed over query heads, tokens read
+// per KV head), each summed over the layers.
+std::tuple<int64_t, int64_t, int64_t> decode_layers(
+    torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& caches,
+    const torch::Tensor& final_norm, const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
+    int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo, int64_t quest_page,
+    int64_t quest_keep, bool quest_per_kv_head, const std::vector<torch::Tensor>& pages,
+    c10::optional<torch::Tensor> record) {
   const int64_t n_layers = static_cast<int64_t>(weights.size()) / 6;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * n_layers && caches.size() == 2 * weights.size() / 6,
               "decode_layers: six weights and two caches per layer");
@@ -154,13 +230,28 @@ int64_t decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& weights
   const float* sp = f32(sin, D, "sin");
   float* rec = nullptr;
   if (record.has_value()) rec = const_cast<float*>(f32(*record, n_layers * H, "record"));
-  const bool two_spans = lo > Ts && lo < K;
-  const int64_t n0 = two_spans ? Ts : K, n = two_spans ? Ts + K - lo : K;
+  TORCH_CHECK(quest_page == 0 || (static_cast<int64_t>(pages.size()) == n_layers && quest_keep >= 1),
+              "decode_layers: QUEST needs one page-bound buffer per layer and n_keep >= 1");
+  // dense and recency: the same positions for every KV head and layer
+  std::vector<std::vector<int32_t>> pos(n_kv_heads);
+  std::vector<int64_t> kv(n_kv_heads);
+  if (quest_page == 0) {
+    const bool two_spans = lo > Ts && lo < K;
+    for (int64_t i = 0; i < K; ++i)
+      if (!two_spans || i < Ts || i >= lo) pos[0].push_back(static_cast<int32_t>(i));
+    for (int64_t hk = 0; hk < n_kv_heads; ++hk) {
+      pos[hk] = pos[0];
+      kv[hk] = hk;
+    }
+  } else {
+    kv.resize(quest_per_kv_head ? n_kv_heads : n_heads);
+    for (size_t s = 0; s < kv.size(); ++s) kv[s] = quest_per_kv_head ? s : s / g;
+  }
 
   std::vector<float> xn(H), qkv(Nq + 2 * Nkv), att(Nq), o(H), gu(2 * I), act(I), tmp(H);
   std::vector<int64_t> all(std::max(H, std::max(Nq, I))), idx(H);
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
-  int64_t kept = 0;
+  int64_t kept = 0, kept_keys = 0, read = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
     const torch::Tensor* w = weights.data() + 6 * l;
     const float* wqkv = f32(w[1], H * (Nq + 2 * Nkv), "q/k/v weight");
@@ -183,8 +274,17 @@ int64_t decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& weights
       std::copy_n(qkv.data() + Nq + hk * D, D, kb + (hk * cap + L) * D);
       std::copy_n(qkv.data() + Nq + Nkv + hk * D, D, vb + (hk * cap + L) * D);
     }
-    attend(qkv.data(), kb, vb, n_kv_heads, g, D, cap, n, n0, two_spans ? lo : 0, static_cast<float>(scaling),
-           att.data());
+    if (quest_page > 0) {
+      const torch::Tensor& pb = pages[l];
+      TORCH_CHECK(pb.dim() == 4 && pb.size(0) == 1 && pb.size(1) == n_kv_heads && pb.size(3) == 2 * D &&
+                      pb.size(2) * quest_page > L,
+                  "decode_layers: page bounds");
+      read += quest_positions(qkv.data(), qkv.data() + Nq, const_cast<float*>(f32(pb, pb.numel(), "page bounds")),
+                              pb.size(2), n_kv_heads, g, quest_per_kv_head, D, L, quest_page, quest_keep, pos,
+                              &kept_keys);
+    }
+    attend(qkv.data(), kb, vb, kv, pos, quest_page > 0 && !quest_per_kv_head ? 1 : g, D, cap,
+           static_cast<float>(scaling), att.data());
     gather(att.data(), all.data(), Nq, wo, H, o.data());
     for (int64_t i = 0; i < H; ++i) x[i] += o[i];
 
@@ -207,5 +307,5 @@ int64_t decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& weights
   }
   rms_norm(x, f32(final_norm, H, "final norm"), H, static_cast<float>(eps), xn.data());
   std::copy(xn.begin(), xn.end(), x);
-  return kept;
+  return {kept, kept_keys, read};
 }
