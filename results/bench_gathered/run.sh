@@ -36,6 +36,13 @@
 # policy's dense choices) runs its gate+up product on the native loop like a dense step (it ran through BLAS in parts
 # J and K): the policy table, recency and QUEST at 2048 and 8192 and the joint row, as part K's first two commands.
 # Part M (same session, after part L, part_m.md): the end-to-end table again (a second run of part J's, on the final code).
+# Part N (2026-12-07, a later session, part_n.md): the one-call native decode step (utils/csrc/decode_step.cpp: every
+# layer of a batch-1 float32 dense, recency or top-|x| MLP step in one C++ call) and the policy's Linear layers on the
+# native loop: the end-to-end table, now with a lockstep ratio (s40 and dense generations advanced side by side, one
+# step of each in turn), and the policy table.
+# Part O (same session, after part N, part_o.md): the final code of that session (QUEST in the native step too; the
+# kernel prefetches the next rows): the end-to-end table with the lockstep ratio, the policy table, recency and QUEST
+# (per_kv_head, page 16) at kappa 0.25 with 2048- and 8192-token prompts and the joint row.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -81,6 +88,12 @@ elif [[ $PART == L ]]; then
     --skip mlp e2e policy
 elif [[ $PART == M ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint policy
+elif [[ $PART == N ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+elif [[ $PART == O ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
+  $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
