@@ -43,6 +43,8 @@
 # Part O (same session, after part N, part_o.md): the final code of that session (QUEST in the native step too; the
 # kernel prefetches the next rows): the end-to-end table with the lockstep ratio, the policy table, recency and QUEST
 # (per_kv_head, page 16) at kappa 0.25 with 2048- and 8192-token prompts and the joint row.
+# Part P (same session, right after part O, part_p.md): the end-to-end table alone again, 5 rounds (a second sample of
+# both ratios on the final code).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -94,6 +96,8 @@ elif [[ $PART == O ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
     --skip mlp e2e policy
+elif [[ $PART == P ]]; then
+  $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
