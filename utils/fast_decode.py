@@ -13,6 +13,10 @@ through the module and its hooks. Every weight (q/k/v, o, gate/up, down, the LM 
 which on the 2-core CPU reads most of them 1.6-3.5x faster than `F.linear` does (benchmarks/bench_layout.py). Same math,
 so the same logits to float rounding (tests/test_gathered.py); only the gathered execution uses it, for decode steps
 (one token per row, no mask).
+
+At batch 1 in float32 a step whose action allows it (`Controls.native_plan`) goes further: `_native_step` runs every
+layer in one C++ call (utils/csrc/decode_step.cpp), which removes the per-op dispatch that was still ~12 of ~36 ms
+of a dense step here (results/bench_gathered/step_parts.py); `decode_hidden` below it is the path for everything else.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The optional native (C++) kernel of the gathered execution, built once on first use.
 
-`gather_kernel()` compiles `utils/csrc/gather_gemv.cpp` with torch's JIT extension builder (a C++ compiler and
+`gather_kernel()` compiles `utils/csrc/gather_gemv.cpp` and `utils/csrc/decode_step.cpp` (the one-call batch-1
+decode step of `utils.fast_decode`) as one module with torch's JIT extension builder (a C++ compiler and
 ninja; ~40 s the first time, then loaded from torch's extension cache, `TORCH_EXTENSIONS_DIR`) and returns the
 module, or None when it cannot be built or `SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback:
 `utils.gathered.gather_gemv` then runs the same sum with `embedding_bag`, and both agree to float rounding.
@@ -29,7 +30,8 @@ def native_enabled() -> bool:
 
 
 def gather_kernel() -> ModuleType | None:
-    """The compiled gather-GEMV module (`.gather_gemv(x, idx, w)`, `.select_gather_gemv(x, kth, w)`, `.gemv(x, w)`),
+    """The compiled module (`.gather_gemv(x, idx, w)`, `.select_gather_gemv(x, kth, w)`, `.gemv(x, w)`,
+    `.decode_layers(...)`),
     or None if it is switched off or cannot be built (one note on stderr, once per process)."""
     if not native_enabled():
         return None
