@@ -11,7 +11,8 @@ Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
    gather (`Controls.gate_up`, what a controlled batch-1 step runs), at ρ = 0.4/0.6/0.8.
 2. End-to-end decode tokens/s after an --e2e_prompt-token prompt, s40 (κ=1, ρ=0.4, 16 bits) on every step:
    both executions, against plain dense steps (actions=None) and against the stock Hugging Face forward
-   (SDPA attention, DynamicCache) of an untouched copy of the model.
+   (SDPA attention, DynamicCache) of an untouched copy of the model; plus the gathered s40/dense ratio with the two
+   generations advanced in lockstep, one step of each in turn (steadier against the machine's drift).
 3. Attention alone (ρ=1, 16 bits) at κ=0.25 with long prompts: recency, QUEST and relevancy, each execution
    against its own dense steps (the gathered execution's dense steps differ too: every weight product runs
    input-major through `gathered.dense_gemv`, benchmarks/bench_layout.py).

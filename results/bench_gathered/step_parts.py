@@ -2,7 +2,9 @@
 3 runs): every native product timed inside real steps, by weight shape (q/k/v, o, gate+up or select + gather,
 down, LM head), then the same steps with every native product replaced by a no-op returning zeros (what
 everything else costs: SDPA, norms, rotary, the cache, the controls and their Python). Dense steps and s40 on
-every step. Run alone: python results/bench_gathered/step_parts.py (needs the native kernel)."""
+every step. Run alone: python results/bench_gathered/step_parts.py (needs the native kernel). It times the per-layer
+path (`fast_decode.decode_hidden`, parts J-M), the one-call native step of part N on being switched off: that step
+has no separate products to time."""
 import statistics
 import sys
 import time
@@ -11,11 +13,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from utils import native  # noqa: E402
+from utils import fast_decode, native  # noqa: E402
 from utils.actions import ActionSpace  # noqa: E402
 from utils.lm import ControlledLM  # noqa: E402
 from utils.model import SMOLLM2_ALIAS, load_lm  # noqa: E402
 
+fast_decode.NATIVE_STEP = False
 base, tok = load_lm(SMOLLM2_ALIAS, "float32")
 SPACE = ActionSpace.build([0.25, 1.0], ["s40", "s60", "s80", "s100"], ["q16"])
 lm = ControlledLM(base, tok, SPACE, "recency", Ts=4, Tw=2, execution="gathered")
