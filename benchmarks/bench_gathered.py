@@ -332,18 +332,14 @@ class TimedScheduler(Scheduler):
         self.inner.observe(out)
 
 
-def _median_generation(lm, make_sched, prompt: list[int], tokens: int, budgets, episode_len: int, runs: int):
-    """(tokens/s, scheduler share of the decode time, mean realised channel keep) of greedy generation, the
-    median run of `runs` after a warm-up (every run decodes exactly `tokens` tokens: no stop token)."""
-    res = []
-    for i in range(runs + 1):
-        sched = make_sched()
-        _, st = generate(lm, sched, prompt, tokens, budgets, episode_len)
-        share = sched.seconds / st.decode_seconds if isinstance(sched, TimedScheduler) else 0.0
-        keep = statistics.fmean(k for k, e in zip(st.channel_keep, st.effective) if e) if any(st.effective) else 1.0
-        if i:
-            res.append((st.n_steps / st.decode_seconds, share, keep))
-    return sorted(res)[len(res) // 2]
+def _generation(lm, make_sched, prompt: list[int], tokens: int, budgets, episode_len: int):
+    """(tokens/s, scheduler share of the decode time, mean realised channel keep) of one greedy generation (it
+    decodes exactly `tokens` tokens: no stop token)."""
+    sched = make_sched()
+    _, st = generate(lm, sched, prompt, tokens, budgets, episode_len)
+    share = sched.seconds / st.decode_seconds if isinstance(sched, TimedScheduler) else 0.0
+    keep = statistics.fmean(k for k, e in zip(st.channel_keep, st.effective) if e) if any(st.effective) else 1.0
+    return st.n_steps / st.decode_seconds, share, keep
 
 
 def policy_table(ckpt_dir: str, prompt: list[int], tokens: int, runs: int, dtype: str,
@@ -367,18 +363,27 @@ def policy_table(ckpt_dir: str, prompt: list[int], tokens: int, runs: int, dtype
         if str(next(lm.model.parameters()).dtype).split(".")[-1] != dtype:
             lm.model.to(getattr(torch, dtype))
         E = cfg.rollout_len
-        dense = _median_generation(lm, lambda: None, prompt, tokens, (1.0, 1.0, 1.0), E, runs)[0]
-        rows.append(f"| dense steps | {execution} | - | {dense:.1f} | 1.00 | - | - |")
+        cells = {None: (lambda: None, (1.0, 1.0, 1.0))}
+        cells.update({rho: (lambda: TimedScheduler(PolicyScheduler(policy, 0.6, greedy=True)), (1.0, rho, 1.0))
+                      for rho in rhos})
+        order = list(cells)
+        res: dict = {c: [] for c in cells}
+        for r in range(runs + 1):  # the first round warms up; each round times every cell once, the order rotated
+            for c in order[r % len(order):] + order[:r % len(order)]:
+                out = _generation(lm, cells[c][0], prompt, tokens, cells[c][1], E)
+                if r:
+                    res[c].append(out)
+        dense = [x[0] for x in res[None]]
+        rows.append(f"| dense steps | {execution} | - | {statistics.median(dense):.1f} | 1.00 | - | - |")
         for rho in rhos:
-            tps, share, keep = _median_generation(
-                lm, lambda: TimedScheduler(PolicyScheduler(policy, 0.6, greedy=True)), prompt, tokens,
-                (1.0, rho, 1.0), E, runs)
+            tps, share, keep = ([x[i] for x in res[rho]] for i in range(3))
             p, fx = ppl.get(round(rho, 3), ("-", "-"))
-            rows.append(f"| policy ρ={rho} | {execution} | {keep:.3f} | {tps:.1f} | {tps / dense:.2f} | "
-                        f"{100 * share:.1f}% | {p} (fixed {fx}) |")
+            rows.append(f"| policy ρ={rho} | {execution} | {statistics.median(keep):.3f} | {statistics.median(tps):.1f} | "
+                        f"{median_ratio(tps, dense):.2f} | {100 * statistics.median(share):.1f}% | {p} (fixed {fx}) |")
         del lm
     head = [f"\nShipped prune policy ({ckpt_dir}), greedy generation of {tokens} tokens after a {len(prompt)}-token "
-            f"prompt, dense replay every rollout_len steps, median of {runs} runs\n",
+            f"prompt, dense replay every rollout_len steps, median of {runs} rounds (each round times dense steps and "
+            f"every ρ once, in rotated order; × dense steps: the median of the rounds' ratios)\n",
             "| method | execution | realised channel keep | tokens/s | × dense steps (same execution) | policy share of "
             "decode time | test PPL (teacher-forced) |",
             "|---|---|---|---|---|---|---|"]

@@ -45,6 +45,9 @@
 # (per_kv_head, page 16) at kappa 0.25 with 2048- and 8192-token prompts and the joint row.
 # Part P (same session, right after part O, part_p.md): the end-to-end table alone again, 5 rounds (a second sample of
 # both ratios on the final code).
+# Part Q (same session, after part P, part_q.md): the policy table with its cells timed in turn within each round
+# (dense steps and each rho once per round, order rotated; ratios are medians of the rounds' ratios), as the e2e
+# table does: timed one cell after another, its rows had moved with the machine's drift.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -98,6 +101,8 @@ elif [[ $PART == O ]]; then
     --skip mlp e2e policy
 elif [[ $PART == P ]]; then
   $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
+elif [[ $PART == Q ]]; then
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
