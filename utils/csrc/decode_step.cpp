@@ -142,7 +142,7 @@ int64_t quest_positions(const float* q, const float* knew, float* bounds, int64_
   const int64_t n_sel = Hkv * g / gs;
   pos.assign(n_sel, {});
   std::vector<float> qq(2 * D), score(P), tmp(P);
-  std::vector<char> keep(P), any(P);
+  std::vector<char> any(P);
   int64_t read = 0;
   for (int64_t hk = 0; hk < Hkv; ++hk) {
     std::fill(any.begin(), any.end(), 0);
@@ -170,8 +170,7 @@ int64_t quest_positions(const float* q, const float* knew, float* bounds, int64_
         thr = tmp[n_keep - 1];
       }
       for (int64_t p = 0; p < P; ++p) {
-        keep[p] = score[p] >= thr;
-        if (!keep[p]) continue;
+        if (!(score[p] >= thr)) continue;
         any[p] = 1;
         for (int64_t t = p * page; t < std::min(K, (p + 1) * page); ++t) pos[sel].push_back(static_cast<int32_t>(t));
       }
