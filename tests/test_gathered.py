@@ -423,7 +423,10 @@ def test_batch_rows_with_different_actions_match_simulated(tiny, crit, limit):
 
 
 def test_gathered_kernels_are_the_ones_running(tiny, monkeypatch):
-    """The gathered mode really takes the gathered kernels (not a silent simulated fallback)."""
+    """The gathered mode's per-layer path really takes the gathered kernels (not a silent simulated fallback);
+    batch-1 steps would take the native step otherwise (tested on its own below), so it is switched off here."""
+    from utils import fast_decode
+    monkeypatch.setattr(fast_decode, "NATIVE_STEP", False)
     _, _, ids = tiny
     calls: dict[str, int] = {}
     for name in ("select_gather_gemv", "gathered_gate_up", "recency_attention", "relevancy_attention",
@@ -755,7 +758,7 @@ def _native_spy(monkeypatch) -> list[bool]:
                          ids=["recency", "relevancy", "quest", "quest-sinkwin", "quest-kvhead"])
 def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
     """Batch-1 float32 gathered steps run the native step exactly where it applies (dense steps, recency and QUEST
-    without its protected sinks and window at any κ, every criterion at κ = 1; 16 bits) and give the per-layer
+    without its protected sinks and window at any κ, every criterion at κ = 1; any bit-width) and give the per-layer
     path's logits and usage, the cache bytes read included; elsewhere the per-layer path runs."""
     from utils import fast_decode, native
     if native.gather_kernel() is None:
@@ -766,7 +769,7 @@ def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
     A = SPACE.index
     sparse_native = crit[0] == "recency" or (crit[0] == "quest" and not crit[2])
     for a, native_expected in ((None, True), (A(0.25, 0.4, 16), sparse_native), (A(1.0, 0.4, 16), True),
-                               (A(0.5, 1.0, 16), sparse_native), (A(1.0, 0.6, 8), False)):
+                               (A(0.5, 1.0, 16), sparse_native), (A(1.0, 0.6, 8), True), (A(0.25, 0.4, 4), sparse_native)):
         acts = None if a is None else torch.tensor([a])
         took.clear()
         fast, read = run(lm, ids[:1], acts), lm.controls.kv_read_sum

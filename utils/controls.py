@@ -174,6 +174,7 @@ class Controls:
             rows.append(start.float())
         host = torch.stack(rows).tolist()
         self._kappa_present = sorted(set(host[0]))
+        self._bits_host = host[1]
         self._quant_identity = min(host[1]) >= DENSE_BITS
         self._ch_plan = None  # (width, counts [B], present counts, total): set by the first MLP call
         if self.criteria == "recency":
@@ -274,17 +275,17 @@ class Controls:
             self._bags = gathered.default_bags(device, dtype)
         return self._ch_plan
 
-    def native_plan(self, hidden: int, device: torch.device) -> tuple[int, int, int] | None:
-        """(kth, lo, quest_keep) of a batch-1 step for the one-call native decode step (`utils.fast_decode`), or
-        None when this step needs the per-layer path (relevancy below κ = 1, QUEST with its sinks and window kept,
-        an MLP output below 16 bits). kth: 0 keeps every MLP input channel, else the channels with |x| at or above
-        the kth smallest |x| (`_gate_up_one_row`'s choice); lo: recency's recent span start (the keys [0, Ts) and
-        [lo, K) are read; lo <= Ts reads every key); quest_keep: QUEST's pages per selection
-        (`quest_pages_kept`), 0 when the step is not QUEST's. Uncontrolled steps: (0, 0, 0)."""
+    def native_plan(self, hidden: int, device: torch.device) -> tuple[int, int, int, int] | None:
+        """(kth, lo, quest_keep, bits) of a batch-1 step for the one-call native decode step (`utils.fast_decode`),
+        or None when this step needs the per-layer path (relevancy below κ = 1, QUEST with its sinks and window
+        kept). kth: 0 keeps every MLP input channel, else the channels with |x| at or above the kth smallest |x|
+        (`_gate_up_one_row`'s choice); lo: recency's recent span start (the keys [0, Ts) and [lo, K) are read;
+        lo <= Ts reads every key); quest_keep: QUEST's pages per selection (`quest_pages_kept`), 0 when the step
+        is not QUEST's; bits: the MLP output's bit-width (`fake_quantize`), 0 when it stays as it is.
+        Uncontrolled steps: (0, 0, 0, 0)."""
         if not self.active:
-            return 0, 0, 0
-        if self.quant_enabled and not self._quant_identity:
-            return None
+            return 0, 0, 0, 0
+        bits = 0 if not self.quant_enabled or self._quant_identity else int(self._bits_host[0])
         lo = quest = 0
         if self.criteria == "recency":
             lo = self._rec_lo
@@ -293,11 +294,11 @@ class Controls:
                 return None
             quest = int(quest_pages_kept(self.kappa, self.kv_len, self.page_size)[0])
         if not self.prune_enabled:
-            return 0, lo, quest
+            return 0, lo, quest, bits
         choices = self._channel_plan(hidden, device, torch.float32)[2]
-        return (0 if choices[0] >= hidden else hidden - choices[0] + 1), lo, quest
+        return (0 if choices[0] >= hidden else hidden - choices[0] + 1), lo, quest, bits
 
-    def native_done(self, n_layers: int, n_heads: int, plan: tuple[int, int, int],
+    def native_done(self, n_layers: int, n_heads: int, plan: tuple[int, int, int, int],
                     stats: tuple[int, int, int]) -> None:
         """Book what a native decode step (planned by `native_plan`; `stats`: its kept MLP channels, kept keys
         summed over the n_heads query heads and tokens read per KV head, each summed over the n_layers layers)

@@ -134,8 +134,8 @@ def _native_spec(model: nn.Module) -> tuple | None:
 def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
     """`decode_hidden` for one row in float32 on a CPU as one native call over every layer
     (utils/csrc/decode_step.cpp: the same math, no per-op dispatch), when the step's controls allow it
-    (`Controls.native_plan`: dense, recency or QUEST attention, every or the top-|x| MLP input channels, no
-    quantization) and the cache can take the token in place (`GrowableCache.next_slots`). None otherwise."""
+    (`Controls.native_plan`: dense, recency or QUEST attention, every or the top-|x| MLP input channels, any
+    MLP-output bit-width) and the cache can take the token in place (`GrowableCache.next_slots`). None otherwise."""
     if not NATIVE_STEP or input_ids.shape[0] != 1 or input_ids.device.type != "cpu":
         return None
     spec = _native_spec(model)
@@ -160,7 +160,7 @@ def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tens
     stats = kernel.decode_layers(h, weights, slots, final_norm, cos.reshape(-1).contiguous(),
                                  sin.reshape(-1).contiguous(), past, n_heads, n_kv, eps, scaling, plan[0], ctl.Ts,
                                  plan[1], ctl.page_size if plan[2] else 0, plan[2], ctl.quest_tier == "per_kv_head",
-                                 pages, record)
+                                 pages, plan[3], record)
     cache.advance()
     ctl.native_done(len(m.layers), n_heads, plan, stats)
     if record is not None:

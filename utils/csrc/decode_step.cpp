@@ -194,6 +194,16 @@ int64_t select_channels(const float* x, int64_t H, int64_t kth, std::vector<floa
   return n;
 }
 
+// utils/mlp_controls.py `fake_quantize` of one token: symmetric absmax, qmax = 2^(bits-1) - 1 (at least 1), round
+// half to even (the default rounding mode), clamp to +-qmax, all in float32.
+void fake_quantize(float* y, int64_t H, int64_t bits) {
+  const float qmax = std::max(std::pow(2.f, static_cast<float>(bits) - 1.f) - 1.f, 1.f);
+  float amax = 0.f;
+  for (int64_t i = 0; i < H; ++i) amax = std::max(amax, std::fabs(y[i]));
+  const float scale = std::max(amax, 1e-8f) / qmax;
+  for (int64_t i = 0; i < H; ++i) y[i] = std::min(std::max(std::nearbyint(y[i] / scale), -qmax), qmax) * scale;
+}
+
 const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous() && t.numel() == numel, "decode_layers: ", what);
   return t.data_ptr<float>();
@@ -208,14 +218,15 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 // cos/sin [D]: the rotary embedding of position L. kth: 0 keeps every MLP input channel, else those with |x| at
 // or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages (`quest_positions`; page bounds
 // [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection per KV head or per query
-// head); else positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise. record (optional, [layers, H]):
+// head); else positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output
+// fake-quantized to that many bits (`fake_quantize`), else left as it is. record (optional, [layers, H]):
 // each layer's MLP input, for tests. Returns (kept MLP channels, kept keys summed over query heads, tokens read
 // per KV head), each summed over the layers.
 std::tuple<int64_t, int64_t, int64_t> decode_layers(
     torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& caches,
     const torch::Tensor& final_norm, const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
     int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo, int64_t quest_page,
-    int64_t quest_keep, bool quest_per_kv_head, const std::vector<torch::Tensor>& pages,
+    int64_t quest_keep, bool quest_per_kv_head, const std::vector<torch::Tensor>& pages, int64_t qbits,
     c10::optional<torch::Tensor> record) {
   const int64_t n_layers = static_cast<int64_t>(weights.size()) / 6;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * n_layers && caches.size() == 2 * weights.size() / 6,
@@ -302,6 +313,7 @@ std::tuple<int64_t, int64_t, int64_t> decode_layers(
       act[i] = a / (1.f + std::exp(-a)) * gu[I + i];
     }
     gather(act.data(), all.data(), I, wdown, H, o.data());
+    if (qbits >= 1 && qbits < 16) fake_quantize(o.data(), H, qbits);
     for (int64_t i = 0; i < H; ++i) x[i] += o[i];
   }
   rms_norm(x, f32(final_norm, H, "final norm"), H, static_cast<float>(eps), xn.data());
