@@ -758,7 +758,7 @@ def _native_spy(monkeypatch) -> list[bool]:
                          ids=["recency", "relevancy", "quest", "quest-sinkwin", "quest-kvhead"])
 def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
     """Batch-1 float32 gathered steps run the native step exactly where it applies (dense steps, recency and QUEST
-    without its protected sinks and window at any κ, every criterion at κ = 1; any bit-width) and give the per-layer
+    at any κ, every criterion at κ = 1; any bit-width) and give the per-layer
     path's logits and usage, the cache bytes read included; elsewhere the per-layer path runs."""
     from utils import fast_decode, native
     if native.gather_kernel() is None:
@@ -767,7 +767,7 @@ def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
     lm = pair(tiny, crit)["gathered"]
     took = _native_spy(monkeypatch)
     A = SPACE.index
-    sparse_native = crit[0] == "recency" or (crit[0] == "quest" and not crit[2])
+    sparse_native = crit[0] in ("recency", "quest")
     for a, native_expected in ((None, True), (A(0.25, 0.4, 16), sparse_native), (A(1.0, 0.4, 16), True),
                                (A(0.5, 1.0, 16), sparse_native), (A(1.0, 0.6, 8), True), (A(0.25, 0.4, 4), sparse_native)):
         acts = None if a is None else torch.tensor([a])
@@ -786,7 +786,8 @@ def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("crit", [CRIT[0], CRIT[3], CRIT[5]], ids=["recency", "quest", "quest-kvhead"])
+@pytest.mark.parametrize("crit", [CRIT[0], CRIT[3], CRIT[4], CRIT[5]],
+                         ids=["recency", "quest", "quest-sinkwin", "quest-kvhead"])
 def test_native_step_long_decode_matches_simulated(tiny, crit, threads, monkeypatch):
     """κ 0.25 with s40 over more keys than one attention chunk, across page boundaries and the cache's
     reallocation, at 1 and 3 threads (the attention's chunks change with them): the simulated logits, and the same

@@ -277,8 +277,7 @@ class Controls:
 
     def native_plan(self, hidden: int, device: torch.device) -> tuple[int, int, int, int] | None:
         """(kth, lo, quest_keep, bits) of a batch-1 step for the one-call native decode step (`utils.fast_decode`),
-        or None when this step needs the per-layer path (relevancy below κ = 1, QUEST with its sinks and window
-        kept). kth: 0 keeps every MLP input channel, else the channels with |x| at or above the kth smallest |x|
+        or None when this step needs the per-layer path (relevancy below κ = 1). kth: 0 keeps every MLP input channel, else the channels with |x| at or above the kth smallest |x|
         (`_gate_up_one_row`'s choice); lo: recency's recent span start (the keys [0, Ts) and [lo, K) are read;
         lo <= Ts reads every key); quest_keep: QUEST's pages per selection (`quest_pages_kept`), 0 when the step
         is not QUEST's; bits: the MLP output's bit-width (`fake_quantize`), 0 when it stays as it is.
@@ -290,7 +289,7 @@ class Controls:
         if self.criteria == "recency":
             lo = self._rec_lo
         elif min(self._kappa_present) < 1.0:  # QUEST and relevancy keep every key at κ = 1
-            if self.criteria != "quest" or self.quest_keep_sink_window:
+            if self.criteria != "quest":
                 return None
             quest = int(quest_pages_kept(self.kappa, self.kv_len, self.page_size)[0])
         if not self.prune_enabled:

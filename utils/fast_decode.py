@@ -160,7 +160,8 @@ def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tens
     stats = kernel.decode_layers(h, weights, slots, final_norm, cos.reshape(-1).contiguous(),
                                  sin.reshape(-1).contiguous(), past, n_heads, n_kv, eps, scaling, plan[0], ctl.Ts,
                                  plan[1], ctl.page_size if plan[2] else 0, plan[2], ctl.quest_tier == "per_kv_head",
-                                 pages, plan[3], record)
+                                 *((ctl.Ts, ctl.Tw + 1) if ctl.quest_keep_sink_window else (0, 0)), pages, plan[3],
+                                 record)
     cache.advance()
     ctl.native_done(len(m.layers), n_heads, plan, stats)
     if record is not None:

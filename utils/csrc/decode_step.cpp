@@ -124,11 +124,12 @@ void attend(const float* q, const float* kb, const float* vb, const std::vector<
 // L) into its page's elementwise max | min (bounds [Hkv, capP, 2D], kept up to date for positions < L), score
 // every page of every selection by its upper bound sum_d max(q_d max_d, q_d min_d) = [q+, q-] . [max, min] (with a
 // group selection, the mean of its query heads' [q+, q-]), keep each selection's pages scoring at least its
-// n_keep-th largest (ties kept) and list their positions. Returns the tokens read per KV head (the largest union
+// n_keep-th largest (ties kept) and list their positions, with the first `sinks` and the last `recent` positions
+// kept in every selection too (quest_keep_sink_window; 0 and 0 without it). Returns the tokens read per KV head (the largest union
 // of its selections' pages, whole pages, at most K) and adds the kept tokens summed over query heads to *kept.
 int64_t quest_positions(const float* q, const float* knew, float* bounds, int64_t cap_p, int64_t Hkv, int64_t g,
-                        bool per_kv_head, int64_t D, int64_t L, int64_t page, int64_t n_keep,
-                        std::vector<std::vector<int32_t>>& pos, int64_t* kept) {
+                        bool per_kv_head, int64_t D, int64_t L, int64_t page, int64_t n_keep, int64_t sinks,
+                        int64_t recent, std::vector<std::vector<int32_t>>& pos, int64_t* kept) {
   const int64_t K = L + 1, P = (K + page - 1) / page, pl = L / page;
   for (int64_t hk = 0; hk < Hkv; ++hk) {
     const float* k = knew + hk * D;
@@ -170,9 +171,12 @@ int64_t quest_positions(const float* q, const float* knew, float* bounds, int64_
         thr = tmp[n_keep - 1];
       }
       for (int64_t p = 0; p < P; ++p) {
-        if (!(score[p] >= thr)) continue;
-        any[p] = 1;
-        for (int64_t t = p * page; t < std::min(K, (p + 1) * page); ++t) pos[sel].push_back(static_cast<int32_t>(t));
+        const bool whole = score[p] >= thr;
+        for (int64_t t = p * page; t < std::min(K, (p + 1) * page); ++t) {
+          if (!whole && t >= sinks && t < K - recent) continue;
+          pos[sel].push_back(static_cast<int32_t>(t));
+          any[p] = 1;
+        }
       }
       *kept += static_cast<int64_t>(pos[sel].size()) * gs;
     }
@@ -218,7 +222,7 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 // cos/sin [D]: the rotary embedding of position L. kth: 0 keeps every MLP input channel, else those with |x| at
 // or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages (`quest_positions`; page bounds
 // [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection per KV head or per query
-// head); else positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output
+// head, the first quest_sinks and last quest_recent positions always kept); else positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output
 // fake-quantized to that many bits (`fake_quantize`), else left as it is. record (optional, [layers, H]):
 // each layer's MLP input, for tests. Returns (kept MLP channels, kept keys summed over query heads, tokens read
 // per KV head), each summed over the layers.
@@ -226,7 +230,8 @@ std::tuple<int64_t, int64_t, int64_t> decode_layers(
     torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& caches,
     const torch::Tensor& final_norm, const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
     int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo, int64_t quest_page,
-    int64_t quest_keep, bool quest_per_kv_head, const std::vector<torch::Tensor>& pages, int64_t qbits,
+    int64_t quest_keep, bool quest_per_kv_head, int64_t quest_sinks, int64_t quest_recent,
+    const std::vector<torch::Tensor>& pages, int64_t qbits,
     c10::optional<torch::Tensor> record) {
   const int64_t n_layers = static_cast<int64_t>(weights.size()) / 6;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * n_layers && caches.size() == 2 * weights.size() / 6,
@@ -290,8 +295,8 @@ std::tuple<int64_t, int64_t, int64_t> decode_layers(
                       pb.size(2) * quest_page > L,
                   "decode_layers: page bounds");
       read += quest_positions(qkv.data(), qkv.data() + Nq, const_cast<float*>(f32(pb, pb.numel(), "page bounds")),
-                              pb.size(2), n_kv_heads, g, quest_per_kv_head, D, L, quest_page, quest_keep, pos,
-                              &kept_keys);
+                              pb.size(2), n_kv_heads, g, quest_per_kv_head, D, L, quest_page, quest_keep,
+                              quest_sinks, quest_recent, pos, &kept_keys);
     }
     attend(qkv.data(), kb, vb, kv, pos, quest_page > 0 && !quest_per_kv_head ? 1 : g, D, cap,
            static_cast<float>(scaling), att.data());

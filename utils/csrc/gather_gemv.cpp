@@ -122,7 +122,8 @@ std::tuple<int64_t, int64_t, int64_t> decode_layers(
     torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& caches,
     const torch::Tensor& final_norm, const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
     int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo, int64_t quest_page,
-    int64_t quest_keep, bool quest_per_kv_head, const std::vector<torch::Tensor>& pages, int64_t qbits,
+    int64_t quest_keep, bool quest_per_kv_head, int64_t quest_sinks, int64_t quest_recent,
+    const std::vector<torch::Tensor>& pages, int64_t qbits,
     c10::optional<torch::Tensor> record);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
