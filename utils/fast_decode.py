@@ -105,14 +105,15 @@ def decode_hidden(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Ten
 
 def _native_spec(model: nn.Module) -> tuple | None:
     """(the six weights of every layer in order, the final norm's weight, eps, scaling) for the native step, or
-    None when the model is not a float32 Llama it can run: biases, another activation, mixed norms' eps.
+    None when the model is not a float32 Llama it can run (another architecture, biases, another activation,
+    mixed norms' eps).
     Cached on the model; rebuilt if its weights were replaced since."""
     m = model.model
     spec = getattr(model, "_sol_native_spec", None)
     if spec is not None and (spec is False or spec[0][1] is m.layers[0].self_attn._sol_w_qkv):
         return spec or None
     weights, eps, scaling = [], set(), set()
-    ok = getattr(model.config, "hidden_act", None) == "silu"
+    ok = getattr(model.config, "model_type", None) == "llama" and getattr(model.config, "hidden_act", None) == "silu"
     for layer in m.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(mlp, "_sol_w_in") or any(
