@@ -17,6 +17,10 @@ Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
    against its own dense steps (the gathered execution's dense steps differ too: every weight product runs
    input-major through `gathered.dense_gemv`, benchmarks/bench_layout.py).
 
+With --batches: batches of several rows, an action per row (s40 on every row, s40 on half the rows), against
+dense steps of the same execution: the gathered execution is exact at any batch size and reads less mainly at
+batch 1 (see `batch_table`).
+
 "bound" is the bytes a step must read relative to a dense step (weights incl. the LM head, plus the KV
 cache): what a perfect kernel would reach on a memory-bound CPU. For table 1 it is ρ; "KV read" is the
 fraction of the cache's bytes the gathered step read: for QUEST the gathered pages (the union over the query
@@ -152,13 +156,13 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
 
 
 # ---- decode throughput -------------------------------------------------------------------------------
-def lm_decode_run(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | None):
-    """(go, info): go() runs `tokens` greedy decode steps after a dense prefill of `prompt` (the prefill done
-    once, outside go), each step with `action` (None = dense); info() gives the last step's usage and its KV
+def lm_decode_run(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | list[int] | None):
+    """(go, info): go() runs `tokens` greedy decode steps after a dense prefill of `prompt` [B, P] (the prefill
+    done once, outside go), each step with `action` for every row, or one action per row (a list; None = dense); info() gives the last step's usage and its KV
     bytes read per layer relative to dense (gathered execution only, else 0)."""
     cache, _, logits = lm.prefill(prompt)
     first = logits.argmax(-1)
-    acts = None if action is None else torch.tensor([action])
+    acts = None if action is None else torch.tensor(action if isinstance(action, list) else [action] * len(prompt))
     last = []
 
     def go():
@@ -390,6 +394,33 @@ def policy_table(ckpt_dir: str, prompt: list[int], tokens: int, runs: int, dtype
     return head + rows
 
 
+def batch_table(base, tok, P: int, tokens: int, runs: int, page: int, batches: list[int]) -> list[str]:
+    """Batches of B rows (recency, 16 bits): s40 on every row, and s40 on the even rows with dense odd rows
+    (mixed), against dense steps of the same execution, the three timed in turn within each round; tokens/s
+    counts every row's tokens. A gathered row reads its own kept rows of the gate+up weights, while a dense
+    product reads the matrix once for all rows, so the gathered MLP gathers only while the rows' kept channels
+    add up to at most one dense pass (`Controls.gather_limit`); otherwise it runs the masked dense product."""
+    s40 = SPACE.index(1.0, 0.4, 16)
+    rows = []
+    for B in batches:
+        prompt = torch.randint(0, base.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(4))
+        mixed = [s40 if r % 2 == 0 else SPACE.dense_idx for r in range(B)]
+        for execution in ("simulated", "gathered"):
+            lm = make_lm(base, tok, "recency", execution, page)
+            cells = {name: lm_decode_run(lm, prompt, tokens, act)[0]
+                     for name, act in (("dense", None), ("s40", s40), ("mixed", mixed))}
+            times = interleaved(cells, runs)
+            tps = {c: B * tokens / statistics.median(v) for c, v in times.items()}
+            rows.append(f"| {B} | {execution} | {tps['dense']:.1f} | {tps['s40']:.1f} "
+                        f"({median_ratio(times['dense'], times['s40']):.2f}×) | {tps['mixed']:.1f} "
+                        f"({median_ratio(times['dense'], times['mixed']):.2f}×) |")
+    head = [f"\nBatches with an action per row, prompt {P} tokens, {tokens} new tokens per row, median of {runs} "
+            f"interleaved rounds (× dense steps of the same execution: medians of the rounds' ratios)\n",
+            "| rows | execution | dense tok/s | s40 every row tok/s | s40 even rows, dense odd rows tok/s |",
+            "|---|---|---|---|---|"]
+    return head + rows
+
+
 def joint_table(base, tok, P: int, tokens: int, runs: int, page: int) -> list[str]:
     """κ and ρ together on every step (κ=0.25 recency and ρ=0.4: the fixed joint corner) at a long prompt."""
     idx = SPACE.index(0.25, 0.4, 16)
@@ -433,9 +464,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="that policy's test results, for the PPL column")
     p.add_argument("--skip", nargs="*", choices=["mlp", "e2e", "attention", "policy", "joint"], default=[],
                    help="tables to skip")
+    p.add_argument("--batches", type=int, nargs="*", default=[],
+                   help="also time batches of these many rows, an action per row (e.g. 2 4; default none)")
     a = p.parse_args(argv)
     if a.runs < 3 or a.tokens < 1 or a.e2e_prompt < 8 or min(a.prompt_lens) < 8:
         p.error("need --runs >= 3, --tokens >= 1 and prompts of at least 8 tokens")
+    if any(b < 2 for b in a.batches):
+        p.error("--batches takes row counts of at least 2 (batch 1 is the end-to-end table)")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -450,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     if "e2e" not in a.skip:
         prompt = torch.randint(0, base.config.vocab_size, (1, a.e2e_prompt), generator=torch.Generator().manual_seed(2))
         show(e2e_table(base, tok, prompt, a.tokens, a.runs, a.page_size))
+    if a.batches:
+        show(batch_table(base, tok, a.e2e_prompt, a.tokens, a.runs, a.page_size, a.batches))
     if "attention" not in a.skip:
         show(attention_table(base, tok, a.prompt_lens, a.tokens, a.runs, a.page_size, tuple(a.criteria),
                              tuple(a.quest_tiers)))

@@ -48,6 +48,8 @@
 # Part Q (same session, after part P, part_q.md): the policy table with its cells timed in turn within each round
 # (dense steps and each rho once per round, order rotated; ratios are medians of the rounds' ratios), as the e2e
 # table does: timed one cell after another, its rows had moved with the machine's drift.
+# Part R (same session, after part Q, part_r.md): batches of 2 and 4 rows with an action per row (s40 on every row,
+# s40 on the even rows only), 64 new tokens per row, both executions against their own dense steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -103,6 +105,8 @@ elif [[ $PART == P ]]; then
   $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
 elif [[ $PART == Q ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
+elif [[ $PART == R ]]; then
+  $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
