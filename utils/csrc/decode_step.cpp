@@ -222,8 +222,9 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 // cos/sin [D]: the rotary embedding of position L. kth: 0 keeps every MLP input channel, else those with |x| at
 // or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages (`quest_positions`; page bounds
 // [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection per KV head or per query
-// head, the first quest_sinks and last quest_recent positions always kept); else positions [0, Ts) and [lo, L] when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output
-// fake-quantized to that many bits (`fake_quantize`), else left as it is. record (optional, [layers, H]):
+// head, the first quest_sinks and last quest_recent positions always kept); else positions [0, Ts) and [lo, L]
+// when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output fake-quantized to that many bits
+// (`fake_quantize`), else left as it is. record (optional, [layers, H]):
 // each layer's MLP input, for tests. Returns (kept MLP channels, kept keys summed over query heads, tokens read
 // per KV head), each summed over the layers.
 std::tuple<int64_t, int64_t, int64_t> decode_layers(
@@ -324,4 +325,9 @@ std::tuple<int64_t, int64_t, int64_t> decode_layers(
   rms_norm(x, f32(final_norm, H, "final norm"), H, static_cast<float>(eps), xn.data());
   std::copy(xn.begin(), xn.end(), x);
   return {kept, kept_keys, read};
+}
+
+void bind_decode_step(pybind11::module_& m) {
+  m.def("decode_layers", &decode_layers,
+        "one batch-1 float32 decode token through every Llama layer and the final norm (h in place)");
 }

@@ -117,20 +117,13 @@ std::tuple<torch::Tensor, int64_t> select_gather_gemv(const torch::Tensor& x, in
   return {out, static_cast<int64_t>(idx.size())};
 }
 
-// decode_step.cpp: every layer of a batch-1 float32 decode step in one call.
-std::tuple<int64_t, int64_t, int64_t> decode_layers(
-    torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& caches,
-    const torch::Tensor& final_norm, const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
-    int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo, int64_t quest_page,
-    int64_t quest_keep, bool quest_per_kv_head, int64_t quest_sinks, int64_t quest_recent,
-    const std::vector<torch::Tensor>& pages, int64_t qbits,
-    c10::optional<torch::Tensor> record);
+// decode_step.cpp: binds `decode_layers` (every layer of a batch-1 float32 decode step in one call).
+void bind_decode_step(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv, "sum_j x[idx_j] * w[idx_j, :] over the kept rows of an input-major w");
   m.def("gemv", &gemv, "x @ w for an input-major w [D, N] (every row)");
   m.def("select_gather_gemv", &select_gather_gemv,
         "(sum over the channels with |x| >= the kth smallest |x| of x_c * w[c, :], their count)");
-  m.def("decode_layers", &decode_layers,
-        "one batch-1 float32 decode token through every Llama layer and the final norm (h in place)");
+  bind_decode_step(m);
 }
