@@ -158,8 +158,9 @@ def mlp_table(lm: ControlledLM, runs: int) -> list[str]:
 # ---- decode throughput -------------------------------------------------------------------------------
 def lm_decode_run(lm: ControlledLM, prompt: torch.Tensor, tokens: int, action: int | list[int] | None):
     """(go, info): go() runs `tokens` greedy decode steps after a dense prefill of `prompt` [B, P] (the prefill
-    done once, outside go), each step with `action` for every row, or one action per row (a list; None = dense); info() gives the last step's usage and its KV
-    bytes read per layer relative to dense (gathered execution only, else 0)."""
+    done once, outside go), each step with `action` for every row, or one action per row (a list; None = dense);
+    info() gives the last step's usage and its KV bytes read per layer relative to dense (gathered execution
+    only, else 0)."""
     cache, _, logits = lm.prefill(prompt)
     first = logits.argmax(-1)
     acts = None if action is None else torch.tensor(action if isinstance(action, list) else [action] * len(prompt))

@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15, help="rounds, each timing both ways once (default 15)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per timed call (default 10)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--execution", choices=["simulated", "gathered"], default="simulated",
+                   help="load the policy as that execution does (gathered: every Linear on the native every-row "
+                        "loop, `gathered.gemv_linear`; default simulated)")
     a = p.parse_args()
     if min(a.batch, a.steps, a.rounds, a.episodes, a.threads) < 1:
         p.error("--batch, --steps, --rounds, --episodes and --threads must be >= 1")
@@ -40,7 +43,8 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     try:
-        _, _, policy = load_policy_eval(a.ckpt_dir, "latest", {"dtype": "float32"}, trust=False)
+        _, _, policy = load_policy_eval(a.ckpt_dir, "latest", {"dtype": "float32"}, trust=False,
+                                       execution=a.execution)
     except (SOLError, OSError) as e:
         sys.exit(f"error: {e}")
     g = torch.Generator().manual_seed(0)
@@ -65,7 +69,8 @@ def main() -> None:
                     episode(once)
                 ms[once].append((time.perf_counter() - t0) / (a.episodes * a.steps) * 1e3)
     per, once = statistics.median(ms[False]), statistics.median(ms[True])
-    print(f"\nPolicy decode step ({a.ckpt_dir}), batch {a.batch}, {a.threads} threads, median of {a.rounds} rounds\n")
+    print(f"\nPolicy decode step ({a.ckpt_dir}), {a.execution} execution, batch {a.batch}, {a.threads} threads, "
+          f"median of {a.rounds} rounds\n")
     print("| budget-only logit terms | ms per step | × per step |")
     print("|---|---|---|")
     print(f"| every step | {per:.3f} | 1.00 |")

@@ -781,7 +781,8 @@ def test_native_step_matches_the_per_layer_path(tiny, crit, monkeypatch):
         for u, v in zip(fast[1], per_layer[1]):
             assert torch.equal(u.channel_keep, v.channel_keep) and u.effective == v.effective
             torch.testing.assert_close(u.attn_keep, v.attn_keep, atol=1e-6, rtol=0)
-        if native_expected and a is not None and (crit[0] == "recency" or a in (A(0.25, 0.4, 16), A(0.5, 1.0, 16))):
+        if native_expected and a is not None and (crit[0] == "recency" or a in (A(0.25, 0.4, 16), A(0.5, 1.0, 16),
+                                                                              A(0.25, 0.4, 4))):
             assert read == pytest.approx(lm.controls.kv_read_sum, abs=1e-9)  # the last step's, both paths
 
 

@@ -167,16 +167,19 @@ class Controls:
     def _plan_gathered(self, kappa: torch.Tensor, bits: torch.Tensor, kv_len: int) -> None:
         """What the gathered kernels need on the host, once per step (not once per layer), in one transfer: the
         κ values present in the batch (selections then run one threshold per present level), whether every
-        row's MLP output stays unquantized, and the recency spans."""
+        row's MLP output stays unquantized, and the recency spans or QUEST's pages per row (`native_plan`)."""
         rows = [kappa.float(), bits.float()]
         if self.criteria == "recency":
             start = recency_start(kv_len, kappa, self.Ts, self.Tw)
             rows.append(start.float())
+        elif self.criteria == "quest":
+            rows.append(quest_pages_kept(kappa, kv_len, self.page_size).float())
         host = torch.stack(rows).tolist()
         self._kappa_present = sorted(set(host[0]))
         self._bits_host = host[1]
         self._quant_identity = min(host[1]) >= DENSE_BITS
         self._ch_plan = None  # (width, counts [B], present counts, total): set by the first MLP call
+        self._quest_pages_host = host[2] if self.criteria == "quest" else None
         if self.criteria == "recency":
             self._rec_lo = int(min(host[2]))
             self._rec_start = None if max(host[2]) == self._rec_lo else start
@@ -291,7 +294,7 @@ class Controls:
         elif min(self._kappa_present) < 1.0:  # QUEST and relevancy keep every key at κ = 1
             if self.criteria != "quest":
                 return None
-            quest = int(quest_pages_kept(self.kappa, self.kv_len, self.page_size)[0])
+            quest = int(self._quest_pages_host[0])
         if not self.prune_enabled:
             return 0, lo, quest, bits
         choices = self._channel_plan(hidden, device, torch.float32)[2]

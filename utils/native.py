@@ -63,6 +63,6 @@ def _build() -> ModuleType | None:
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, a failed build: the embedding_bag path still works
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"[sol] note: native gather kernel unavailable ({first[:160]}); using embedding_bag "
-              "(set SOL_NATIVE_KERNEL=0 to skip the build)", file=sys.stderr)
+        print(f"[sol] note: native gather kernel unavailable ({first[:160]}); using embedding_bag and the "
+              "per-layer decode step (set SOL_NATIVE_KERNEL=0 to skip the build)", file=sys.stderr)
         return None

@@ -50,6 +50,10 @@
 # table does: timed one cell after another, its rows had moved with the machine's drift.
 # Part R (same session, after part Q, part_r.md): batches of 2 and 4 rows with an action per row (s40 on every row,
 # s40 on the even rows only), 64 new tokens per row, both executions against their own dense steps.
+# Part S (same session, after part R, part_s.md): the measurements behind docs/usage.md's "What limits end to end"
+# and the kernel's prefetch, as committed scripts: native_parts.py (the native call alone, dense vs s40; lockstep
+# generations split inside/outside the call; the per-step Python pieces), prefetch_ab/ab.py (the gather loop with and
+# without the row prefetch), and the policy step alone in both executions (bench_policy_step.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -107,6 +111,11 @@ elif [[ $PART == Q ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
 elif [[ $PART == R ]]; then
   $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
+elif [[ $PART == S ]]; then
+  python results/bench_gathered/native_parts.py
+  python results/bench_gathered/prefetch_ab/ab.py
+  python benchmarks/bench_policy_step.py --execution simulated
+  python benchmarks/bench_policy_step.py --execution gathered
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention

@@ -16,8 +16,9 @@
 // full-length accumulator, and the T partial sums are added at the end. On the 2-core CPU this ran 8-12% faster
 // than splitting the output columns over the threads (each thread then read a third of every kept row, and the
 // prefetcher restarted at every row), and reached rho of the dense product's time (results/bench_gathered).
-// While four rows stream, the next four are prefetched line by line: 9% off SmolLM2's dense gate+up and 7-25% off
-// its down projection in an A/B run on that CPU, the pruned gate+up level.
+// While four rows stream, the next four are prefetched line by line: on that CPU 2-5% off SmolLM2's gate+up and
+// down products in results/bench_gathered/prefetch_ab (part S), more in an earlier run: small, but faster in every
+// cell of both runs.
 void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int64_t N, float* op) {
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + 3) / 4));
   std::vector<float> part(static_cast<size_t>(T * N), 0.f);
