@@ -114,6 +114,7 @@ def _native_spec(model: nn.Module) -> tuple | None:
         return spec or None
     weights, eps, scaling = [], set(), set()
     ok = getattr(model.config, "model_type", None) == "llama" and getattr(model.config, "hidden_act", None) == "silu"
+    ok = ok and "dynamic" not in getattr(m.rotary_emb, "rope_type", "default")  # static frequencies: `_rope_tables`
     for layer in m.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(mlp, "_sol_w_in") or any(
@@ -130,6 +131,19 @@ def _native_spec(model: nn.Module) -> tuple | None:
         w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in weights + [m.norm.weight])
     model._sol_native_spec = (weights, m.norm.weight, eps.pop(), scaling.pop()) if ok else False
     return model._sol_native_spec or None
+
+
+def _rope_tables(model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding's cos and sin of positions 0 .. at least n-1, [positions, head_dim] each, computed by
+    the model's own `rotary_emb` for all positions at once and cached on the model (doubled when outgrown), so a
+    native step reads its row instead of running the module."""
+    tab = getattr(model, "_sol_rope", None)
+    if tab is None or tab[0].shape[0] < n:
+        m, size = model.model, max(2 * n, 1024)
+        x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float32, device=m.embed_tokens.weight.device)
+        cos, sin = m.rotary_emb(x, torch.arange(size, device=x.device)[None])
+        tab = model._sol_rope = (cos[0].contiguous(), sin[0].contiguous())
+    return tab
 
 
 def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
@@ -154,13 +168,13 @@ def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tens
         return None
     pages = [layer.page_buffer(ctl.page_size) for layer in cache.layers] if plan[2] else []
     weights, final_norm, eps, scaling = spec
-    h = m.embed_tokens(input_ids).reshape(-1).contiguous()
-    cos, sin = m.rotary_emb(h.view(1, 1, -1), torch.full((1, 1), past, device=h.device, dtype=torch.long))
+    cos, sin = _rope_tables(model, past + 1)
+    h = torch.empty(model.config.hidden_size)
     n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
     record = None if MLP_INPUT_HOOK is None else h.new_empty(len(m.layers), h.shape[0])
-    stats = kernel.decode_layers(h, weights, slots, final_norm, cos.reshape(-1).contiguous(),
-                                 sin.reshape(-1).contiguous(), past, n_heads, n_kv, eps, scaling, plan[0], ctl.Ts,
-                                 plan[1], ctl.page_size if plan[2] else 0, plan[2], ctl.quest_tier == "per_kv_head",
+    stats = kernel.decode_layers(h, m.embed_tokens.weight, input_ids, weights, slots, final_norm, cos, sin, past,
+                                 n_heads, n_kv, eps, scaling, plan[0], ctl.Ts, plan[1],
+                                 ctl.page_size if plan[2] else 0, plan[2], ctl.quest_tier == "per_kv_head",
                                  *((ctl.Ts, ctl.Tw + 1) if ctl.quest_keep_sink_window else (0, 0)), pages, plan[3],
                                  record)
     cache.advance()

@@ -5,7 +5,8 @@ machine). Three measurements, each printed as it is done:
 2. dense and s40 generations of 256 tokens after a 256-token prompt advanced in lockstep, each step timed whole
    and inside the native call, 3 rounds;
 3. the per-step Python pieces of a controlled s40 step, each timed alone (µs).
-Run alone: python results/bench_gathered/native_parts.py (needs the native kernel)."""
+Run alone: python results/bench_gathered/native_parts.py (needs the native kernel). (Part T: the call's signature
+changed to take the token and the rotary tables; this script follows it.)"""
 import statistics
 import sys
 import time
@@ -44,13 +45,12 @@ with torch.inference_mode():
     cache, _, _ = lm.prefill(torch.randint(0, base.config.vocab_size, (1, 384), generator=torch.Generator().manual_seed(2)))
     weights, final_norm, eps, scaling = fast_decode._native_spec(base)
     slots, L = cache.next_slots(), cache.get_seq_length()
-    h0 = m.embed_tokens(torch.tensor([[5]])).reshape(-1).contiguous()
-    cos, sin = (t.reshape(-1).contiguous() for t in m.rotary_emb(h0.view(1, 1, -1), torch.full((1, 1), L)))
+    tok5, cos, sin = torch.tensor([5]), *fast_decode._rope_tables(base, L + 1)
     nh, nkv = base.config.num_attention_heads, base.config.num_key_value_heads
 
     def call(kth: int) -> None:
-        kernel.decode_layers(h0.clone(), weights, slots, final_norm, cos, sin, L, nh, nkv, eps, scaling, kth, 4, 0,
-                             0, 0, False, 0, 0, [], 0, None)
+        kernel.decode_layers(torch.empty(H), m.embed_tokens.weight, tok5, weights, slots, final_norm, cos, sin, L, nh,
+                             nkv, eps, scaling, kth, 4, 0, 0, 0, False, 0, 0, [], 0, None)
 
     res = {0: [], KTH: []}
     for _ in range(5):
@@ -62,7 +62,7 @@ with torch.inference_mode():
                 acc[kth] += time.perf_counter() - t0
         for k in acc:
             res[k].append(acc[k] / 50 * 1e3)
-    head = us(lambda: kernel.gemv(h0, base.lm_head.weight.t()), 50) / 1e3
+    head = us(lambda: kernel.gemv(torch.randn(H), base.lm_head.weight.t()), 50) / 1e3
     print(f"1. native call alone, 384-token cache: dense {statistics.median(res[0]):.2f} ms, s40 "
           f"{statistics.median(res[KTH]):.2f} ms ({statistics.median(a / b for a, b in zip(res[0], res[KTH])):.2f}x); "
           f"LM head {head:.2f} ms", flush=True)
@@ -108,8 +108,8 @@ with torch.inference_mode():
         "action tables": lambda: (kt[S40], pt[S40], bt[S40]),
         "Controls.set + clear": lambda: (ctl.set(kt[S40], pt[S40], bt[S40], 300, cache), ctl.clear()),
         "next_slots": cache.next_slots,
-        "rotary": lambda: m.rotary_emb(torch.zeros(1, 1, H), torch.full((1, 1), 300)),
-        "embedding": lambda: m.embed_tokens(torch.tensor([[5]])),
+        "rotary tables": lambda: fast_decode._rope_tables(base, 301),
+        "hidden buffer": lambda: torch.empty(H),
         "usage": lambda: lm._usage(ones, ones * 0.4, ones * 16, ones * 30, ones * 30 * H * 0.4, 300, True),
     }
     timed = {k: us(f) for k, f in pieces.items()}

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <functional>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -44,6 +45,27 @@ void rotate(float* x, const float* c, const float* s, int64_t D) {
     x[i] = a * c[i] - b * s[i];
     x[i + h] = b * c[i + h] + a * s[i + h];
   }
+}
+
+// exp(x) for x <= 0 in float32, written so that a loop of it vectorises (std::exp does not, without fast-math):
+// x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 there),
+// 2^n put into the exponent bits; exact 0 below -87 (where float32 exp underflows anyway). Within 2 ulp of
+// std::exp on [-87, 0] (tests/test_gathered.py checks attention against the per-layer path).
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n as a float's bits
+  float scale;
+  std::memcpy(&scale, &e, 4);
+  return p * scale;
 }
 
 // Softmax attention over kept positions. Selection s (a KV head's query group, or one query head) covers the g
@@ -75,24 +97,35 @@ void attend(const float* q, const float* kb, const float* vb, const std::vector<
       std::fill(m, m + g, -std::numeric_limits<float>::infinity());
       std::fill(s, s + g, 0.f);
       std::fill(a, a + g * D, 0.f);
-      sc.resize(static_cast<size_t>((i1 - i0) * g));
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* k = K + static_cast<int64_t>(P[i]) * D;
+      const int64_t n_i = i1 - i0;
+      sc.resize(static_cast<size_t>(n_i * g));  // head j's scores at sc[j * n_i ...]
+      for (int64_t i = 0; i < n_i; ++i) {
+        const float* k = K + static_cast<int64_t>(P[i0 + i]) * D;
         for (int64_t j = 0; j < g; ++j) {
           const float* qj = Q + j * D;
           float d = 0.f;
 #pragma omp simd reduction(+ : d)
           for (int64_t e = 0; e < D; ++e) d += qj[e] * k[e];
-          d *= scale;
-          sc[(i - i0) * g + j] = d;
-          m[j] = std::max(m[j], d);
+          sc[j * n_i + i] = d * scale;
         }
       }
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* v = V + static_cast<int64_t>(P[i]) * D;
+      for (int64_t j = 0; j < g; ++j) {  // the exponentials in one vectorisable pass per head
+        float* r = sc.data() + j * n_i;
+        float mj = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n_i; ++i) mj = std::max(mj, r[i]);
+        float sj = 0.f;
+#pragma omp simd reduction(+ : sj)
+        for (int64_t i = 0; i < n_i; ++i) {
+          r[i] = exp_nonpos(r[i] - mj);
+          sj += r[i];
+        }
+        m[j] = mj;
+        s[j] = sj;
+      }
+      for (int64_t i = 0; i < n_i; ++i) {
+        const float* v = V + static_cast<int64_t>(P[i0 + i]) * D;
         for (int64_t j = 0; j < g; ++j) {
-          const float p = std::exp(sc[(i - i0) * g + j] - m[j]);
-          s[j] += p;
+          const float p = sc[j * n_i + i];
           float* aj = a + j * D;
 #pragma omp simd
           for (int64_t e = 0; e < D; ++e) aj[e] += p * v[e];
@@ -215,11 +248,13 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 
 }  // namespace
 
-// One decode token through every layer. h [H] (the token's embedding) is updated in place to the final-norm
-// hidden state. weights: six tensors per layer (input norm [H], q/k/v input-major [H, (Hq + 2 Hkv) D], o
+// One decode token through every layer. h [H] receives the final-norm hidden state of token `token` (an int64
+// tensor of one element), whose input embedding is row token of `emb` [V, H] (any strides: a tied embedding laid
+// out input-major for the LM head is a transposed view, and its row is read here with prefetch rather than by an
+// ATen op that pays each strided element's cache miss in turn). weights: six tensors per layer (input norm [H], q/k/v input-major [H, (Hq + 2 Hkv) D], o
 // input-major [Hq D, H], post-attention norm [H], gate+up input-major [H, 2I], down input-major [I, H]); caches:
 // two per layer (key and value buffers [1, Hkv, cap, D]; the new token is written at position L, so cap > L).
-// cos/sin [D]: the rotary embedding of position L. kth: 0 keeps every MLP input channel, else those with |x| at
+// cos/sin [n > L, D]: the rotary embedding of positions 0 .. n-1 (row L is used). kth: 0 keeps every MLP input channel, else those with |x| at
 // or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages (`quest_positions`; page bounds
 // [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection per KV head or per query
 // head, the first quest_sinks and last quest_recent positions always kept); else positions [0, Ts) and [lo, L]
@@ -228,8 +263,9 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 // each layer's MLP input, for tests. Returns (kept MLP channels, kept keys summed over query heads, tokens read
 // per KV head), each summed over the layers.
 std::tuple<int64_t, int64_t, int64_t> decode_layers(
-    torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& caches,
-    const torch::Tensor& final_norm, const torch::Tensor& cos, const torch::Tensor& sin, int64_t L, int64_t n_heads,
+    torch::Tensor h, const torch::Tensor& emb, const torch::Tensor& token, const std::vector<torch::Tensor>& weights,
+    const std::vector<torch::Tensor>& caches, const torch::Tensor& final_norm, const torch::Tensor& cos,
+    const torch::Tensor& sin, int64_t L, int64_t n_heads,
     int64_t n_kv_heads, double eps, double scaling, int64_t kth, int64_t Ts, int64_t lo, int64_t quest_page,
     int64_t quest_keep, bool quest_per_kv_head, int64_t quest_sinks, int64_t quest_recent,
     const std::vector<torch::Tensor>& pages, int64_t qbits,
@@ -238,12 +274,25 @@ std::tuple<int64_t, int64_t, int64_t> decode_layers(
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * n_layers && caches.size() == 2 * weights.size() / 6,
               "decode_layers: six weights and two caches per layer");
   TORCH_CHECK(n_layers > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "decode_layers: heads");
-  const int64_t H = h.numel(), D = cos.numel(), g = n_heads / n_kv_heads;
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) > L, "decode_layers: rotary tables");
+  const int64_t H = h.numel(), D = cos.size(1), g = n_heads / n_kv_heads;
   const int64_t Nq = n_heads * D, Nkv = n_kv_heads * D, I = weights[4].size(1) / 2, K = L + 1;
   TORCH_CHECK(kth >= 0 && kth <= H, "decode_layers: kth out of range");
   float* x = const_cast<float*>(f32(h, H, "hidden"));
-  const float* cp = f32(cos, D, "cos");
-  const float* sp = f32(sin, D, "sin");
+  const float* cp = f32(cos, cos.numel(), "cos") + L * D;
+  const float* sp = f32(sin, sin.numel(), "sin") + L * D;
+  TORCH_CHECK(token.dtype() == torch::kInt64 && token.numel() == 1, "decode_layers: token");
+  TORCH_CHECK(emb.dtype() == torch::kFloat32 && emb.dim() == 2 && emb.size(1) == H, "decode_layers: embedding");
+  const int64_t tok = *token.data_ptr<int64_t>();
+  TORCH_CHECK(tok >= 0 && tok < emb.size(0), "decode_layers: token out of range");
+  {
+    const float* e = emb.data_ptr<float>() + tok * emb.stride(0);
+    const int64_t st = emb.stride(1);
+    for (int64_t i = 0; i < H; ++i) {
+      if (i + 16 < H) __builtin_prefetch(e + (i + 16) * st, 0, 0);
+      x[i] = e[i * st];
+    }
+  }
   float* rec = nullptr;
   if (record.has_value()) rec = const_cast<float*>(f32(*record, n_layers * H, "record"));
   TORCH_CHECK(quest_page == 0 || (static_cast<int64_t>(pages.size()) == n_layers && quest_keep >= 1),

@@ -11,51 +11,58 @@
 #include <tuple>
 #include <vector>
 
-// out[c] = sum_j xp[ip[j]] * wp[ip[j] * N + c] over n kept rows. The kept rows are split over the threads: thread t
-// takes rows t, t + T, t + 2T, ... (spread over the matrix), streams each one whole, four at a time, into its own
-// full-length accumulator, and the T partial sums are added at the end. On the 2-core CPU this ran 8-12% faster
-// than splitting the output columns over the threads (each thread then read a third of every kept row, and the
-// prefetcher restarted at every row), and reached rho of the dense product's time (results/bench_gathered).
-// While four rows stream, the next four are prefetched line by line: on that CPU 2-5% off SmolLM2's gate+up and
-// down products in results/bench_gathered/prefetch_ab (part S), more in an earlier run: small, but faster in every
-// cell of both runs.
+// R rows at once: o[c] += sum_q xp[ip[j + q]] * wp[ip[j + q] * N + c], q < R. While they stream, the next R rows
+// (when j + 2R <= b) are prefetched a cache line at a time: each row is a separate stream, and the hardware
+// prefetcher would otherwise restart at every row.
+template <int R>
+inline void rows(const float* xp, const int64_t* ip, int64_t j, int64_t b, const float* wp, int64_t N, float* o) {
+  float s[R];
+  const float* r[R];
+  for (int q = 0; q < R; ++q) {
+    s[q] = xp[ip[j + q]];
+    r[q] = wp + ip[j + q] * N;
+  }
+  int64_t c = 0;
+  if (j + 2 * R <= b) {
+    const float* p[R];
+    for (int q = 0; q < R; ++q) p[q] = wp + ip[j + R + q] * N;
+    for (; c + 16 <= N; c += 16) {
+      for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 0);
+#pragma omp simd
+      for (int64_t e = c; e < c + 16; ++e) {
+        float a = 0.f;
+        for (int q = 0; q < R; ++q) a += s[q] * r[q][e];
+        o[e] += a;
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t e = c; e < N; ++e) {
+    float a = 0.f;
+    for (int q = 0; q < R; ++q) a += s[q] * r[q][e];
+    o[e] += a;
+  }
+}
+
+// out[c] = sum_j xp[ip[j]] * wp[ip[j] * N + c] over n kept rows. Thread t takes the t-th contiguous block of the
+// kept rows (for a dense product, one contiguous block of the matrix), streams each row whole, R rows at a time,
+// into its own full-length accumulator, and the T partial sums are added at the end. Rows of at most 1024 values
+// go 8 at a time (each pass over the accumulator then covers more weight bytes), longer ones 4 at a time.
+// On the 2-core CPU (results/bench_gathered/kernel_ab, part T) this read SmolLM2's q/k/v, o and down weights
+// 10-20% faster than rows dealt round-robin to the threads 4 at a time, the gate+up and LM-head products as fast,
+// and a step at keep fraction rho reads rho of the bytes of the dense product.
 void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int64_t N, float* op) {
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + 3) / 4));
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + 7) / 8));
   std::vector<float> part(static_cast<size_t>(T * N), 0.f);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* o = part.data() + t * N;
-      int64_t j = t;
-      for (; j + 3 * T < n; j += 4 * T) {
-        const float s0 = xp[ip[j]], s1 = xp[ip[j + T]], s2 = xp[ip[j + 2 * T]], s3 = xp[ip[j + 3 * T]];
-        const float* r0 = wp + ip[j] * N;
-        const float* r1 = wp + ip[j + T] * N;
-        const float* r2 = wp + ip[j + 2 * T] * N;
-        const float* r3 = wp + ip[j + 3 * T] * N;
-        int64_t c = 0;
-        if (j + 7 * T < n) {  // fetch this thread's next four rows a cache line at a time while these stream
-          const float* p0 = wp + ip[j + 4 * T] * N;
-          const float* p1 = wp + ip[j + 5 * T] * N;
-          const float* p2 = wp + ip[j + 6 * T] * N;
-          const float* p3 = wp + ip[j + 7 * T] * N;
-          for (; c + 16 <= N; c += 16) {
-            __builtin_prefetch(p0 + c, 0, 0);
-            __builtin_prefetch(p1 + c, 0, 0);
-            __builtin_prefetch(p2 + c, 0, 0);
-            __builtin_prefetch(p3 + c, 0, 0);
-#pragma omp simd
-            for (int64_t e = c; e < c + 16; ++e) o[e] += s0 * r0[e] + s1 * r1[e] + s2 * r2[e] + s3 * r3[e];
-          }
-        }
-#pragma omp simd
-        for (int64_t e = c; e < N; ++e) o[e] += s0 * r0[e] + s1 * r1[e] + s2 * r2[e] + s3 * r3[e];
-      }
-      for (; j < n; j += T) {
-        const float s = xp[ip[j]];
-        const float* r = wp + ip[j] * N;
-#pragma omp simd
-        for (int64_t c = 0; c < N; ++c) o[c] += s * r[c];
-      }
+      const int64_t a = n * t / T, b = n * (t + 1) / T;
+      int64_t j = a;
+      if (N <= 1024)
+        for (; j + 8 <= b; j += 8) rows<8>(xp, ip, j, b, wp, N, o);
+      for (; j + 4 <= b; j += 4) rows<4>(xp, ip, j, b, wp, N, o);
+      for (; j < b; ++j) rows<1>(xp, ip, j, b, wp, N, o);
     }
   });
   std::copy(part.begin(), part.begin() + N, op);
