@@ -153,11 +153,14 @@ def _layout_policy(policy: nn.Module) -> None:
     through `gathered.dense_gemv` (`gathered.gemv_linear`; same values, its weight a transposed view), which reads
     one float32 token's weights with the native every-row loop, as the LM's products in that execution. At batch 1
     the policy step is mostly its Linear layers (~80% of it through BLAS), and in generation their weights come
-    from DRAM each step (the LM's stream evicts them), so its share of the decode time is mostly these reads."""
+    from DRAM each step (the LM's stream evicts them), so its share of the decode time is mostly these reads; one
+    float32 row's step runs as one native call (`utils.fast_policy`)."""
+    from utils import fast_policy
     from utils.gathered import gemv_linear
     for m in list(policy.modules()):
         if isinstance(m, nn.Linear):
             gemv_linear(m)
+    fast_policy.enable(policy)  # and its batch-1 float32 step as one native call
 
 
 def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str, object] | None = None,

@@ -1,15 +1,17 @@
 """The optional native (C++) kernel of the gathered execution, built once on first use.
 
-`gather_kernel()` compiles `utils/csrc/gather_gemv.cpp` and `utils/csrc/decode_step.cpp` (the one-call batch-1
-decode step of `utils.fast_decode`) as one module with torch's JIT extension builder (a C++ compiler and
-ninja; ~40 s the first time, then loaded from torch's extension cache, `TORCH_EXTENSIONS_DIR`) and returns the
-module, or None when it cannot be built or `SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback:
-`utils.gathered.gather_gemv` then runs the same sum with `embedding_bag`, and both agree to float rounding.
+`gather_kernel()` compiles `utils/csrc/gather_gemv.cpp`, `utils/csrc/decode_step.cpp` (the one-call batch-1
+decode step of `utils.fast_decode`) and `utils/csrc/policy_step.cpp` (the policy's, `utils.fast_policy`) as one
+module with torch's JIT extension builder (a C++ compiler and ninja; ~40 s the first time, then loaded from
+torch's extension cache, `TORCH_EXTENSIONS_DIR`) and returns the module, or None when it cannot be built or
+`SOL_NATIVE_KERNEL=0` is set. None only means the slower fallback: `utils.gathered.gather_gemv` then runs the
+same sum with `embedding_bag`, and both agree to float rounding.
 It also does the batch-1 channel selection (|x| at or above the kth smallest) in the same call, which saves
 the four ATen ops the selection otherwise takes per layer, and the dense batch-1 products of the gathered
-decode step (`gemv`, every row: faster than the BLAS product there, so dense and pruned steps share a kernel). The kept rows are split over the threads, each
-streaming whole rows into its own accumulator. On the 2-core CPU (SmolLM2 gate+up,
-`results/bench_gathered/part_f.md`) selection + gather takes about ρ of the dense product's time.
+decode step (`gemv`, every row: faster than the BLAS product there, so dense and pruned steps share a kernel).
+Each thread streams a contiguous block of the kept rows, whole rows, into its own accumulator. On the 2-core
+CPU (SmolLM2 gate+up, `results/bench_gathered/part_f.md`) selection + gather takes about ρ of the dense
+product's time.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("gather_gemv.cpp", "decode_step.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name
+           for name in ("gather_gemv.cpp", "decode_step.cpp", "policy_step.cpp")]
 _STATE: dict[str, ModuleType | None] = {}
 
 
@@ -31,7 +34,7 @@ def native_enabled() -> bool:
 
 def gather_kernel() -> ModuleType | None:
     """The compiled module (`.gather_gemv(x, idx, w)`, `.select_gather_gemv(x, kth, w)`, `.gemv(x, w)`,
-    `.decode_layers(...)`),
+    `.decode_layers(...)`, `.policy_step(...)`),
     or None if it is switched off or cannot be built (one note on stderr, once per process)."""
     if not native_enabled():
         return None

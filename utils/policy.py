@@ -47,6 +47,8 @@ class PolicyState:
     step_idx: int
     last_action: Tensor
     n_eff: Tensor  # [B] float
+    # the native batch-1 step's key/value buffers behind past_k/past_v (utils.fast_policy), or None
+    kv_buffers: Optional[Any] = None
 
     @property
     def batch_size(self) -> int:
@@ -291,11 +293,17 @@ class SOLPolicy(nn.Module):
         """Final LN -> pi, plus the budget head on the raw (C_tok, C_pru, C_q), bounded to [-c, c] when
         `logit_bound` c > 0 (with a factorised head: each level's logit bounded, then summed over the action's
         levels), plus the budget feedback and the knob offsets, all / temperature."""
+        return self._head_terms(self.pi(self.ln_f(x)), scalars, n_eff, temperature, budget_terms)
+
+    def _head_terms(self, pi_out: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float,
+                    budget_terms: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """`_head` after pi(ln_f(x)) (`pi_out`): the budget head, the bound, the level map, the feedback and the
+        knob offsets, / temperature."""
         if scalars.shape[-1] < StepScalars.REFERENCE_DIM:
             raise ValueError(f"scalars need >= {StepScalars.REFERENCE_DIM} columns (utils.records.StepScalars), "
                              f"got {scalars.shape[-1]}")
         budget_out, knob = self.budget_terms(StepScalars.budgets(scalars)) if budget_terms is None else budget_terms
-        raw = self.pi(self.ln_f(x)) + budget_out
+        raw = pi_out + budget_out
         if self.logit_bound > 0:
             raw = self.logit_bound * torch.tanh(raw / self.logit_bound)
         if self.level_map is not None:
@@ -331,6 +339,13 @@ class SOLPolicy(nn.Module):
         """
         if state.step_idx >= self.max_len:
             raise ValueError(f"policy step {state.step_idx} exceeds policy_max_len={self.max_len}")
+        fast = getattr(self, "_sol_fast_step", None)  # the gathered execution's native batch-1 step
+        out = fast(self, h, e, scalars, state) if fast is not None else None
+        if out is not None:
+            pi_out, new_state = out
+            logits = self._head_terms(pi_out, scalars, state.n_eff, temperature, budget_terms)
+            n_eff = state.n_eff + StepScalars.effective(scalars).to(state.n_eff)
+            return logits, replace(new_state, n_eff=n_eff)
         pos = torch.full_like(state.last_action, state.step_idx)
         x = self._encode(h, e, scalars, state.last_action, pos).unsqueeze(1)  # [B, 1, d]
         new_k, new_v = [], []

@@ -125,8 +125,10 @@ std::tuple<torch::Tensor, int64_t> select_gather_gemv(const torch::Tensor& x, in
   return {out, static_cast<int64_t>(idx.size())};
 }
 
-// decode_step.cpp: binds `decode_layers` (every layer of a batch-1 float32 decode step in one call).
+// decode_step.cpp: binds `decode_layers` (every layer of a batch-1 float32 decode step in one call); policy_step.cpp:
+// binds `policy_step` (the SOL policy's batch-1 decode step).
 void bind_decode_step(pybind11::module_& m);
+void bind_policy_step(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv, "sum_j x[idx_j] * w[idx_j, :] over the kept rows of an input-major w");
@@ -134,4 +136,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_gather_gemv", &select_gather_gemv,
         "(sum over the channels with |x| >= the kth smallest |x| of x_c * w[c, :], their count)");
   bind_decode_step(m);
+  bind_policy_step(m);
 }
