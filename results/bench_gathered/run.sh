@@ -54,6 +54,10 @@
 # and the kernel's prefetch, as committed scripts: native_parts.py (the native call alone, dense vs s40; lockstep
 # generations split inside/outside the call; the per-step Python pieces), prefetch_ab/ab.py (the gather loop with and
 # without the row prefetch), and the policy step alone in both executions (bench_policy_step.py).
+# Part T (2026-12-07, a later session, part_t.md): the gather kernel's threads take contiguous blocks of rows (eight at a
+# time for short rows), attention's exponentials vectorised, the token's embedding and rotary row read inside the native
+# call, and the policy's batch-1 step as one native call (utils/fast_policy.py): the kernel A/B against commit 2f29920
+# (kernel_ab/ab.py), native_parts.py, the end-to-end table (5 rounds), the policy table, the policy step alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -115,6 +119,12 @@ elif [[ $PART == S ]]; then
   python results/bench_gathered/native_parts.py
   python results/bench_gathered/prefetch_ab/ab.py
   python benchmarks/bench_policy_step.py --execution simulated
+  python benchmarks/bench_policy_step.py --execution gathered
+elif [[ $PART == T ]]; then
+  python results/bench_gathered/kernel_ab/ab.py
+  python results/bench_gathered/native_parts.py
+  $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
+  $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
   python benchmarks/bench_policy_step.py --execution gathered
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
