@@ -58,6 +58,8 @@
 # time for short rows), attention's exponentials vectorised, the token's embedding and rotary row read inside the native
 # call, and the policy's batch-1 step as one native call (utils/fast_policy.py): the kernel A/B against commit 2f29920
 # (kernel_ab/ab.py), native_parts.py, the end-to-end table (5 rounds), the policy table, the policy step alone.
+# Part U (same session, right after part T and the SiLU change, part_u.md): the MLP table (9 interleaved rounds), then
+# recency and QUEST (per_kv_head, page 16) at kappa 0.25 with 2048- and 8192-token prompts and the joint row.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -126,6 +128,10 @@ elif [[ $PART == T ]]; then
   $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp e2e attention joint
   python benchmarks/bench_policy_step.py --execution gathered
+elif [[ $PART == U ]]; then
+  $B --runs 9 --skip e2e attention policy joint
+  $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
+    --skip mlp e2e policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
