@@ -60,6 +60,8 @@
 # (kernel_ab/ab.py), native_parts.py, the end-to-end table (5 rounds), the policy table, the policy step alone.
 # Part U (same session, right after part T and the SiLU change, part_u.md): the MLP table (9 interleaved rounds), then
 # recency and QUEST (per_kv_head, page 16) at kappa 0.25 with 2048- and 8192-token prompts and the joint row.
+# Part U2 (same session, right after part U, part_u2.md): where a step's time goes outside the native call, timed in
+# place (step_outside.py), and the policy's share split (policy_parts.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -132,6 +134,9 @@ elif [[ $PART == U ]]; then
   $B --runs 9 --skip e2e attention policy joint
   $B --tokens 64 --runs 3 --prompt_lens 2048 8192 --criteria recency quest --quest_tiers per_kv_head --page_size 16 \
     --skip mlp e2e policy
+elif [[ $PART == U2 ]]; then
+  python results/bench_gathered/step_outside.py
+  python results/bench_gathered/policy_parts.py
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
