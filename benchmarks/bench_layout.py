@@ -2,9 +2,10 @@
 
     python benchmarks/bench_layout.py                      # SmolLM2-135M's shapes, float32, every layer
     python benchmarks/bench_layout.py --model tiny --runs 3   # smoke run
+    python benchmarks/bench_layout.py --rows 4                # a batch of 4 rows (native: gemm_rows)
 
 For each product of a Llama layer (q/k/v joined, o, gate+up joined, down) and the LM head, one random-input row
-times the model's own weights of every layer in turn (so nothing stays in cache, as inside a decode step):
+(or --rows of them) times the model's own weights of every layer in turn (so nothing stays in cache, as inside a decode step):
 `F.linear` on the stored output-major [out, in] weight (what the Hugging Face forward runs), a matmul on the
 same weight laid out input-major [in, out] (`gathered.input_major`), and the native kernel's every-row loop on
 the input-major weight (`gathered.dense_gemv`, utils/csrc/gather_gemv.cpp). The gathered execution uses the
@@ -46,9 +47,13 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="whose weight shapes (default smollm2)")
     p.add_argument("--runs", type=int, default=9, help="interleaved rounds, at least 3 (default 9)")
+    p.add_argument("--rows", type=int, default=1,
+                   help="rows per product, 1 to 8 (default 1; above 1 the native cell is `gemm_rows`)")
     a = p.parse_args(argv)
     if a.runs < 3:
         p.error("--runs must be at least 3")
+    if not 1 <= a.rows <= 8:
+        p.error("--rows must be between 1 and 8")
     model, _ = load_lm(MODELS[a.model], "float32")
     kernel = native.gather_kernel()
     gen = torch.Generator().manual_seed(0)
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for name, ws in products(model).items():
             w_in = [w.t().contiguous() for w in ws]
-            xs = [torch.randn(1, 1, w.shape[1], generator=gen) for w in ws]
+            xs = [torch.randn(a.rows, 1, w.shape[1], generator=gen) for w in ws]
             cells = {"linear": lambda ws=ws, xs=xs: [F.linear(x, w) for x, w in zip(xs, ws)],
                      "matmul": lambda w_in=w_in, xs=xs: [x @ w for x, w in zip(xs, w_in)]}
             if kernel is not None:
@@ -68,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             cell = lambda c: f"{ms[c]:.2f} ({gb / ms[c] * 1e3:.1f})" if c in ms else "-"
             rows.append(f"| {name} | {tuple(ws[0].shape)} × {len(ws)} | {cell('linear')} | {cell('matmul')} | "
                         f"{cell('native')} | {best} |")
-    print(f"bench_layout: {a.model} float32, torch threads {torch.get_num_threads()}, median of {a.runs} rounds; "
-          f"ms per decode step (GB/s)\n")
+    print(f"bench_layout: {a.model} float32, {a.rows} row(s), torch threads {torch.get_num_threads()}, median of "
+          f"{a.runs} rounds; ms per decode step (GB/s)\n")
     print("| product | weight [out, in] × layers | F.linear, output-major | matmul, input-major | "
-          "native every-row loop, input-major | fastest |")
+          "native loop, input-major | fastest |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -836,3 +836,22 @@ def test_native_fast_exp_vs_float64():
     assert rel.max().item() < 2.5e-7
     ends = kernel.fast_exp(torch.tensor([-1e4, -87.0, 88.0, 1e4]))
     assert ends[0] == ends[1] and ends[2] == ends[3] and torch.isfinite(ends).all()
+
+
+def test_native_gemm_rows_vs_float64():
+    """`gemm_rows` (a few rows against an input-major weight, each weight row read once) against a float64 product,
+    for 2 to 8 rows, widths that leave partial row groups and column blocks, and through `dense_gemv` with a bias."""
+    from utils import native
+    kernel = native.gather_kernel()
+    if kernel is None:
+        pytest.skip("native kernel not built")
+    g = torch.Generator().manual_seed(5)
+    for B, D, N in ((2, 7, 13), (3, 64, 600), (5, 129, 1031), (8, 576, 40)):
+        x, w = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g)
+        torch.testing.assert_close(kernel.gemm_rows(x, w).double(), x.double() @ w.double(), atol=1e-4, rtol=1e-5)
+        b = torch.randn(N, generator=g)
+        out = gathered.dense_gemv(x[:, None], w, b)
+        assert out.shape == (B, 1, N)
+        torch.testing.assert_close(out[:, 0].double(), x.double() @ w.double() + b.double(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="gemm_rows"):
+        kernel.gemm_rows(torch.randn(9, 4), torch.randn(4, 3))

@@ -265,8 +265,7 @@ class Controls:
         if gather:
             return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, self._bags)[:, None]
         # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes
-        gu = (x * keep[:, None].to(x.dtype)) @ w_in
-        return gu if b_in is None else gu + b_in
+        return gathered.dense_gemv(x * keep[:, None].to(x.dtype), w_in, b_in)
 
     def _channel_plan(self, D: int, device: torch.device, dtype: torch.dtype) -> tuple:
         """(D, kept channels per row [B], the distinct counts sorted, their sum) for MLP inputs of width D: on

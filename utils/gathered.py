@@ -144,15 +144,20 @@ def gather_gemv(x: torch.Tensor, idx: torch.Tensor, w_in: torch.Tensor, b_in: to
 
 
 def dense_gemv(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., D] @ w_in [D, N] (+ bias) for an input-major (contiguous) w_in. One float32 row on a CPU goes
-    through the native kernel's every-row loop where it is built (`gather_gemv` with nothing dropped: the same
-    kernel as the pruned product, and faster than the BLAS product there, benchmarks/bench_layout.py); anything
-    else is a matmul."""
-    if x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu" \
+    """x [..., D] @ w_in [D, N] (+ bias) for an input-major (contiguous) w_in. Float32 on a CPU, where the native
+    kernel is built: one row goes through its every-row loop (`gather_gemv` with nothing dropped: the same kernel
+    as the pruned product, and faster than the BLAS product there, benchmarks/bench_layout.py), 2 to 8 rows
+    through `gemm_rows` (each weight row read once for all of them; the BLAS product of so few rows read the
+    weights 1.6-2.8x slower, benchmarks/bench_layout.py --rows); anything else is a matmul."""
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 1 <= n_rows <= 8 and x.dtype == torch.float32 and x.device.type == "cpu" \
             and w_in.dtype == torch.float32 and w_in.is_contiguous():
         kernel = native.gather_kernel()
         if kernel is not None:
-            out = kernel.gemv(x.reshape(-1).contiguous(), w_in)
+            if n_rows == 1:
+                out = kernel.gemv(x.reshape(-1).contiguous(), w_in)
+            else:
+                out = kernel.gemm_rows(x.reshape(n_rows, -1).contiguous(), w_in)
             out = out if b_in is None else out + b_in
             return out.view(*x.shape[:-1], -1)
     rows = x.reshape(-1, x.shape[-1])  # one 2-D product: a 3-D low-precision input copies w_in once per batch row
