@@ -425,12 +425,12 @@ def test_batch_rows_with_different_actions_match_simulated(tiny, crit, limit):
 def test_gathered_kernels_are_the_ones_running(tiny, monkeypatch):
     """The gathered mode's per-layer path really takes the gathered kernels (not a silent simulated fallback);
     batch-1 steps would take the native step otherwise (tested on its own below), so it is switched off here."""
-    from utils import fast_decode
+    from utils import fast_decode, native
     monkeypatch.setattr(fast_decode, "NATIVE_STEP", False)
     _, _, ids = tiny
     calls: dict[str, int] = {}
-    for name in ("select_gather_gemv", "gathered_gate_up", "recency_attention", "relevancy_attention",
-                 "quest_attention"):
+    for name in ("select_gather_gemv", "gathered_gate_up", "union_gate_up", "recency_attention",
+                 "relevancy_attention", "quest_attention"):
         fn = getattr(gathered, name)
 
         def spy(*a, _fn=fn, _name=name, **k):
@@ -445,7 +445,9 @@ def test_gathered_kernels_are_the_ones_running(tiny, monkeypatch):
     assert calls == {"select_gather_gemv": 3 * L, "recency_attention": L, "relevancy_attention": L, "quest_attention": L}
     calls.clear()
     run(pair(tiny, CRIT[0])["gathered"], ids[:2], torch.tensor([SPACE.index(0.25, 0.4, 4), SPACE.index(1.0, 0.4, 16)]))
-    assert calls == {"gathered_gate_up": L, "recency_attention": L}  # 2 rows at ρ=0.4: 0.8 of a dense pass
+    # 2 rows at ρ=0.4: one native pass over the union of their kept channels (per-row bags where it cannot run)
+    assert calls == ({"union_gate_up": L, "recency_attention": L} if native.gather_kernel() is not None
+                     else {"union_gate_up": L, "gathered_gate_up": L, "recency_attention": L})
 
 
 @pytest.mark.parametrize("criteria", ["recency", "quest"])
@@ -855,3 +857,19 @@ def test_native_gemm_rows_vs_float64():
         torch.testing.assert_close(out[:, 0].double(), x.double() @ w.double() + b.double(), atol=1e-4, rtol=1e-5)
     with pytest.raises(RuntimeError, match="gemm_rows"):
         kernel.gemm_rows(torch.randn(9, 4), torch.randn(4, 3))
+
+
+def test_union_gate_up_vs_masked_product():
+    """`union_gate_up` (one native pass over the union of the rows' kept channels) gives the masked dense product of
+    2 to 8 rows with different kept channels (float64 reference), and declines one row or more than 8."""
+    from utils import native
+    if native.gather_kernel() is None:
+        pytest.skip("native kernel not built")
+    g = torch.Generator().manual_seed(6)
+    for B, D, N in ((2, 40, 70), (5, 64, 600), (8, 33, 17)):
+        x, w, b = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+        keep = torch.rand(B, D, generator=g) < 0.3
+        ref = (x * keep).double() @ w.double() + b.double()
+        torch.testing.assert_close(gathered.union_gate_up(x, keep, w, b).double(), ref, atol=1e-4, rtol=1e-5)
+    assert gathered.union_gate_up(torch.randn(1, 4), torch.ones(1, 4, dtype=torch.bool), torch.randn(4, 3)) is None
+    assert gathered.union_gate_up(torch.randn(9, 4), torch.ones(9, 4, dtype=torch.bool), torch.randn(4, 3)) is None

@@ -262,6 +262,9 @@ class Controls:
         score = x.detach().abs().amax(dim=1).float()
         keep = topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, choices)
         self.channel_sum += keep.sum(-1)
+        union = gathered.union_gate_up(x[:, 0], keep, w_in, b_in) if T == 1 else None
+        if union is not None:
+            return union[:, None]
         if gather:
             return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, self._bags)[:, None]
         # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes

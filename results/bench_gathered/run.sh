@@ -62,6 +62,8 @@
 # recency and QUEST (per_kv_head, page 16) at kappa 0.25 with 2048- and 8192-token prompts and the joint row.
 # Part U2 (same session, right after part U, part_u2.md): where a step's time goes outside the native call, timed in
 # place (step_outside.py), and the policy's share split (policy_parts.py).
+# Part V (same session, after part U2, part_v.md): batches of more than one row with the native multi-row product
+# (`gemm_rows`): the layout table at 4 rows, then part R's batch table (2 and 4 rows).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -137,6 +139,9 @@ elif [[ $PART == U ]]; then
 elif [[ $PART == U2 ]]; then
   python results/bench_gathered/step_outside.py
   python results/bench_gathered/policy_parts.py
+elif [[ $PART == V ]]; then
+  python benchmarks/bench_layout.py --rows 4
+  $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention

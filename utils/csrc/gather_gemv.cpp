@@ -73,30 +73,36 @@ void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int6
   }
 }
 
-// out[b, c] = sum_i xp[b * D + i] * wp[i * N + c] for a few rows b < B of x (B <= 8): the product of a small batch
-// with an input-major w, reading each weight row once for every row of x (a batch-1 product's bytes). Thread t takes
-// the t-th contiguous block of w's rows, four at a time; a column block of them (2 KB per row) stays in L1 while it
-// is added into each row's accumulator. On the 2-core CPU the BLAS product of 2 to 8 rows read SmolLM2's weights
-// at a fraction of the batch-1 loop's speed (benchmarks/bench_layout.py --rows).
-void gather_rows(const float* xp, int64_t B, int64_t D, const float* wp, int64_t N, float* op) {
+// out[b, c] = sum_j xp[b * D + ip[j]] * wp[ip[j] * N + c] over n rows ip of an input-major w, for a few rows b < B of
+// x (B <= 8): each listed weight row is read once for every row of x (a batch-1 product's bytes). Every row of w for a
+// dense product; for a batch whose rows keep different MLP input channels, x masked per row and ip the union of the
+// kept channels. Thread t takes the t-th contiguous block of ip, four rows at a time; a column block of them (2 KB
+// per row) stays in L1 while it is added into each row's accumulator. On the 2-core CPU the BLAS product of 2 to 8
+// rows read SmolLM2's weights at half the speed or less (benchmarks/bench_layout.py --rows 4, part V).
+void gather_rows(const float* xp, int64_t B, int64_t D, const int64_t* ip, int64_t n, const float* wp, int64_t N,
+                 float* op) {
   constexpr int64_t CB = 512;
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (D + 7) / 8));
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + 7) / 8));
   std::vector<float> part(static_cast<size_t>(T * B * N), 0.f);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* o = part.data() + t * B * N;
-      const int64_t a = D * t / T, b = D * (t + 1) / T;
+      const int64_t a = n * t / T, b = n * (t + 1) / T;
       for (int64_t j = a; j < b; j += 4) {
         const int64_t m = std::min<int64_t>(4, b - j);
+        int64_t row[4];
         const float* r[4];
-        for (int q = 0; q < 4; ++q) r[q] = wp + (j + std::min<int64_t>(q, m - 1)) * N;
+        for (int q = 0; q < 4; ++q) {
+          row[q] = ip[j + std::min<int64_t>(q, m - 1)];
+          r[q] = wp + row[q] * N;
+        }
         for (int64_t c0 = 0; c0 < N; c0 += CB) {
           const int64_t c1 = std::min(N, c0 + CB);
           for (int64_t q = j + 4; q < std::min(b, j + 8); ++q)  // the next four rows' same columns
-            for (int64_t c = c0; c < c1; c += 16) __builtin_prefetch(wp + q * N + c, 0, 0);
+            for (int64_t c = c0; c < c1; c += 16) __builtin_prefetch(wp + ip[q] * N + c, 0, 0);
           for (int64_t bb = 0; bb < B; ++bb) {
             float s[4];
-            for (int q = 0; q < 4; ++q) s[q] = q < m ? xp[bb * D + j + q] : 0.f;
+            for (int q = 0; q < 4; ++q) s[q] = q < m ? xp[bb * D + row[q]] : 0.f;
             float* ob = o + bb * N;
 #pragma omp simd
             for (int64_t e = c0; e < c1; ++e) ob[e] += s[0] * r[0][e] + s[1] * r[1][e] + s[2] * r[2][e] + s[3] * r[3][e];
@@ -143,14 +149,31 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w) {
   return out;
 }
 
-// x [B, D] @ w for an input-major w [D, N] and 2 <= B <= 8 rows (`gather_rows`).
-torch::Tensor gemm_rows(const torch::Tensor& x, const torch::Tensor& w) {
+// x [B, D] @ w for an input-major w [D, N] and B <= 8 rows (`gather_rows`): over every row of w, or only over the
+// rows idx (ascending or not, each once) when given, which is exact when x is zero outside them.
+torch::Tensor gemm_rows(const torch::Tensor& x, const torch::Tensor& w, c10::optional<torch::Tensor> idx) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "gemm_rows: float32 only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(0) && x.size(0) >= 1 && x.size(0) <= 8,
               "gemm_rows: shapes (x [B <= 8, D], w [D, N])");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "gemm_rows: layout");
+  const int64_t D = w.size(0);
+  std::vector<int64_t> every;
+  const int64_t* ip;
+  int64_t n;
+  if (idx.has_value()) {
+    TORCH_CHECK(idx->dtype() == torch::kInt64 && idx->dim() == 1 && idx->is_contiguous(), "gemm_rows: idx");
+    ip = idx->data_ptr<int64_t>();
+    n = idx->size(0);
+    for (int64_t j = 0; j < n; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < D, "gemm_rows: index out of range");
+  } else {
+    every.resize(static_cast<size_t>(D));
+    for (int64_t i = 0; i < D; ++i) every[i] = i;
+    ip = every.data();
+    n = D;
+  }
   auto out = torch::empty({x.size(0), w.size(1)}, w.options());
-  gather_rows(x.data_ptr<float>(), x.size(0), w.size(0), w.data_ptr<float>(), w.size(1), out.data_ptr<float>());
+  if (n == 0) return out.zero_();
+  gather_rows(x.data_ptr<float>(), x.size(0), D, ip, n, w.data_ptr<float>(), w.size(1), out.data_ptr<float>());
   return out;
 }
 
@@ -184,7 +207,8 @@ void bind_policy_step(pybind11::module_& m);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv, "sum_j x[idx_j] * w[idx_j, :] over the kept rows of an input-major w");
   m.def("gemv", &gemv, "x @ w for an input-major w [D, N] (every row)");
-  m.def("gemm_rows", &gemm_rows, "x [B <= 8, D] @ w for an input-major w [D, N], each weight row read once");
+  m.def("gemm_rows", &gemm_rows, "x [B <= 8, D] @ w for an input-major w [D, N] (over the rows idx if given), each "
+        "weight row read once", pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("idx") = pybind11::none());
   m.def("select_gather_gemv", &select_gather_gemv,
         "(sum over the channels with |x| >= the kth smallest |x| of x_c * w[c, :], their count)");
   bind_decode_step(m);
