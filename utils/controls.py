@@ -124,9 +124,10 @@ class Controls:
         if criteria not in CRITERIA:
             raise ValueError(f"unknown sparsity_criteria {criteria!r}; expected one of {CRITERIA}")
         # gathered MLP: gather-GEMV while the rows' kept channels add up to at most `gather_limit` dense passes
-        # (each row reads its own weight rows; a masked dense product reads the matrix once for the whole
-        # batch), else the masked dense product; both exact. Tunable: on the 2-core CPU the fp32 embedding
-        # bag streams at ~0.7x the dense GEMV's bandwidth, so its break-even there is below ρ = 1.
+        # (2-8 float32 rows: one native pass over the union of their kept channels, `gathered.union_gate_up`;
+        # otherwise each row reads its own weight rows), else the masked dense product, which reads the matrix
+        # once for the whole batch; all exact. Tunable: the per-row fp32 embedding bag streams at ~0.7x the dense
+        # GEMV's bandwidth on the 2-core CPU, so its break-even there is below ρ = 1.
         self.gather_limit = 1.0
         self.kv_read_sum = 0.0
         self.criteria, self.Ts, self.Tw, self.page_size = criteria, Ts, Tw, page_size
@@ -262,10 +263,10 @@ class Controls:
         score = x.detach().abs().amax(dim=1).float()
         keep = topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, choices)
         self.channel_sum += keep.sum(-1)
-        union = gathered.union_gate_up(x[:, 0], keep, w_in, b_in) if T == 1 else None
-        if union is not None:
-            return union[:, None]
-        if gather:
+        if gather:  # one native pass over the union of the rows' kept channels, else per-row bags
+            union = gathered.union_gate_up(x[:, 0], keep, w_in, b_in)
+            if union is not None:
+                return union[:, None]
             return gathered.gathered_gate_up(x[:, 0], keep, w_in, b_in, self._bags)[:, None]
         # a multi-token call, or rows whose kept channels add up to more than `gather_limit` dense passes
         return gathered.dense_gemv(x * keep[:, None].to(x.dtype), w_in, b_in)

@@ -64,6 +64,11 @@
 # place (step_outside.py), and the policy's share split (policy_parts.py).
 # Part V (same session, after part U2, part_v.md): batches of more than one row with the native multi-row product
 # (`gemm_rows`): the layout table at 4 rows, then part R's batch table (2 and 4 rows).
+# Part W (same session, after part V, part_w.md): part R's batch table again, the gate+up of 2-8 rows now one native
+# pass over the union of their kept channels (`gathered.union_gate_up`).
+# Part W2 (same session, right after part W, part_w2.md): the same table with the union pass only where the rows' kept
+# channels add up to at most one dense pass (`Controls.gather_limit`, as the per-row gathers before it), the masked
+# dense product through the multi-row loop otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -141,6 +146,8 @@ elif [[ $PART == U2 ]]; then
   python results/bench_gathered/policy_parts.py
 elif [[ $PART == V ]]; then
   python benchmarks/bench_layout.py --rows 4
+  $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
+elif [[ $PART == W || $PART == W2 ]]; then
   $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
