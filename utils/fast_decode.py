@@ -151,7 +151,7 @@ def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tens
     (utils/csrc/decode_step.cpp: the same math, no per-op dispatch), when the step's controls allow it
     (`Controls.native_plan`: dense, recency or QUEST attention, every or the top-|x| MLP input channels, any
     MLP-output bit-width) and the cache can take the token in place (`GrowableCache.next_slots`). None otherwise."""
-    if not NATIVE_STEP or input_ids.shape[0] != 1 or input_ids.device.type != "cpu":
+    if not NATIVE_STEP or input_ids.shape[0] != 1 or input_ids.device.type != "cpu" or input_ids.dtype != torch.long:
         return None
     spec = _native_spec(model)
     kernel = native.gather_kernel() if spec is not None else None
@@ -169,7 +169,7 @@ def _native_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tens
     pages = [layer.page_buffer(ctl.page_size) for layer in cache.layers] if plan[2] else []
     weights, final_norm, eps, scaling = spec
     cos, sin = _rope_tables(model, past + 1)
-    h = torch.empty(model.config.hidden_size)
+    h = torch.empty(model.config.hidden_size, dtype=torch.float32)
     n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
     record = None if MLP_INPUT_HOOK is None else h.new_empty(len(m.layers), h.shape[0])
     stats = kernel.decode_layers(h, m.embed_tokens.weight, input_ids, weights, slots, final_norm, cos, sin, past,

@@ -81,7 +81,7 @@ def _buffers(policy: SOLPolicy, state: PolicyState) -> PolicyKV:
     new = PolicyKV([], [], [t])
     for past, dst in ((state.past_k, new.k), (state.past_v, new.v)):
         for p in past:
-            b = torch.empty(policy.n_heads, cap, d_head)
+            b = torch.empty(policy.n_heads, cap, d_head, dtype=torch.float32)
             b[:, :t] = p[0]
             dst.append(b)
     return new
