@@ -69,6 +69,8 @@
 # Part W2 (same session, right after part W, part_w2.md): the same table with the union pass only where the rows' kept
 # channels add up to at most one dense pass (`Controls.gather_limit`, as the per-row gathers before it), the masked
 # dense product through the multi-row loop otherwise.
+# Part X (same session, the final code, part_x.md): a second sample of the end-to-end table (5 rounds) and
+# native_parts.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -149,6 +151,9 @@ elif [[ $PART == V ]]; then
   $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
 elif [[ $PART == W || $PART == W2 ]]; then
   $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
+elif [[ $PART == X ]]; then
+  $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
+  python results/bench_gathered/native_parts.py
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
