@@ -148,7 +148,7 @@ def dense_gemv(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None = 
     kernel is built: one row goes through its every-row loop (`gather_gemv` with nothing dropped: the same kernel
     as the pruned product, and faster than the BLAS product there, benchmarks/bench_layout.py), 2 to 8 rows
     through `gemm_rows` (each weight row read once for all of them; the BLAS product of so few rows read the
-    weights 1.6-2.8x slower, benchmarks/bench_layout.py --rows); anything else is a matmul."""
+    weights 1.7-3.6x slower at 4 rows, benchmarks/bench_layout.py --rows 4); anything else is a matmul."""
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 1 <= n_rows <= 8 and x.dtype == torch.float32 and x.device.type == "cpu" \
             and w_in.dtype == torch.float32 and w_in.is_contiguous():

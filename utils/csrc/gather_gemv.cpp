@@ -48,9 +48,9 @@ inline void rows(const float* xp, const int64_t* ip, int64_t j, int64_t b, const
 // kept rows (for a dense product, one contiguous block of the matrix), streams each row whole, R rows at a time,
 // into its own full-length accumulator, and the T partial sums are added at the end. Rows of at most 1024 values
 // go 8 at a time (each pass over the accumulator then covers more weight bytes), longer ones 4 at a time.
-// On the 2-core CPU (results/bench_gathered/kernel_ab, part T) this read SmolLM2's q/k/v, o and down weights
-// 10-20% faster than rows dealt round-robin to the threads 4 at a time, the gate+up and LM-head products as fast,
-// and a step at keep fraction rho reads rho of the bytes of the dense product.
+// On the 2-core CPU (results/bench_gathered/kernel_ab/ab.py, part T) this read SmolLM2's q/k/v, o and down weights
+// 1.35-1.73x as fast as rows dealt round-robin to the threads four at a time, gate+up 1.21x, the LM head 1.07x (an
+// earlier run: 1.28-1.30x, 1.07x, 1.00x); a step at keep fraction rho reads rho of the bytes of the dense product.
 void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int64_t N, float* op) {
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + 7) / 8));
   std::vector<float> part(static_cast<size_t>(T * N), 0.f);
@@ -77,8 +77,8 @@ void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int6
 // x (B <= 8): each listed weight row is read once for every row of x (a batch-1 product's bytes). Every row of w for a
 // dense product; for a batch whose rows keep different MLP input channels, x masked per row and ip the union of the
 // kept channels. Thread t takes the t-th contiguous block of ip, four rows at a time; a column block of them (2 KB
-// per row) stays in L1 while it is added into each row's accumulator. On the 2-core CPU the BLAS product of 2 to 8
-// rows read SmolLM2's weights at half the speed or less (benchmarks/bench_layout.py --rows 4, part V).
+// per row) stays in L1 while it is added into each row's accumulator. On the 2-core CPU the BLAS product of 4 rows
+// read SmolLM2's weights at 0.3-0.6 of this loop's speed (benchmarks/bench_layout.py --rows 4, part V).
 void gather_rows(const float* xp, int64_t B, int64_t D, const int64_t* ip, int64_t n, const float* wp, int64_t N,
                  float* op) {
   constexpr int64_t CB = 512;

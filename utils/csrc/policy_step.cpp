@@ -1,7 +1,8 @@
 // The SOL policy's batch-1 float32 decode step in one native call (utils/fast_policy.py), for the gathered execution.
 //
 // In generation the policy runs between two LM steps, whose ~0.5 GB weight stream has evicted everything it touches:
-// as ~40 ATen ops its step cost ~1.6 ms against ~0.5 ms for reading its weights (results/bench_gathered, part S).
+// as ~40 ATen ops its step cost ~1.6 ms against ~0.5 ms for reading its weights (results/bench_gathered, part S; one
+// call: results/bench_gathered/policy_parts.py, part U2).
 // Here it is plain loops around the same streaming product as the LM's native step (`gather` in gather_gemv.cpp):
 //   s = LN(GELU(scalars W_s + b_s)); x = [h, e, s, action_emb[prev]] W_obs + b_obs + pos_emb[pos];
 //   per block: x += o(Attn(q, k, v of LN1(x)) over the cached steps and this one); x += W2 GELU(W1 LN2(x) + b1) + b2;
