@@ -248,20 +248,19 @@ const float* f32(const torch::Tensor& t, int64_t numel, const char* what) {
 
 }  // namespace
 
-// One decode token through every layer. h [H] receives the final-norm hidden state of token `token` (an int64
-// tensor of one element), whose input embedding is row token of `emb` [V, H] (any strides: a tied embedding laid
-// out input-major for the LM head is a transposed view, and its row is read here with prefetch rather than by an
-// ATen op that pays each strided element's cache miss in turn). weights: six tensors per layer (input norm [H], q/k/v input-major [H, (Hq + 2 Hkv) D], o
-// input-major [Hq D, H], post-attention norm [H], gate+up input-major [H, 2I], down input-major [I, H]); caches:
-// two per layer (key and value buffers [1, Hkv, cap, D]; the new token is written at position L, so cap > L).
-// cos/sin [n > L, D]: the rotary embedding of positions 0 .. n-1 (row L is used). kth: 0 keeps every MLP input channel, else those with |x| at
-// or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages (`quest_positions`; page bounds
-// [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection per KV head or per query
-// head, the first quest_sinks and last quest_recent positions always kept); else positions [0, Ts) and [lo, L]
-// when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output fake-quantized to that many bits
-// (`fake_quantize`), else left as it is. record (optional, [layers, H]):
-// each layer's MLP input, for tests. Returns (kept MLP channels, kept keys summed over query heads, tokens read
-// per KV head), each summed over the layers.
+// One decode token through every layer. h [H] receives the final-norm hidden state of token `token` (an int64 tensor of
+// one element), whose input embedding is row token of `emb` [V, H] (any strides: a tied embedding laid out input-major
+// for the LM head is a transposed view, and its row is read here with prefetch rather than by an ATen op that pays each
+// strided element's cache miss in turn). weights: six tensors per layer (input norm [H], q/k/v input-major [H, (Hq + 2
+// Hkv) D], o input-major [Hq D, H], post-attention norm [H], gate+up input-major [H, 2I], down input-major [I, H]);
+// caches: two per layer (key and value buffers [1, Hkv, cap, D]; the new token is written at position L, so cap > L).
+// cos/sin [n > L, D]: the rotary embedding of positions 0 .. n-1 (row L is used). kth: 0 keeps every MLP input channel,
+// else those with |x| at or above the kth smallest. Attention: with quest_page > 0, QUEST over the pages
+// (`quest_positions`; page bounds [1, Hkv, capP, 2D] per layer in `pages`, n_keep pages per selection, one selection
+// per KV head or per query head, the first quest_sinks and last quest_recent positions always kept); else positions [0,
+// Ts) and [lo, L] when lo > Ts, every one otherwise. qbits in [1, 16): the MLP output fake-quantized to that many bits
+// (`fake_quantize`), else left as it is. record (optional, [layers, H]): each layer's MLP input, for tests. Returns
+// (kept MLP channels, kept keys summed over query heads, tokens read per KV head), each summed over the layers.
 std::tuple<int64_t, int64_t, int64_t> decode_layers(
     torch::Tensor h, const torch::Tensor& emb, const torch::Tensor& token, const std::vector<torch::Tensor>& weights,
     const std::vector<torch::Tensor>& caches, const torch::Tensor& final_norm, const torch::Tensor& cos,

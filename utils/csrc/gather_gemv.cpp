@@ -11,6 +11,16 @@
 #include <tuple>
 #include <vector>
 
+// op = the sum of the T per-thread partial results of `len` values each, laid end to end in part.
+inline void add_parts(const std::vector<float>& part, int64_t T, int64_t len, float* op) {
+  std::copy(part.begin(), part.begin() + len, op);
+  for (int64_t t = 1; t < T; ++t) {
+    const float* q = part.data() + t * len;
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) op[c] += q[c];
+  }
+}
+
 // R rows at once: o[c] += sum_q xp[ip[j + q]] * wp[ip[j + q] * N + c], q < R. While they stream, the next R rows
 // (when j + 2R <= b) are prefetched a cache line at a time: each row is a separate stream, and the hardware
 // prefetcher would otherwise restart at every row.
@@ -65,12 +75,7 @@ void gather(const float* xp, const int64_t* ip, int64_t n, const float* wp, int6
       for (; j < b; ++j) rows<1>(xp, ip, j, b, wp, N, o);
     }
   });
-  std::copy(part.begin(), part.begin() + N, op);
-  for (int64_t t = 1; t < T; ++t) {
-    const float* q = part.data() + t * N;
-#pragma omp simd
-    for (int64_t c = 0; c < N; ++c) op[c] += q[c];
-  }
+  add_parts(part, T, N, op);
 }
 
 // out[b, c] = sum_j xp[b * D + ip[j]] * wp[ip[j] * N + c] over n rows ip of an input-major w, for a few rows b < B of
@@ -111,12 +116,7 @@ void gather_rows(const float* xp, int64_t B, int64_t D, const int64_t* ip, int64
       }
     }
   });
-  std::copy(part.begin(), part.begin() + B * N, op);
-  for (int64_t t = 1; t < T; ++t) {
-    const float* q = part.data() + t * B * N;
-#pragma omp simd
-    for (int64_t c = 0; c < B * N; ++c) op[c] += q[c];
-  }
+  add_parts(part, T, B * N, op);
 }
 
 static void check_args(const torch::Tensor& x, const torch::Tensor& w) {
