@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import native
+from utils import native, weight_arena
 from utils.cli import SOLError
 
 EXECUTIONS = ("simulated", "gathered")
@@ -60,11 +60,12 @@ def input_major(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     """Lay Linear layers that share an input out once, side by side and input-major: (W [in, Σ out] contiguous,
     row c holding input channel c's weights of every layer in turn; the biases joined, or None). Each Linear's
     weight becomes a transposed column-slice view of W (same values, no second copy), so every other use of the
-    modules is unchanged and their products read W in this layout too. Why: a gather-GEMV needs one contiguous
+    modules is unchanged and their products read W in this layout too; W sits in 2 MiB pages where the OS allows
+    (`weight_arena`). Why: a gather-GEMV needs one contiguous
     row per input channel, and on the 2-core CPU the batch-1 product x·W reads an input-major matrix up to twice
     as fast as F.linear reads the output-major one when out >= in (benchmarks/bench_layout.py)."""
     with torch.no_grad():
-        w = torch.cat([p.weight for p in linears], dim=0).t().contiguous()
+        w = weight_arena.copy(torch.cat([p.weight for p in linears], dim=0).t())
         b = torch.cat([p.bias for p in linears]) if linears[0].bias is not None else None
         start = 0
         for p in linears:

@@ -71,6 +71,8 @@
 # dense product through the multi-row loop otherwise.
 # Part X (same session, the final code, part_x.md): a second sample of the end-to-end table (5 rounds) and
 # native_parts.py.
+# Part Y (2026-12-07, part_y.md): the weights in 2 MiB pages (utils/weight_arena.py) against 4 KiB pages in one
+# process (huge_pages_ab.py), then the end-to-end table (5 rounds) and native_parts.py with huge pages (the default).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -152,6 +154,10 @@ elif [[ $PART == V ]]; then
 elif [[ $PART == W || $PART == W2 ]]; then
   $B --tokens 64 --runs 3 --e2e_prompt 256 --batches 2 4 --skip mlp e2e attention joint policy
 elif [[ $PART == X ]]; then
+  $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
+  python results/bench_gathered/native_parts.py
+elif [[ $PART == Y ]]; then
+  python results/bench_gathered/huge_pages_ab.py
   $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint policy
   python results/bench_gathered/native_parts.py
 elif [[ $PART == H ]]; then
