@@ -6,7 +6,7 @@ that is advised `MADV_HUGEPAGE` with 2 MiB pages (transparent huge pages in `mad
 cuts those misses 512-fold. `copy(t)` places a CPU tensor's values in such memory: tensors are carved
 back to back out of 2 MiB-aligned chunks (64-byte aligned each, so small matrices share huge pages instead of
 each wasting one), and a chunk is freed with the last tensor that views it (the chunk being filled is also held here). Elsewhere (another OS, a GPU tensor,
-THP off, or `SOL_HUGE_PAGES=0`) it is a plain contiguous copy: only the speed differs, never a value.
+THP off, a refused advice, or `SOL_HUGE_PAGES=0`) it is a plain contiguous copy: only the speed differs, never a value.
 Measured in `results/bench_gathered` (part Y).
 """
 from __future__ import annotations
@@ -51,7 +51,10 @@ def _new_chunk(nbytes: int) -> tuple[torch.Tensor, int] | None:
     size = -(-nbytes // HUGE) * HUGE
     raw = torch.empty(size + HUGE, dtype=torch.uint8)  # large: mmap-backed, no page touched yet
     off = -raw.data_ptr() % HUGE
-    return (raw, off) if _madvise(raw.data_ptr() + off, size) else None
+    if _madvise(raw.data_ptr() + off, size):
+        return raw, off
+    _STATE["thp"] = False  # refused once: plain copies from now on
+    return None
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of `t`, in huge-page-advised memory when `enabled()` and `t` is on the CPU."""
-    if t.device.type != "cpu" or not enabled():
+    if t.device.type != "cpu" or t.is_quantized or not enabled():
         return _plain(t)
     nbytes = t.numel() * t.element_size()
     cur = _STATE.get("chunk")
