@@ -8,7 +8,7 @@ import torch
 
 from utils.actions import ActionSpace
 from utils.lm import ControlledLM
-from utils.model import SMOLLM2_ALIAS, load_lm, smollm2_dir
+from utils.model import SMOLLM2_ALIAS, ModelLoadError, _atomic_dir, _convert_in_child, load_lm, smollm2_dir
 
 pytestmark = pytest.mark.smollm2
 
@@ -33,6 +33,18 @@ def test_loads_real_llama_from_cache(smol):
     with torch.inference_mode():
         nxt = model(ids).logits[0, -1].argmax()
     assert "Paris" in tok.decode(nxt)  # a real model, not random weights
+
+
+def test_failed_conversion_is_one_line_and_leaves_nothing(tmp_path):
+    """The GGUF conversion runs in a child process; its failure surfaces as one ModelLoadError line and the
+    atomic write leaves no directory, finished or temporary, behind."""
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    final = tmp_path / "cache" / "converted"
+    with pytest.raises(ModelLoadError, match=r"converting broken.gguf failed: ") as err:
+        _atomic_dir(final, lambda tmp: _convert_in_child(bad, tmp))
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_dense_step_matches_model_and_sparse_step_differs(smol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -84,7 +85,22 @@ def smollm2_dir() -> Path:
         return final
     gguf = smollm2_gguf_path()
     print(f"[sol] converting {gguf.name} to HF format in {final} (once, ~20 s)", flush=True)
-    return _atomic_dir(final, lambda tmp: _gguf_to_hf(gguf, tmp))
+    return _atomic_dir(final, lambda tmp: _convert_in_child(gguf, tmp))
+
+
+def _convert_in_child(gguf: Path, out: Path) -> None:
+    """Run `_gguf_to_hf` in a fresh Python process. In-process, the conversion's ~1 GB of freed tensors leaves
+    the heap laid out differently, and the first run on a machine then sampled different actions from the same
+    seed than every later run (CPU GEMM results depend on buffer placement in the last bits); in a child, the
+    caller's process is the same whether the cache existed or not."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from utils.model import _gguf_to_hf; _gguf_to_hf(Path(sys.argv[2]), Path(sys.argv[3]))")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, str(root), str(gguf), str(out)], stderr=subprocess.PIPE,
+                          text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelLoadError(f"converting {gguf.name} failed: {last}")
 
 
 def smollm2_tokenizer_dir() -> Path:
