@@ -1,5 +1,8 @@
 """utils.weight_arena: copies are exact and contiguous, small tensors share a 2 MiB-aligned chunk, a large one
 gets its own, the kernel records the advice on their mappings, and the gathered layout uses it."""
+import ctypes
+import mmap
+
 import pytest
 import torch
 
@@ -47,7 +50,9 @@ def test_chunks_are_aligned_shared_and_backed_by_huge_pages():
     big = weight_arena.copy(torch.ones(weight_arena.CHUNK // 4 + 1))  # larger than a chunk: its own
     assert big.data_ptr() % weight_arena.HUGE == 0 and big.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
     assert _advised(big.data_ptr()) and _advised(a.data_ptr())
-    assert not _advised(torch.randn(weight_arena.CHUNK // 4).data_ptr())  # a plain tensor is not
+    # a fresh mapping is not (a plain tensor would not do: malloc may hand out memory of a freed, advised chunk)
+    plain = mmap.mmap(-1, 2 * weight_arena.HUGE)
+    assert not _advised(ctypes.addressof(ctypes.c_char.from_buffer(plain)))
 
 
 @pytest.mark.skipif(not weight_arena.enabled(), reason="no transparent huge pages here")
