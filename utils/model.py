@@ -91,8 +91,8 @@ def smollm2_dir() -> Path:
 def _convert_in_child(gguf: Path, out: Path) -> None:
     """Run `_gguf_to_hf` in a fresh Python process. In-process, the conversion's ~1 GB of freed tensors leaves
     the heap laid out differently, and the first run on a machine then sampled different actions from the same
-    seed than every later run (CPU GEMM results depend on buffer placement in the last bits); in a child, the
-    caller's process is the same whether the cache existed or not."""
+    seed than every later run (measured; presumably kernels whose rounding depends on where buffers lie); in a
+    child, the caller's process is the same whether the cache existed or not."""
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
             "from utils.model import _gguf_to_hf; _gguf_to_hf(Path(sys.argv[2]), Path(sys.argv[3]))")
     root = Path(__file__).resolve().parents[1]
