@@ -20,7 +20,8 @@ import torch
 
 from utils.actions import ActionSpace
 from utils.attention import (
-    ceil_count, is_effective, quest_keep, quest_page_bounds, quest_page_scores, recency_keep, relevancy_keep,
+    ceil_count, ceil_count_host, is_effective, quest_keep, quest_page_bounds, quest_page_scores, quest_pages_kept,
+    quest_pages_kept_host, recency_keep, recency_start, recency_start_host, relevancy_keep,
 )
 from utils.controls import Controls
 from utils.lm import _CACHE_KW, ControlledLM
@@ -357,6 +358,19 @@ def test_ceil_count_float32_kappa_noise():
     kappa = torch.tensor([0.1, 0.3, 0.6, 0.85], dtype=torch.float32)
     assert ceil_count(kappa, 1000).tolist() == [100, 300, 600, 850]
     assert int(recency_keep(1007, torch.tensor([0.1]), 4, 2).sum()) == 4 + 3 + 100
+
+
+def test_host_counts_match_the_tensor_counts():
+    """The gathered execution's host planning (`*_host`) gives the tensor functions' counts for every float32
+    fraction on a 1/1000 grid (and the grid's neighbours one float32 step away) at several lengths."""
+    grid = torch.arange(1, 1001, dtype=torch.float32) / 1000
+    fracs = torch.cat([grid, torch.nextafter(grid, torch.zeros(1)), torch.nextafter(grid, torch.ones(1) * 2)])
+    host = fracs.tolist()
+    for total in (1, 7, 100, 576, 1018, 8193):
+        assert [ceil_count_host(f, total) for f in host] == ceil_count(fracs, total).tolist()
+        assert [quest_pages_kept_host(f, total, 16) for f in host] == quest_pages_kept(fracs, total, 16).tolist()
+        if total > TS + TW + 1:
+            assert [recency_start_host(total, f, TS, TW) for f in host] == recency_start(total, fracs, TS, TW).tolist()
 
 
 # ==== MLP pruning and quantization =====================================================================

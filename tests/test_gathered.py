@@ -314,7 +314,7 @@ def test_one_row_gate_up_keeps_the_simulated_channels(ties, path, monkeypatch):
         ctl.set(torch.ones(1), torch.tensor([rho]), torch.full((1,), 16), kv_len=CTX)
         got = ctl.gate_up(x, w, b)
         ref, kept = prune_channels(x, torch.tensor([rho]), [rho])
-        assert int(ctl.channels_kept()) == int(kept)
+        assert int(ctl.channel_sum) == int(kept)
         torch.testing.assert_close(got, ref @ w + b, atol=1e-5, rtol=0)
     if ties == "at_threshold":  # ρ 0.4 keeps 16, and the tie brings two more
         assert int(kept_at(x, 0.4)) == 18

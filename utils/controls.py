@@ -24,9 +24,8 @@ from transformers.masking_utils import sdpa_mask
 
 from utils import fast_decode, gathered
 from utils.attention import (
-    CRITERIA, ceil_count, protected_positions, quest_keep, quest_page_bounds, quest_pages_kept, quest_select_pages,
-    recency_keep,
-    recency_start, relevancy_keep, topk_by_threshold,
+    CRITERIA, ceil_count_host, protected_positions, quest_keep, quest_page_bounds, quest_pages_kept_host,
+    quest_select_pages, recency_keep, recency_start_host, relevancy_keep, topk_by_threshold,
 )
 from utils.actions import DENSE_BITS
 from utils.mlp_controls import fake_quantize, prune_channels
@@ -143,48 +142,74 @@ class Controls:
         self.cache = None
         self.kappa = self.rho = self.bits = None
         self._recency = None
-        self.key_frac_sum = self.channel_sum = None
+        self._key_frac = self._channels = None
         self._channels_host = 0
         self._quant_identity = False
 
-    def set(self, kappa: torch.Tensor, rho: torch.Tensor, bits: torch.Tensor, kv_len: int, cache=None) -> None:
+    def set(self, kappa: torch.Tensor, rho: torch.Tensor, bits: torch.Tensor, kv_len: int, cache=None,
+            host: Sequence[tuple[float, float, int]] | None = None) -> None:
         """Arm the controls for one decode step of B rows over a cache of kv_len keys (current included);
-        `cache` (the step's KV cache) lets QUEST reuse the page summaries its layers keep."""
+        `cache` (the step's KV cache) lets QUEST reuse the page summaries its layers keep. `host`: the rows'
+        (κ, ρ, bits) as Python numbers, when the caller has them (the gathered execution plans on the host)."""
         self.active = True
         self.cache = cache
         self.kappa, self.rho, self.bits, self.kv_len = kappa, rho, bits, kv_len
         simulated_recency = self.criteria == "recency" and self.execution == "simulated"
         self._recency = recency_keep(kv_len, kappa, self.Ts, self.Tw) if simulated_recency else None
         self._quant_identity = False  # gathered: True when every row's bit-width is dense (set by _plan_gathered)
-        self.key_frac_sum = torch.zeros(kappa.shape[0], device=kappa.device)
-        self.channel_sum = torch.zeros(kappa.shape[0], device=kappa.device)
-        self._channels_host = 0  # counts of the batch-1 gathered MLP, added to channel_sum by channels_kept
+        # keys attended and MLP channels kept, summed over layers: a number while every row has the same sum (the
+        # gathered batch-1 paths count on the host), a [B] tensor once a per-row count is added
+        self._key_frac = self._channels = 0.0
+        self._channels_host = 0  # counts of the batch-1 gathered MLP, folded in by `step_sums`
         # gathered only: fraction of the cache's key and value bytes each layer read, summed over layers
         # (kept past `clear`, for benchmarks: the physical bound of the step)
         self.kv_read_sum = 0.0
         if self.execution == "gathered":
-            self._plan_gathered(kappa, bits, kv_len)
+            if host is None:
+                host = [tuple(r) for r in torch.stack([kappa.float(), rho.float(), bits.float()], 1).tolist()]
+            self._plan_gathered(host, kv_len)
 
-    def _plan_gathered(self, kappa: torch.Tensor, bits: torch.Tensor, kv_len: int) -> None:
-        """What the gathered kernels need on the host, once per step (not once per layer), in one transfer: the
-        κ values present in the batch (selections then run one threshold per present level), whether every
-        row's MLP output stays unquantized, and the recency spans or QUEST's pages per row (`native_plan`)."""
-        rows = [kappa.float(), bits.float()]
-        if self.criteria == "recency":
-            start = recency_start(kv_len, kappa, self.Ts, self.Tw)
-            rows.append(start.float())
-        elif self.criteria == "quest":
-            rows.append(quest_pages_kept(kappa, kv_len, self.page_size).float())
-        host = torch.stack(rows).tolist()
-        self._kappa_present = sorted(set(host[0]))
-        self._bits_host = host[1]
-        self._quant_identity = min(host[1]) >= DENSE_BITS
-        self._ch_plan = None  # (width, counts [B], present counts, total): set by the first MLP call
-        self._quest_pages_host = host[2] if self.criteria == "quest" else None
-        if self.criteria == "recency":
-            self._rec_lo = int(min(host[2]))
-            self._rec_start = None if max(host[2]) == self._rec_lo else start
-            self._rec_frac = (self.Ts + kv_len - start).float() / kv_len  # recency_keep's mean, from its span
+    def _plan_gathered(self, host: Sequence[tuple[float, float, int]], kv_len: int) -> None:
+        """What the gathered kernels need on the host, once per step (not once per layer), from the rows' (κ, ρ,
+        bits): the κ values present in the batch (selections then run one threshold per present level), whether
+        every row's MLP output stays unquantized, and the recency spans or QUEST's pages per row (`native_plan`).
+        Computed in Python: a batch-1 step's plan costs ~20 tensor ops less (a few hundred µs on the 2-core CPU)."""
+        kappas = [r[0] for r in host]
+        self._rho_host = [r[1] for r in host]
+        self._kappa_present = sorted(set(kappas))
+        self._bits_host = [r[2] for r in host]
+        self._quant_identity = min(self._bits_host) >= DENSE_BITS
+        self._ch_plan = None  # (width, counts [B] or None, present counts, total): set by the first MLP call
+        if self.criteria == "quest":
+            self._quest_pages_host = [quest_pages_kept_host(k, kv_len, self.page_size) for k in kappas]
+        elif self.criteria == "recency":
+            start = [recency_start_host(kv_len, k, self.Ts, self.Tw) for k in kappas]
+            self._rec_lo = min(start)
+            dev = self.kappa.device
+            self._rec_start = None if max(start) == self._rec_lo else torch.tensor(start, device=dev)
+            frac = [(self.Ts + kv_len - s) / kv_len for s in start]  # recency_keep's mean, from its span
+            self._rec_frac = frac[0] if self._rec_start is None else torch.tensor(frac, device=dev)
+
+    @property
+    def key_frac_sum(self) -> torch.Tensor | None:
+        """Fraction of keys attended per row ([B]), summed over this step's layers so far (None when not armed)."""
+        return None if self._key_frac is None else self._per_row(self._key_frac)
+
+    @property
+    def channel_sum(self) -> torch.Tensor | None:
+        """Kept MLP input channels per row ([B]), summed over this step's layers so far (None when not armed)."""
+        return None if self._channels is None else self._per_row(self._channels + self._channels_host)
+
+    def _per_row(self, v) -> torch.Tensor:
+        return v if torch.is_tensor(v) else torch.full(self.kappa.shape, float(v), device=self.kappa.device)
+
+    def step_sums(self) -> tuple:
+        """(keys attended, MLP channels kept) summed over this step's layers: each a number when every row has
+        the same (then no tensor op was spent on it) or a [B] tensor; None when not armed."""
+        if self._channels is not None and self._channels_host:
+            self._channels = self._channels + self._channels_host
+            self._channels_host = 0
+        return self._key_frac, self._channels
 
     def token_keep(self, q: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor,
                    layer_idx: int | None = None) -> torch.Tensor:
@@ -210,7 +235,7 @@ class Controls:
             return self.gathered_decode_attention(query, key, value, attention_mask, scaling, layer_idx, padded)
         out, keep = decode_attention(query, key, value, attention_mask, scaling,
                                      lambda q, k, logits: self.token_keep(q, k, logits, layer_idx), padded)
-        self.key_frac_sum += keep.float().mean(dim=(1, 2))
+        self._key_frac += keep.float().mean(dim=(1, 2))
         return out, None
 
     def gathered_decode_attention(self, query, key, value, attention_mask, scaling, layer_idx=None, padded=None):
@@ -224,11 +249,11 @@ class Controls:
                                              allowed)
             self.kv_read_sum += (K if self._rec_lo <= self.Ts else self.Ts + K - self._rec_lo) / K
             if allowed is None:
-                self.key_frac_sum += self._rec_frac
+                self._key_frac += self._rec_frac
             else:
                 if self._recency is None:
                     self._recency = recency_keep(self.kv_len, self.kappa, self.Ts, self.Tw)
-                self.key_frac_sum += (self._recency[:, None, :] & allowed).expand(B, Hq, K).float().mean(dim=(1, 2))
+                self._key_frac += (self._recency[:, None, :] & allowed).expand(B, Hq, K).float().mean(dim=(1, 2))
         elif self.criteria == "relevancy":
             logits = decode_logits(query, key, scaling, padded)
             keep = relevancy_keep(logits, self.kappa, self.Ts, self.Tw, self.relevancy_tier, self._kappa_present)
@@ -236,7 +261,7 @@ class Controls:
                 keep = keep & allowed
             out, n_read = gathered.relevancy_attention(logits, keep, value)
             self.kv_read_sum += 0.5 + 0.5 * n_read / K  # every key, the kept values
-            self.key_frac_sum += keep.float().mean(dim=(1, 2))
+            self._key_frac += keep.float().mean(dim=(1, 2))
         else:
             bounds = self._page_bounds(key, layer_idx) or quest_page_bounds(key, self.page_size)
             pages = quest_select_pages(query[:, :, 0], K, self.kappa, self.page_size, *bounds, self._kappa_present,
@@ -244,7 +269,7 @@ class Controls:
             prot = protected_positions(K, self.Ts, self.Tw + 1, key.device) if self.quest_keep_sink_window else None
             out, kept, n_read = gathered.quest_attention(query, key, value, scaling, pages, self.page_size, prot,
                                                          allowed, padded)
-            self.key_frac_sum += kept / (Hq * K)
+            self._key_frac += kept / (Hq * K)
             self.kv_read_sum += n_read / K + 1 / self.page_size  # the kept pages and every page's key max/min
         return out, None
 
@@ -255,14 +280,17 @@ class Controls:
         B, T, D = x.shape
         _, count, choices, total = self._channel_plan(D, x.device, x.dtype)
         if choices[0] >= D:  # every row keeps every channel: the dense product, as an uncontrolled step runs it
-            self.channel_sum += D
+            self._channels += D
             return gathered.dense_gemv(x, w_in, b_in)
         gather = T == 1 and total <= self.gather_limit * D
         if gather and B == 1:
             return self._gate_up_one_row(x, w_in, b_in, D - choices[0] + 1)
+        if count is None:
+            count = torch.tensor(self._ch_counts, device=x.device)
+            self._ch_plan = (D, count, choices, total)
         score = x.detach().abs().amax(dim=1).float()
         keep = topk_by_threshold(score, torch.ones_like(score, dtype=torch.bool), count, choices)
-        self.channel_sum += keep.sum(-1)
+        self._channels += keep.sum(-1)
         if gather:  # one native pass over the union of the rows' kept channels, else per-row bags
             union = gathered.union_gate_up(x[:, 0], keep, w_in, b_in)
             if union is not None:
@@ -272,12 +300,12 @@ class Controls:
         return gathered.dense_gemv(x * keep[:, None].to(x.dtype), w_in, b_in)
 
     def _channel_plan(self, D: int, device: torch.device, dtype: torch.dtype) -> tuple:
-        """(D, kept channels per row [B], the distinct counts sorted, their sum) for MLP inputs of width D: on
-        the host once per step, by the simulated mode's rule (`prune_channels`: ceil(ρ·D), at least one)."""
+        """(D, kept channels per row [B] or None until a per-row selection needs them as a tensor, the distinct
+        counts sorted, their sum) for MLP inputs of width D: on the host once per step, by the simulated mode's rule
+        (`prune_channels`: ceil(ρ·D), at least one)."""
         if self._ch_plan is None or self._ch_plan[0] != D:
-            count = ceil_count(self.rho, D).clamp(1, D)
-            host = count.tolist()
-            self._ch_plan = (D, count, sorted(set(host)), sum(host))
+            self._ch_counts = [min(max(ceil_count_host(r, D), 1), D) for r in self._rho_host]
+            self._ch_plan = (D, None, sorted(set(self._ch_counts)), sum(self._ch_counts))
             self._bags = gathered.default_bags(device, dtype)
         return self._ch_plan
 
@@ -314,15 +342,15 @@ class Controls:
             self._channels_host += stats[0]
         K = self.kv_len
         if plan[2]:  # QUEST: the kept pages and every page's key max/min
-            self.key_frac_sum += stats[1] / (n_heads * K)
+            self._key_frac += stats[1] / (n_heads * K)
             self.kv_read_sum += stats[2] / K + n_layers / self.page_size
         elif self.criteria == "recency":
             lo = self._rec_lo
             self.kv_read_sum += n_layers * (K if lo <= self.Ts else self.Ts + K - lo) / K
-            self.key_frac_sum += n_layers * self._rec_frac
+            self._key_frac += n_layers * self._rec_frac
         else:
             self.kv_read_sum += n_layers
-            self.key_frac_sum += n_layers
+            self._key_frac += n_layers
 
     def _gate_up_one_row(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
                          kth: int) -> torch.Tensor:
@@ -330,25 +358,18 @@ class Controls:
         its selection is most of what the gather saves over dense): `topk_by_threshold` with a known count is
         the rows at or above the kth smallest |x| (ties kept), then the gather-GEMV, both in one native call
         where the kernel is built (`gathered.select_gather_gemv`). The channel count is
-        added on the host and folded into `channel_sum` once per step (`channels_kept`). (A `topk` of count + 1
+        added on the host and folded into the step's sum once per step (`step_sums`). (A `topk` of count + 1
         with a tie check measured no faster on the 2-core CPU: 0.70-0.71 against 0.68 of the dense product's
         time at ρ 0.4, both DRAM-bound there.)"""
         out, n = gathered.select_gather_gemv(x.view(-1), kth, w_in, b_in, self._bags)
         self._channels_host += n
         return out.view(1, 1, -1)
 
-    def channels_kept(self) -> torch.Tensor | None:
-        """Kept MLP input channels of each row, summed over this step's layers ([B]; None when not armed)."""
-        if self.channel_sum is not None and self._channels_host:
-            self.channel_sum += self._channels_host
-            self._channels_host = 0
-        return self.channel_sum
-
     def mlp_pre_hook(self, module: nn.Module, args):
         if not (self.active and self.prune_enabled):
             return None
         x, kept = prune_channels(args[0], self.rho, self.prune_levels)
-        self.channel_sum += kept
+        self._channels += kept
         return (x,) + tuple(args[1:])
 
     def quantize_output(self, output: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,10 @@ class ControlledLM:
         self.n_heads, self.n_kv_heads, self.ffn = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
         self.device = next(model.parameters()).device
         self._act_tables = tuple(t.to(self.device) for t in (actions.keep, actions.prune, actions.bits))
+        # (κ, ρ, bits) of each action as Python numbers: the gathered execution plans its steps on the host
+        self._act_host = list(zip(actions.keep.tolist(), actions.prune.tolist(), actions.bits.tolist()))
+        L, H = self.n_layers, self.hidden_size
+        self._usage_div = torch.tensor([1.0, actions.prune_max, DENSE_BITS, L, L * H, 1.0], device=self.device)[:, None]
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, tokenizer, execution: str = "simulated") -> "ControlledLM":
@@ -139,34 +143,49 @@ class ControlledLM:
         B = input_ids.shape[0]
         kv_len = cache.get_seq_length() + 1
         effective = actions is not None and is_effective(kv_len, self.Ts, self.Tw)
-        ones = torch.ones(B, device=input_ids.device)
+        # the gathered execution plans on the host: the rows' (κ, ρ, bits) from one read of the action indices
+        host = None
+        if self.execution == "gathered":
+            host = [self._act_host[a] for a in actions.tolist()] if effective else [(1.0, 1.0, DENSE_BITS)] * B
         if effective:
             kt, pt, bt = self._act_tables
             kappa, rho, bits = kt[actions], pt[actions], bt[actions]
-            self.controls.set(kappa, rho, bits, kv_len, cache)
+            self.controls.set(kappa, rho, bits, kv_len, cache, host)
         else:
             self.controls.clear()
             self.controls.cache = cache  # dense low-precision decode attention reads its padded buffers
-            kappa, rho, bits = ones, ones, torch.full((B,), DENSE_BITS, device=input_ids.device)
+            kappa = rho = bits = None
         try:
             cache, hidden = self._forward(input_ids[:, None], cache)
         finally:
-            key_frac = self.controls.key_frac_sum if effective else None
-            channels = self.controls.channels_kept() if effective else None
+            key_frac, channels = self.controls.step_sums() if effective else (None, None)
             self.controls.clear()
         h = hidden[:, -1]
-        usage = self._usage(kappa, rho, bits, key_frac, channels, kv_len, effective)
+        usage = self._usage(B, kappa, rho, bits, key_frac, channels, kv_len, effective, host)
         return StepOutput(self.logits(h), h, usage)
 
     # ---- accounting ---------------------------------------------------------------------------------
-    def _usage(self, kappa, rho, bits, key_frac_sum, channel_sum, kv_len: int, effective: bool) -> StepUsage:
+    def _usage(self, B: int, kappa, rho, bits, key_frac_sum, channel_sum, kv_len: int, effective: bool,
+               host=None) -> StepUsage:
+        """The step's StepUsage from the rows' actions (None: dense) and the controls' sums over layers (numbers
+        when every row has the same, [B] tensors otherwise; None: every key / channel). With `host` (the rows'
+        (κ, ρ, bits) in Python) and number sums, every field comes from one tensor built on the host: the same
+        float32 divisions (`_usage_div`), the FLOPs rounded from float64 once."""
         L, H = self.n_layers, self.hidden_size
-        ones = torch.ones_like(kappa, dtype=torch.float32)
-        attn_keep = key_frac_sum / L if key_frac_sum is not None else ones
-        if channel_sum is not None and self.controls.prune_enabled:
-            channel_keep = channel_sum / (L * H)
-        else:
-            channel_keep = ones
+        if not self.controls.prune_enabled:
+            channel_sum = None
+        kf = L if key_frac_sum is None else key_frac_sum
+        ch = L * H if channel_sum is None else channel_sum
+        if host is not None and not torch.is_tensor(kf) and not torch.is_tensor(ch):
+            flops = self.step_flops(kf / L * kv_len, ch / (L * H) * H)
+            cols = [(k, r, b, kf, ch, flops) for k, r, b in host]
+            rows = torch.tensor(list(zip(*cols)), dtype=torch.float32, device=self.device) / self._usage_div
+            return StepUsage(*rows.unbind(0), effective)
+        ones = torch.ones(B, device=self.device)
+        if kappa is None:
+            kappa, rho, bits = ones, ones, torch.full((B,), DENSE_BITS, device=self.device)
+        attn_keep = ones * (kf / L)
+        channel_keep = ones * (ch / (L * H))
         flops = self.step_flops(attn_keep * kv_len, channel_keep * H)
         return StepUsage(kappa.float(), rho.float() / self.actions.prune_max, bits.float() / DENSE_BITS,
                          attn_keep, channel_keep, flops, effective)

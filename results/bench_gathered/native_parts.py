@@ -110,7 +110,7 @@ with torch.inference_mode():
         "next_slots": cache.next_slots,
         "rotary tables": lambda: fast_decode._rope_tables(base, 301),
         "hidden buffer": lambda: torch.empty(H),
-        "usage": lambda: lm._usage(ones, ones * 0.4, ones * 16, ones * 30, ones * 30 * H * 0.4, 300, True),
+        "usage": lambda: lm._usage(1, ones, ones * 0.4, ones * 16, ones * 30, ones * 30 * H * 0.4, 300, True),
     }
     timed = {k: us(f) for k, f in pieces.items()}
     ctl.set(kt[S40], pt[S40], bt[S40], 300, cache)  # armed: the plan and the booking do their work

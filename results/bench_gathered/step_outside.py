@@ -1,7 +1,7 @@
 """Where a gathered batch-1 decode step's time goes outside the native call, timed in place (part U): 2 rounds of a
 dense and an s40 greedy generation of 256 tokens after a 256-token prompt (SmolLM2-135M fp32, recency, alone on the
 machine), each step's pieces wrapped with timers (the wrappers add ~1 µs each): the native call, `Controls.set` /
-`clear` / `native_plan` / `native_done` / `channels_kept`, the cache's `next_slots` and `advance`, `_usage` and the
+`clear` / `native_plan` / `native_done` / `step_sums`, the cache's `next_slots` and `advance`, `_usage` and the
 LM head (`logits`), µs per step. Unlike `native_parts.py` section 3, which times each piece warm in a loop, these
 run right after the call's ~0.5 GB weight stream has evicted the caches.
 Run alone: python results/bench_gathered/step_outside.py"""
@@ -49,7 +49,7 @@ k = Kernel()
 k.decode_layers = kernel.decode_layers
 timed("native call", k, "decode_layers")
 native._STATE["gather"] = k
-for n in ("set", "clear", "native_plan", "native_done", "channels_kept"):
+for n in ("set", "clear", "native_plan", "native_done", "step_sums"):
     timed(f"Controls.{n}", lm.controls, n)
 timed("next_slots", GrowableCache, "next_slots")
 timed("advance", GrowableCache, "advance")
