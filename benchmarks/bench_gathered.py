@@ -12,7 +12,9 @@ Three tables, every cell the median of --runs runs (batch 1, greedy tokens):
 2. End-to-end decode tokens/s after an --e2e_prompt-token prompt, s40 (κ=1, ρ=0.4, 16 bits) on every step:
    both executions, against plain dense steps (actions=None) and against the stock Hugging Face forward
    (SDPA attention, DynamicCache) of an untouched copy of the model; plus the gathered s40/dense ratio with the two
-   generations advanced in lockstep, one step of each in turn (steadier against the machine's drift).
+   generations advanced in lockstep, one step of each in turn (steadier against the machine's drift, but on the
+   2-core CPU it reads ~5% lower than whole generations: an s40 step right after a dense one is slower than one
+   after another s40 step, results/bench_gathered/part_z.md).
 3. Attention alone (ρ=1, 16 bits) at κ=0.25 with long prompts: recency, QUEST and relevancy, each execution
    against its own dense steps (the gathered execution's dense steps differ too: every weight product runs
    input-major through `gathered.dense_gemv`, benchmarks/bench_layout.py).
