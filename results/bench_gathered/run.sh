@@ -75,7 +75,8 @@
 # process (huge_pages_ab.py), then the end-to-end table (5 rounds) and native_parts.py with huge pages (the default).
 # Part Z (2026-12-07, a later session, part_z.md): after the batch-1 step's planning moved to the host (ae63f48):
 # step_outside.py, the end-to-end table (5 rounds), the MLP table, native_parts.py, the gather loop's variants
-# (rows_ab/ab.py), then the end-to-end and policy tables together (5 rounds).
+# (rows_ab/ab.py), the end-to-end and policy tables together (5 rounds), then the two end-to-end protocols in one
+# process (protocol_ab.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PART=${PART:-A}
@@ -170,6 +171,7 @@ elif [[ $PART == Z ]]; then
   python results/bench_gathered/native_parts.py
   python results/bench_gathered/rows_ab/ab.py
   $B --tokens 256 --runs 5 --e2e_prompt 256 --skip mlp attention joint
+  python results/bench_gathered/protocol_ab.py
 elif [[ $PART == H ]]; then
   $B --tokens 256 --runs 3 --e2e_prompt 256 --skip mlp attention joint
   $B --tokens 64 --runs 3 --prompt_lens 8192 --skip mlp e2e policy attention
