@@ -10,7 +10,8 @@
   the MLP forward is replaced by an input-major gather-GEMV, the attention gathers the kept keys.
 
 One `Controls` object per model holds the per-row settings of the current step and accumulates the
-realised usage (keys attended, channels kept) over layers, as tensors, without host syncs.
+realised usage (keys attended, channels kept) over layers: as tensors, without host syncs, in the simulated
+execution; the gathered one plans each step on the host and keeps a sum as a number while every row has the same.
 """
 from __future__ import annotations
 
