@@ -28,7 +28,7 @@ import torch
 import train
 from utils.actions import ActionSpace
 from utils.checkpoint import checkpoint_config
-from utils.config import config_to_dict, load_config
+from utils.config import ConfigError, config_to_dict, load_config
 from utils.model import load_lm
 from utils.policy import SOLPolicy
 from utils.trainer import GRPOTrainer, TrainArgs
@@ -244,6 +244,25 @@ def test_warm_start_starts_from_checkpoint_weights(tmp_path, tiny_run, block_cac
     assert any(not torch.equal(v, saved[k]) for k, v in ckpt["policy_state_dict"].items())
 
 
+def test_policy_init_from_starts_the_joint_policy_from_a_one_axis_run(tmp_path, block_cache):
+    """policy_init_from: a factorised policy on the tiny three-axis grid starts from a prune-only run's policy
+    (utils.policy_transfer, tested against the source in tests/test_policy_transfer.py): its trunk is the source's,
+    its prune level logits the source's, and a run trains from there; a grid it cannot start from is one error."""
+    src = run_main(tmp_path / "prune", block_cache, updates=1, sets=(
+        "keep_fracs=[1.0]", "quant_choices=[q16]", "budget_tok_list=[1.0]", "budget_q_ratio_list=[1.0]"))
+    saved = load_ckpt(src / "policy_latest.pt")["policy_state_dict"]
+    sets = [f"block_cache_dir={block_cache}", "policy_head=factorised", f"policy_init_from={src}"]
+    tr = GRPOTrainer(load_config(TINY, sets), TrainArgs(total_updates=1, output_dir=str(tmp_path / "setup")))
+    got = tr.policy.state_dict()
+    assert_state_dicts_equal({k: got[k] for k in ("blocks.0.q.weight", "obs_proj.weight")},
+                             {k: saved[k] for k in ("blocks.0.q.weight", "obs_proj.weight")}, "trunk")
+    assert torch.equal(got["pi.weight"][2:4], saved["pi.weight"])  # levels κ 2, ρ 2 (s50, s100), bits 2
+    out = run_main(tmp_path / "joint", block_cache, updates=1, sets=tuple(sets[1:]))
+    assert load_ckpt(out / "policy_latest.pt")["update_step"] >= 1
+    with pytest.raises(ConfigError, match="factorised"):
+        load_config(TINY, [f"block_cache_dir={block_cache}", f"policy_init_from={src}"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # torchrun, 2 processes, gloo on CPU
 # ---------------------------------------------------------------------------------------------------
@@ -385,6 +404,10 @@ def _foreign_checkpoint(d: Path) -> Path:
     ("missing_warm_start", ["--checkpoint_path", "{tmp}/no_such.pt"], "no_such.pt"),
     ("foreign_warm_start", ["--checkpoint_path", "{foreign}"], "does not fit"),
     ("resume_with_config", ["--resume", "{tmp}"], "--resume"),
+    ("missing_init_source", ["--set", "policy_head=factorised", "--set", "policy_init_from={tmp}/no_such"], "no_such"),
+    ("init_source_and_warm_start", ["--set", "policy_head=factorised", "--set", "policy_init_from={tmp}",
+                                    "--checkpoint_path", "{foreign}"], "--checkpoint_path and policy_init_from"),
+    ("init_needs_factorised_head", ["--set", "policy_init_from={tmp}"], "needs policy_head: factorised"),
 ])
 def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fragment):
     """The same contract for more cases, through train.main in-process (cheaper than a process each)."""

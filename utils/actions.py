@@ -97,6 +97,15 @@ class ActionSpace:
         cols = self.level_indices() + torch.tensor([0, n_k, n_k + n_p])
         return torch.zeros(len(self), sum(self.axis_sizes())).scatter_(1, cols, 1.0)
 
+    def middle_levels(self) -> torch.Tensor:
+        """[n_κ + n_ρ + n_bits] bool, in `level_map`'s column order: the levels strictly between their axis's
+        cheapest and dearest one (e.g. κ 0.6 of {0.1, 0.6, 1})."""
+        cols = []
+        for values in (self.keep_values, self.prune_values, self.bit_values):
+            lo, hi = min(values), max(values)
+            cols += [lo < v < hi for v in values]
+        return torch.tensor(cols, dtype=torch.bool)
+
     def lookup(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(κ, ρ, bits) per row for action indices `idx` (any device)."""
         dev = idx.device

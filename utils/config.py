@@ -187,6 +187,16 @@ class Config:
                           "logit per level of each axis, an action's logit the sum of its levels': a product of "
                           "one distribution per axis, so every rollout teaches each axis's levels whatever the "
                           "other axes took; 3 x 3 logits instead of 27 on the joint grid)")
+    policy_middle_level_bias: float = _f(0.0, "ours: initial bias (logits, before the bound) of the factorised head's "
+                                         "middle levels (those between an axis's cheapest and dearest). With a "
+                                         "near-uniform start the knob offsets and the feedback are linear in usage, so "
+                                         "the greedy policy only takes an axis's two end levels; a bias of 1 makes it "
+                                         "dither between neighbouring levels, as the fixed schedule does")
+    policy_init_from: Optional[str] = _f(None, "ours: start a new run's factorised policy from the exported policy "
+                                         "(or run) directory given, trained on one axis of this grid (e.g. the prune "
+                                         "policy for the joint grid): its trunk is copied and its axis's level logits "
+                                         "carried over (utils.policy_transfer); the other axes start fresh. Not with "
+                                         "--checkpoint_path; ignored on --resume")
     policy_tbptt_k: int = _f(0, "accepted for compatibility; no effect (reference: unused)")
     eval_sparsity_bias: float = _f(0.0, "eval logit bias against dense kappa")
     eval_prune_bias: float = _f(0.0, "eval logit bias against dense prune")
@@ -502,6 +512,9 @@ def validate(cfg: Config) -> None:
            f"{cfg.policy_d_model} is not divisible by policy_n_heads={cfg.policy_n_heads}")
     _check(cfg.policy_max_len >= cfg.rollout_len, "policy_max_len",
            f"must be >= rollout_len={cfg.rollout_len}, got {cfg.policy_max_len}")
+    for name in ("policy_middle_level_bias", "policy_init_from"):
+        _check(not getattr(cfg, name) or cfg.policy_head == "factorised", name,
+               "needs policy_head: factorised (one logit per axis level)")
 
 
 # ---- derived values ----------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ class SOLPolicy(nn.Module):
         logit_bound: float = 0.0,
         head_init_scale: float = 1.0,
         level_map: Optional[Tensor] = None,
+        level_bias: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -177,6 +178,11 @@ class SOLPolicy(nn.Module):
         n_out = n_actions if level_map is None else level_map.shape[1]
         self.pi = nn.Linear(d_model, n_out)
         nn.init.zeros_(self.pi.bias)
+        if level_bias is not None:  # an initial preference per output (e.g. the middle levels, from_config)
+            if tuple(level_bias.shape) != (n_out,):
+                raise ValueError(f"level_bias must be [{n_out}], got {tuple(level_bias.shape)}")
+            with torch.no_grad():
+                self.pi.bias.copy_(level_bias)
         self.budget_head = nn.Sequential(
             nn.Linear(3, BUDGET_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HIDDEN, n_out)
         )
@@ -207,11 +213,16 @@ class SOLPolicy(nn.Module):
         """Build from a `Config` (fields `policy_*`, `budget_feedback_gain`) for an `ActionSpace` (or a bare
         action count, which allows neither budget feedback nor a factorised head)."""
         usage = None if isinstance(actions, int) else actions.nominal_usage()
-        level_map = None
+        level_map = level_bias = None
         if getattr(cfg, "policy_head", "joint") == "factorised":
             if isinstance(actions, int):
                 raise ValueError("policy_head: factorised needs the action grid, not a bare action count")
             level_map = actions.level_map()
+            middle = getattr(cfg, "policy_middle_level_bias", 0.0)
+            if middle:
+                level_bias = actions.middle_levels().float() * middle
+        elif getattr(cfg, "policy_middle_level_bias", 0.0):
+            raise ValueError("policy_middle_level_bias needs policy_head: factorised (one logit per axis level)")
         return cls(
             h_dim, e_dim, actions if isinstance(actions, int) else len(actions), action_usage=usage,
             budget_feedback_gain=getattr(cfg, "budget_feedback_gain", 0.0),
@@ -220,7 +231,7 @@ class SOLPolicy(nn.Module):
             mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim, max_len=cfg.policy_max_len,
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
             use_hidden=cfg.policy_use_hidden, use_token=cfg.policy_use_token,
-            head_init_scale=getattr(cfg, "policy_head_init_scale", 1.0), level_map=level_map,
+            head_init_scale=getattr(cfg, "policy_head_init_scale", 1.0), level_map=level_map, level_bias=level_bias,
         )
 
     # ---- shared pieces -----------------------------------------------------------------------------

@@ -222,7 +222,16 @@ class GRPOTrainer:
         H = model.config.hidden_size
         self.policy = SOLPolicy.from_config(cfg, H, model.get_input_embeddings().embedding_dim, self.actions).to(self.device)
         if args.checkpoint_path:
+            if cfg.policy_init_from:
+                raise ConfigError("--checkpoint_path and policy_init_from both set a new run's weights; give one")
             _warm_start(self.policy, args.checkpoint_path, args.trust_checkpoint)
+        elif cfg.policy_init_from and resume_ckpt is None:
+            from utils.policy_transfer import TransferError, transfer_from_checkpoint
+
+            try:
+                transfer_from_checkpoint(cfg.policy_init_from, self.policy, self.actions, args.trust_checkpoint)
+            except TransferError as e:
+                raise ConfigError(f"policy_init_from: {cfg.policy_init_from}: {e}") from None
         if not cfg.budget_feedback_in_training:
             self.policy.budget_feedback_gain = 0.0  # rollouts and loss; `_inference` restores it for dev checks
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy

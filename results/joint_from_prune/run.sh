@@ -1,0 +1,22 @@
+#!/bin/bash
+# The one-axis joint recipe (official_configs/cpu_smollm2_joint_axis.yml, results/joint_axis) started from the
+# shipped GRPO-only prune policy (results/prune_price_k16/ckpt_seed1234) instead of a fresh network:
+# `policy_init_from` (utils/policy_transfer.py) copies its trunk, folds its constant κ / bits inputs into the
+# biases and carries its ρ level logits over (s80 interpolated), so the joint policy starts with the prune policy's
+# ρ placement at any κ and bits request; κ and bits start near uniform, with `policy_middle_level_bias` 1 on every
+# axis's middle level (MIDDLE=0: none), so that the greedy start dithers between neighbouring levels as fixed does.
+# Seed $SEED: train, export, knob table, then the dev check of results/joint_levels/run.sh (dev split only).
+#   SEED=1234 results/joint_from_prune/run.sh                       # train (112 updates) + dev
+#   START=1 SEED=1234 results/joint_from_prune/run.sh               # the start: 1 update, knob table, dev (start/)
+#   START=1 MIDDLE=0 SEED=1234 results/joint_from_prune/run.sh      # the same without the middle bias (start_flat/)
+#   START=1 TRAIN=0 DEV=0 SCORE=1 results/joint_from_prune/run.sh   # score start/ on test, once (after the dev choice)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+INIT="--set policy_init_from=results/prune_price_k16/ckpt_seed1234 --set policy_middle_level_bias=${MIDDLE:-1.0}"
+if [[ "${START:-0}" == 1 ]]; then
+  START_D=results/joint_from_prune/$([[ "${MIDDLE:-1.0}" == 0 ]] && echo start_flat || echo start)
+  SETS="$INIT --total_updates 1" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
+    exec results/joint_levels/run.sh
+fi
+SETS="$INIT ${SETS:-}" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=results/joint_from_prune \
+  exec results/joint_levels/run.sh
