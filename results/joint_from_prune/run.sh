@@ -9,12 +9,18 @@
 #   SEED=1234 results/joint_from_prune/run.sh                       # train (112 updates) + dev
 #   START=1 SEED=1234 results/joint_from_prune/run.sh               # the start: 1 update, knob table, dev (start/)
 #   START=1 MIDDLE=0 SEED=1234 results/joint_from_prune/run.sh      # the same without the middle bias (start_flat/)
+#   START=1 INIT_FROM=none SEED=1234 results/joint_from_prune/run.sh # the control: a fresh network with the middle
+#                                                                    # bias, nothing transferred (start_fresh/)
 #   START=1 TRAIN=0 DEV=0 SCORE=1 results/joint_from_prune/run.sh   # score start/ on test, once (after the dev choice)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-INIT="--set policy_init_from=results/prune_price_k16/ckpt_seed1234 --set policy_middle_level_bias=${MIDDLE:-1.0}"
+INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed1234}
+INIT="--set policy_middle_level_bias=${MIDDLE:-1.0}"
+[[ $INIT_FROM == none ]] || INIT="$INIT --set policy_init_from=$INIT_FROM"
 if [[ "${START:-0}" == 1 ]]; then
-  START_D=results/joint_from_prune/$([[ "${MIDDLE:-1.0}" == 0 ]] && echo start_flat || echo start)
+  START_D=results/joint_from_prune/start
+  [[ "${MIDDLE:-1.0}" == 0 ]] && START_D=${START_D}_flat
+  [[ $INIT_FROM == none ]] && START_D=${START_D}_fresh
   SETS="$INIT --total_updates 1" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
     exec results/joint_levels/run.sh
 fi
