@@ -3,7 +3,7 @@ PYTHON ?= python3
 CONFIG ?= official_configs/cpu_smollm2_prune_price.yml
 UPDATES ?= 20
 
-.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback headline-prune-price headline-prune-knob headline-prune-k16 test bench help
+.PHONY: install train train-full headline headline-prune headline-prune-bc headline-prune-feedback headline-prune-price headline-prune-knob headline-prune-k16 headline-joint-from-prune test bench help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -90,6 +90,11 @@ headline-prune-knob: install  ## the price policies + knob calibration at gain 5
 headline-prune-k16: install  ## the shipped GRPO prune recipe, 3 seeds, trained and scored: results/prune_price_k16
 	for s in $(PRICE_SEEDS); do SEED=$$s SCORE=1 NUM_TRIALS=2 EMC_DAC=0 results/prune_price_k16/run.sh || exit 1; done
 	$(PYTHON) results/prune_feedback/summarise.py results/prune_price_k16
+
+headline-joint-from-prune: install  ## the joint grid started from the GRPO prune policy (seed 1234), scored on test: results/joint_from_prune
+	SEED=1234 SCORE=1 NUM_TRIALS=2 EMC_DAC=0 results/prune_price_k16/run.sh
+	START=1 SEED=1234 results/joint_from_prune/run.sh
+	START=1 TRAIN=0 DEV=0 SCORE=1 SEED=1234 results/joint_from_prune/run.sh
 
 test: install  ## the test suite
 	$(PYTHON) -m pytest -q

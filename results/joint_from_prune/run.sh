@@ -21,6 +21,7 @@ if [[ "${START:-0}" == 1 ]]; then
   START_D=results/joint_from_prune/start
   [[ "${MIDDLE:-1.0}" == 0 ]] && START_D=${START_D}_flat
   [[ $INIT_FROM == none ]] && START_D=${START_D}_fresh
+  mkdir -p $START_D
   SETS="$INIT --total_updates 1" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
     exec results/joint_levels/run.sh
 fi
