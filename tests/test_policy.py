@@ -352,6 +352,21 @@ def test_one_axis_contrast_rows_differ_on_one_axis_only() -> None:
     assert all(0.2 < float(s) < 0.34 for s in share)
 
 
+def test_one_axis_contrast_restricted_to_some_axes() -> None:
+    # axes=[0, 2]: with alike logits in a group, the ρ level is shared by every row of every group (ρ is never the
+    # drawn axis), while κ and bits each vary in about half the groups
+    from utils.schedulers import sample_one_axis_contrast
+    space, K, G = _contrast_space(), 8, 3000
+    lv = space.level_indices()
+    logits = torch.randn(G, 1, len(space), generator=torch.Generator().manual_seed(13)).expand(G, K, -1).reshape(G * K, -1)
+    a = sample_one_axis_contrast(logits, lv, K, torch.Generator().manual_seed(14), axes=[0, 2])
+    levels = lv[a].view(G, K, 3)
+    varying = (levels != levels[:, :1]).any(1)  # [G, 3]
+    assert not bool(varying[:, 1].any()) and int(varying.sum(-1).max()) == 1
+    share = varying.float().mean(0)
+    assert 0.3 < float(share[0]) < 0.5 and 0.3 < float(share[2]) < 0.5, share
+
+
 def test_one_axis_contrast_is_an_exact_draw_per_row() -> None:
     # rows of a group with DIFFERENT logits: each row position's empirical action frequencies over many groups
     # match its own softmax (the coupling changes the joint law of the rows, not any row's law)

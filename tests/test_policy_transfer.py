@@ -6,7 +6,7 @@ import torch
 
 from utils.actions import ActionSpace
 from utils.policy import N_SCALARS, SOLPolicy
-from utils.policy_transfer import TransferError, interpolation_weights, transfer_policy
+from utils.policy_transfer import TransferError, interpolation_weights, train_only_axes, transfer_policy
 from utils.records import StepScalars
 
 H, E, T, B = 24, 16, 6, 4
@@ -88,6 +88,53 @@ def test_transfer_copies_the_trunk_and_keeps_the_other_axes_fresh() -> None:
     for c in (2, 4, 5, 7):
         assert not got["scalar_proj.0.weight"][:, c].any()
     assert torch.equal(got["scalar_proj.0.weight"][:, 3], src.state_dict()["scalar_proj.0.weight"][:, 3])
+
+
+def test_training_only_kappa_and_bits_leaves_the_transferred_rho_decision_exactly() -> None:
+    """policy_train_axes [tok, quant] after the transfer: AdamW steps (with weight decay) on a policy-gradient loss
+    move the κ and bits level rows, and nothing else: the s40 − s100 gap is still the source's at every step."""
+    src = _policy(SRC, False, seed=0)
+    dst = _policy(DST, True, seed=1, init=0.01)
+    transfer_policy(src.state_dict(), SRC, dst, DST)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    head = train_only_axes(dst, DST, ["tok", "quant"])
+    assert {id(p) for p in dst.parameters() if p.requires_grad} == {id(p) for p in head}
+    opt = torch.optim.AdamW([{"params": head, "weight_decay": 0.0}], lr=0.05, weight_decay=0.5)
+    h, e, s, _, dst_prev = _episode(seed=3)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        logp = torch.log_softmax(dst.train()(h, e, s, dst_prev), -1)
+        a = torch.randint(0, len(DST), (T, B, 1), generator=g)
+        loss = -(logp.gather(-1, a)[..., 0] * torch.randn(T, B, generator=g)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = dst.eval().state_dict()
+    moved = [0, 1, 2, 6, 7, 8]  # κ and bits level rows
+    for k in before:
+        if k in ("pi.weight", "pi.bias", "budget_head.2.weight", "budget_head.2.bias"):
+            assert torch.equal(after[k][3:6], before[k][3:6]), k
+            assert not torch.equal(after[k][moved], before[k][moved]), k
+        else:
+            assert torch.equal(after[k], before[k]), k
+    s_src = s.clone()
+    for i in (0, 2):
+        s_src[..., StepScalars.BUDGETS.start + i] = 1.0
+        s_src[..., StepScalars.DEVIATIONS.start + i] = 0.0
+    with torch.no_grad():
+        ls, ld = src(h, e, s_src, _episode(seed=3)[3]), dst(h, e, s, dst_prev).view(T, B, 3, 3, 3)
+    gap_dst = ld[:, :, :, 0, :] - ld[:, :, :, 2, :]
+    torch.testing.assert_close(gap_dst, (ls[..., 0] - ls[..., 1])[:, :, None, None].expand_as(gap_dst),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_train_only_axes_refuses_bad_axes() -> None:
+    with pytest.raises(TransferError, match="factorised"):
+        train_only_axes(_policy(DST, False, seed=1), DST, ["tok"])
+    with pytest.raises(TransferError, match="expected"):
+        train_only_axes(_policy(DST, True, seed=1), DST, ["kappa"])
+    with pytest.raises(TransferError, match="one level"):
+        train_only_axes(_policy(SRC, True, seed=1), SRC, ["tok"])
 
 
 def test_transfer_refuses_what_does_not_fit() -> None:

@@ -259,6 +259,14 @@ def test_policy_init_from_starts_the_joint_policy_from_a_one_axis_run(tmp_path, 
     assert torch.equal(got["pi.weight"][2:4], saved["pi.weight"])  # levels κ 2, ρ 2 (s50, s100), bits 2
     out = run_main(tmp_path / "joint", block_cache, updates=1, sets=tuple(sets[1:]))
     assert load_ckpt(out / "policy_latest.pt")["update_step"] >= 1
+    # policy_train_axes [tok, quant]: an update moves the κ and bits head rows only; the trunk and ρ rows stay
+    out = run_main(tmp_path / "joint_kq", block_cache, updates=1, sets=(*sets[1:], "policy_train_axes=[tok,quant]"))
+    trained = load_ckpt(out / "policy_latest.pt")["policy_state_dict"]
+    for k, v in got.items():
+        if k.startswith(("pi.", "budget_head.2.")):
+            assert torch.equal(trained[k][2:4], v[2:4]) and not torch.equal(trained[k][[0, 1, 4, 5]], v[[0, 1, 4, 5]])
+        else:
+            assert torch.equal(trained[k], v), k
     with pytest.raises(ConfigError, match="factorised"):
         load_config(TINY, [f"block_cache_dir={block_cache}", f"policy_init_from={src}"])
 
@@ -408,6 +416,8 @@ def _foreign_checkpoint(d: Path) -> Path:
     ("init_source_and_warm_start", ["--set", "policy_head=factorised", "--set", "policy_init_from={tmp}",
                                     "--checkpoint_path", "{foreign}"], "--checkpoint_path and policy_init_from"),
     ("init_needs_factorised_head", ["--set", "policy_init_from={tmp}"], "needs policy_head: factorised"),
+    ("train_axes_unknown", ["--set", "policy_head=factorised", "--set", "policy_train_axes=[rho]"],
+     "policy_train_axes"),
 ])
 def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fragment):
     """The same contract for more cases, through train.main in-process (cheaper than a process each)."""

@@ -197,6 +197,11 @@ class Config:
                                          "policy for the joint grid): its trunk is copied and its axis's level logits "
                                          "carried over (utils.policy_transfer); the other axes start fresh. Not with "
                                          "--checkpoint_path; ignored on --resume")
+    policy_train_axes: Optional[list] = _f(None, "ours: train only the factorised head's rows for these axes' level "
+                                           "logits (a list of tok, prune, quant), the rest of the policy frozen, and "
+                                           "with rollout_contrast: one_axis contrast only these axes. With "
+                                           "policy_init_from, e.g. [tok, quant]: GRPO adds the other axes on the "
+                                           "transferred trunk without wearing its placement down. null: all train")
     policy_tbptt_k: int = _f(0, "accepted for compatibility; no effect (reference: unused)")
     eval_sparsity_bias: float = _f(0.0, "eval logit bias against dense kappa")
     eval_prune_bias: float = _f(0.0, "eval logit bias against dense prune")
@@ -512,7 +517,7 @@ def validate(cfg: Config) -> None:
            f"{cfg.policy_d_model} is not divisible by policy_n_heads={cfg.policy_n_heads}")
     _check(cfg.policy_max_len >= cfg.rollout_len, "policy_max_len",
            f"must be >= rollout_len={cfg.rollout_len}, got {cfg.policy_max_len}")
-    for name in ("policy_middle_level_bias", "policy_init_from"):
+    for name in ("policy_middle_level_bias", "policy_init_from", "policy_train_axes"):
         _check(not getattr(cfg, name) or cfg.policy_head == "factorised", name,
                "needs policy_head: factorised (one logit per axis level)")
 

@@ -8,6 +8,8 @@ The content-blind baselines (fixed, random, EMC, DAC) live in `utils/baselines.p
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -26,12 +28,14 @@ class DenseScheduler(Scheduler):
 
 
 def sample_one_axis_contrast(logits: torch.Tensor, levels: torch.Tensor, group_size: int,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+                             generator: torch.Generator | None = None,
+                             axes: Sequence[int] | None = None) -> torch.Tensor:
     """One action per row from Categorical(logits) `[N, A]`, with the rows of each group of `group_size` (the K
     rollouts of one input) coupled so that at this step they differ on (nearly) one axis only.
 
     Each group draws an axis uniformly among those with more than one level (`levels` `[A, 3]`,
-    `ActionSpace.level_indices`). Every row then samples its levels on the other axes from its own marginal by
+    `ActionSpace.level_indices`), and among `axes` (indices 0 κ, 1 ρ, 2 bits) when given: a policy that trains
+    only some axes' logits (`policy_train_axes`) learns nothing from a group that contrasts a frozen one. Every row then samples its levels on the other axes from its own marginal by
     inverse CDF with ONE uniform number shared by the group (common random numbers), and the drawn axis from
     its own conditional with its own randomness. Each row's action is thus distributed exactly as the policy
     says for that row (so log-probabilities, the PPO ratio and the policy gradient are unchanged), while rows
@@ -42,7 +46,12 @@ def sample_one_axis_contrast(logits: torch.Tensor, levels: torch.Tensor, group_s
     if N % K:
         raise ValueError(f"{N} rows do not split into groups of {K}")
     lv = levels.to(logits.device)
-    multi = torch.nonzero(lv.amax(0) > 0).flatten()  # the axes with more than one level
+    drawable = lv.amax(0) > 0  # the axes with more than one level
+    if axes is not None:
+        allowed = torch.zeros(3, dtype=torch.bool)
+        allowed[list(axes)] = True
+        drawable &= allowed.to(lv.device)
+    multi = torch.nonzero(drawable).flatten()
     if K == 1 or multi.numel() == 0:
         return choose_actions(logits, False, generator)
     G, A = N // K, lv.shape[0]
@@ -67,7 +76,8 @@ class PolicyScheduler(Scheduler):
 
     def __init__(self, policy: SOLPolicy, temperature: float = 1.0, greedy: bool = True,
                  generator: torch.Generator | None = None, biases: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                 actions: ActionSpace | None = None, record: bool = False, contrast: str = "all") -> None:
+                 actions: ActionSpace | None = None, record: bool = False, contrast: str = "all",
+                 contrast_axes: Sequence[int] | None = None) -> None:
         self.policy, self.temperature, self.greedy, self.generator = policy, temperature, greedy, generator
         self.record = record
         if contrast not in ("all", "one_axis"):
@@ -75,6 +85,7 @@ class PolicyScheduler(Scheduler):
         if contrast == "one_axis" and actions is None:
             raise ValueError("contrast='one_axis' needs the action space")
         self.levels = actions.level_indices() if contrast == "one_axis" and not greedy else None
+        self.contrast_axes = None if contrast_axes is None else tuple(contrast_axes)
         self.uses_lm_scalars = getattr(policy, "scalar_dim", 10) > 8  # the surprisal/entropy columns are read only then
         self.bias = None
         if any(b != 0.0 for b in biases):
@@ -98,7 +109,7 @@ class PolicyScheduler(Scheduler):
         if self.bias is not None:
             logits = logits - self.bias.to(logits.device)
         if self.levels is not None and self.group_size > 1:
-            a = sample_one_axis_contrast(logits, self.levels, self.group_size, self.generator)
+            a = sample_one_axis_contrast(logits, self.levels, self.group_size, self.generator, self.contrast_axes)
         else:
             a = choose_actions(logits, self.greedy, self.generator)
         if self.record:

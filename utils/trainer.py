@@ -234,8 +234,19 @@ class GRPOTrainer:
                 raise ConfigError(f"policy_init_from: {cfg.policy_init_from}: {e}") from None
         if not cfg.budget_feedback_in_training:
             self.policy.budget_feedback_gain = 0.0  # rollouts and loss; `_inference` restores it for dev checks
+        groups: list = list(self.policy.parameters())
+        self.contrast_axes = None
+        if cfg.policy_train_axes:  # before DDP, which registers only the parameters that train
+            from utils.policy_transfer import AXIS_NAMES, TransferError, train_only_axes
+
+            try:
+                head = train_only_axes(self.policy, self.actions, cfg.policy_train_axes)
+            except TransferError as e:
+                raise ConfigError(str(e)) from None
+            groups = [{"params": head, "weight_decay": 0.0}]
+            self.contrast_axes = [AXIS_NAMES.index(a) for a in cfg.policy_train_axes]
         self.train_policy = DDP(self.policy) if self.dist.enabled else self.policy
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the weight average that dev checks, checkpoints and exports read (None: the raw weights)
         self.ema = WeightEMA(self.policy, cfg.policy_ema_decay) if cfg.policy_ema_decay > 0 else None
         self.updater = GRPOUpdater(self.train_policy, self.optimizer, cfg,
@@ -421,7 +432,7 @@ class GRPOTrainer:
         blocks = torch.from_numpy(np.concatenate([np.asarray(self.blocks[i], dtype=np.int64) for i in idxs]))
         budgets = torch.cat([sample_budgets(cfg, len(i), self.budget_gen) for i in idxs])
         sched = PolicyScheduler(self.policy, cfg.pi_temperature, greedy=False, generator=self.action_gen, record=True,
-                                actions=self.actions, contrast=cfg.rollout_contrast)
+                                actions=self.actions, contrast=cfg.rollout_contrast, contrast_axes=self.contrast_axes)
         try:
             ep_all = run_episode(self.lm, blocks, sched, budgets, cfg.context_len, K, need_kl=cfg.task_w_kl > 0)
         except RuntimeError as e:  # torch.multinomial refuses non-finite probabilities

@@ -12,6 +12,10 @@
 #   START=1 INIT_FROM=none SEED=1234 results/joint_from_prune/run.sh # the control: a fresh network with the middle
 #                                                                    # bias, nothing transferred (start_fresh/)
 #   START=1 TRAIN=0 DEV=0 SCORE=1 results/joint_from_prune/run.sh   # score start/ on test, once (after the dev choice)
+#   HEADS=1 SEED=1234 SETS="--set dtype=float32" results/joint_from_prune/run.sh
+#                                    # heads/: from the transfer, one epoch (56 updates)
+#                                    # at lr 3e-4 training only the κ and bits head rows on the frozen trunk
+#                                    # (policy_train_axes [tok, quant]; the groups contrast κ or bits), then dev
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed1234}
@@ -24,6 +28,11 @@ if [[ "${START:-0}" == 1 ]]; then
   mkdir -p $START_D
   SETS="$INIT --total_updates 1" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
     exec results/joint_levels/run.sh
+fi
+if [[ "${HEADS:-0}" == 1 ]]; then
+  mkdir -p results/joint_from_prune/heads
+  SETS="$INIT --set policy_train_axes=[tok,quant] --set lr=3e-4 --set epochs=1 ${SETS:-}" \
+    CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=results/joint_from_prune/heads exec results/joint_levels/run.sh
 fi
 SETS="$INIT ${SETS:-}" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=results/joint_from_prune \
   exec results/joint_levels/run.sh

@@ -4,7 +4,9 @@
 # WikiText-2 test sweeps (fixed, fixed_ref and 2 random trials at the policy's realised usage; no EMC/DAC, for time).
 #   results/ood_hellaswag/run.sh          # the GRPO-only prune policies, results/prune_price_k16 seeds 1234-1236, ~13 min each
 #   results/ood_hellaswag/run.sh clone    # the cloned prune policy results/ckpt_prune_bc_cal, ~14 min
-#   results/ood_hellaswag/run.sh joint    # the best joint policy results/joint_axis_lr3e4 at the five joint points, ~24 min
+#   results/ood_hellaswag/run.sh joint    # the joint policy results/joint_axis_lr3e4 at the five joint points, ~24 min
+#   results/ood_hellaswag/run.sh joint results/joint_from_prune/start/ckpt_seed1234 ppl_joint_from_prune
+#                                         # another joint export, its own output name, the same points
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 D=results/ood_hellaswag
@@ -24,6 +26,7 @@ case "${1:-grpo}" in
         done
         python results/prune_feedback/summarise.py $D ood ;;
   clone) sweep results/ckpt_prune_bc_cal ppl_clone "$PRUNE_POINTS" ;;
-  joint) sweep results/joint_axis_lr3e4/ckpt_seed1234 ppl_joint "0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" ;;
+  joint) sweep ${2:-results/joint_axis_lr3e4/ckpt_seed1234} ${3:-ppl_joint} \
+           "0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" ;;
   *) echo "usage: $0 [grpo|clone|joint]" >&2; exit 2 ;;
 esac
