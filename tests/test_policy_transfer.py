@@ -133,6 +133,12 @@ def test_train_only_axes_refuses_bad_axes() -> None:
         train_only_axes(_policy(DST, False, seed=1), DST, ["tok"])
     with pytest.raises(TransferError, match="expected"):
         train_only_axes(_policy(DST, True, seed=1), DST, ["kappa"])
+    pol = _policy(DST, True, seed=1)
+    head = train_only_axes(pol, DST, ["quant"])
+    assert head[1] is pol.pi.bias
+    w = torch.tensor([float("inf")] * 6 + [2.0] * 3)  # a frozen row's gradient is zeroed, even a non-finite one
+    (pol.pi.bias * w).sum().backward()
+    assert torch.equal(pol.pi.bias.grad, torch.tensor([0.0] * 6 + [2.0] * 3))
     with pytest.raises(TransferError, match="one level"):
         train_only_axes(_policy(SRC, True, seed=1), SRC, ["tok"])
 

@@ -259,8 +259,10 @@ def test_policy_init_from_starts_the_joint_policy_from_a_one_axis_run(tmp_path, 
     assert torch.equal(got["pi.weight"][2:4], saved["pi.weight"])  # levels κ 2, ρ 2 (s50, s100), bits 2
     out = run_main(tmp_path / "joint", block_cache, updates=1, sets=tuple(sets[1:]))
     assert load_ckpt(out / "policy_latest.pt")["update_step"] >= 1
-    # policy_train_axes [tok, quant]: an update moves the κ and bits head rows only; the trunk and ρ rows stay
-    out = run_main(tmp_path / "joint_kq", block_cache, updates=1, sets=(*sets[1:], "policy_train_axes=[tok,quant]"))
+    # policy_train_axes [tok, quant] (with the one-axis contrast and a weight average, as a user would run it): an
+    # update moves the κ and bits head rows only; the trunk and ρ rows stay
+    out = run_main(tmp_path / "joint_kq", block_cache, updates=1, sets=(
+        *sets[1:], "policy_train_axes=[tok,quant]", "rollout_contrast=one_axis", "policy_ema_decay=0.5"))
     trained = load_ckpt(out / "policy_latest.pt")["policy_state_dict"]
     for k, v in got.items():
         if k.startswith(("pi.", "budget_head.2.")):
@@ -418,6 +420,7 @@ def _foreign_checkpoint(d: Path) -> Path:
     ("init_needs_factorised_head", ["--set", "policy_init_from={tmp}"], "needs policy_head: factorised"),
     ("train_axes_unknown", ["--set", "policy_head=factorised", "--set", "policy_train_axes=[rho]"],
      "policy_train_axes"),
+    ("train_axes_empty", ["--set", "policy_head=factorised", "--set", "policy_train_axes=[]"], "policy_train_axes"),
 ])
 def test_more_bad_input_in_process(tmp_path, capsys, block_cache, name, argv, fragment):
     """The same contract for more cases, through train.main in-process (cheaper than a process each)."""

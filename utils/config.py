@@ -20,6 +20,8 @@ import yaml
 
 from utils.cli import SOLError
 
+AXIS_NAMES = ("tok", "prune", "quant")  # κ, ρ, bits: the suffixes of the per-axis fields (alpha_tok, ...)
+
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     """A dataclass field with a description in its metadata (used by `--help` and the README)."""
@@ -201,7 +203,8 @@ class Config:
                                            "logits (a list of tok, prune, quant), the rest of the policy frozen, and "
                                            "with rollout_contrast: one_axis contrast only these axes. With "
                                            "policy_init_from, e.g. [tok, quant]: GRPO adds the other axes on the "
-                                           "transferred trunk without wearing its placement down. null: all train")
+                                           "transferred trunk without wearing its placement down (the head rows get no "
+                                           "weight decay, so the frozen ones stay exactly). null: all train")
     policy_tbptt_k: int = _f(0, "accepted for compatibility; no effect (reference: unused)")
     eval_sparsity_bias: float = _f(0.0, "eval logit bias against dense kappa")
     eval_prune_bias: float = _f(0.0, "eval logit bias against dense prune")
@@ -520,6 +523,10 @@ def validate(cfg: Config) -> None:
     for name in ("policy_middle_level_bias", "policy_init_from", "policy_train_axes"):
         _check(not getattr(cfg, name) or cfg.policy_head == "factorised", name,
                "needs policy_head: factorised (one logit per axis level)")
+    axes = cfg.policy_train_axes
+    _check(axes is None or (isinstance(axes, list) and axes and set(axes) <= set(AXIS_NAMES)
+                            and len(set(axes)) == len(axes)), "policy_train_axes",
+           f"expected null or a non-empty list of distinct {list(AXIS_NAMES)}, got {axes!r}")
 
 
 # ---- derived values ----------------------------------------------------------------------------------

@@ -33,11 +33,9 @@ import torch
 from torch import Tensor
 
 from utils.actions import ActionSpace
+from utils.config import AXIS_NAMES
 from utils.policy import SOLPolicy
 from utils.records import StepScalars
-
-
-AXIS_NAMES = ("tok", "prune", "quant")  # κ, ρ, bits: the suffixes of the config's per-axis fields (alpha_*)
 
 
 class TransferError(ValueError):
@@ -190,6 +188,6 @@ def train_only_axes(policy: SOLPolicy, actions: ActionSpace, axes: Sequence[str]
     head = [policy.pi.weight, policy.pi.bias, policy.budget_head[-1].weight, policy.budget_head[-1].bias]
     for p in head:
         p.requires_grad_(True)
-        mask = rows.to(device=p.device, dtype=p.dtype).reshape(-1, *([1] * (p.ndim - 1)))
-        p.register_hook(lambda g, m=mask: g * m)
+        mask = rows.to(p.device).reshape(-1, *([1] * (p.ndim - 1)))
+        p.register_hook(lambda g, m=mask: torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device)))
     return head

@@ -24,7 +24,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils.checkpoint import CheckpointError, load_checkpoint, load_policy_weights, save_checkpoint
-from utils.config import Config, ConfigError, config_to_dict, default_device, resolved_alphas, save_config
+from utils.config import (AXIS_NAMES, Config, ConfigError, config_to_dict, default_device, resolved_alphas,
+                          save_config)
 from utils.data import BlockSampler, load_blocks
 from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
 from utils.ema import WeightEMA
@@ -237,7 +238,7 @@ class GRPOTrainer:
         groups: list = list(self.policy.parameters())
         self.contrast_axes = None
         if cfg.policy_train_axes:  # before DDP, which registers only the parameters that train
-            from utils.policy_transfer import AXIS_NAMES, TransferError, train_only_axes
+            from utils.policy_transfer import TransferError, train_only_axes
 
             try:
                 head = train_only_axes(self.policy, self.actions, cfg.policy_train_axes)
