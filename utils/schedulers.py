@@ -35,7 +35,8 @@ def sample_one_axis_contrast(logits: torch.Tensor, levels: torch.Tensor, group_s
 
     Each group draws an axis uniformly among those with more than one level (`levels` `[A, 3]`,
     `ActionSpace.level_indices`), and among `axes` (indices 0 κ, 1 ρ, 2 bits) when given: a policy that trains
-    only some axes' logits (`policy_train_axes`) learns nothing from a group that contrasts a frozen one. Every row then samples its levels on the other axes from its own marginal by
+    only some axes' logits (`policy_train_axes`) learns nothing from a group that contrasts a frozen one. Every
+    row then samples its levels on the other axes from its own marginal by
     inverse CDF with ONE uniform number shared by the group (common random numbers), and the drawn axis from
     its own conditional with its own randomness. Each row's action is thus distributed exactly as the policy
     says for that row (so log-probabilities, the PPO ratio and the policy gradient are unchanged), while rows
