@@ -16,6 +16,7 @@
 #                                    # heads/: from the transfer, one epoch (56 updates)
 #                                    # at lr 3e-4 training only the κ and bits head rows on the frozen trunk
 #                                    # (policy_train_axes [tok, quant]; the groups contrast κ or bits), then dev
+#   HEADS=1 TRAIN=0 DEV=0 SCORE=1 SEED=1234 results/joint_from_prune/run.sh   # score heads/ on test, once
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed1234}
