@@ -85,6 +85,15 @@ def _line(name: str, r) -> str:
             f"net_keep {r.net_keep:.3f}  attn_keep(realised) {r.attn_keep:.3f}  FLOPs {r.flops_ratio:.3f}x dense")
 
 
+def _levels(name: str, r, actions) -> str:
+    """Per-axis level shares of a method's steps, e.g. `κ 0.1:0.000 0.6:0.875 1:0.125`."""
+    names = ([f"{k:g}" for k in actions.keep_values], [f"s{round(p * 100)}" for p in actions.prune_values],
+             [f"q{b}" for b in actions.bit_values])
+    axes = [f"{ax} " + " ".join(f"{n}:{s:.3f}" for n, s in zip(ns, shares.tolist()))
+            for ax, ns, shares in zip(("κ", "ρ", "bits"), names, actions.level_shares(r.action_probs))]
+    return f"{name + ' levels':<16} " + " | ".join(axes)
+
+
 def run(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -156,6 +165,8 @@ def run(a: argparse.Namespace) -> int:
     print(_line("dense", dense))
     print(_line("fixed", fixed))
     print(_line("fixed_ref", res["fixed_ref"]))
+    print(_levels("policy", pol, lm.actions))
+    print(_levels("fixed", fixed, lm.actions))
     for s, r in zip(seeds, rand):
         print(_line(f"random@{s}", r))
     for name in ("emc", "dac"):

@@ -146,3 +146,19 @@ def test_axis_flags_and_prune_max():
     assert sp.prune_max == pytest.approx(0.8)
     assert sp.has_prune and not sp.has_quant and not sp.has_sparsity
     assert sp.dense_idx == 0  # κ = 1 fallback
+
+
+def test_level_shares_are_the_per_axis_marginals():
+    sp = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s80", "s100"], ["q5", "q7", "q16"])
+    probs = torch.zeros(len(sp))
+    probs[sp.index(0.6, 0.4, 7)] = 0.5
+    probs[sp.index(0.6, 1.0, 16)] = 0.25
+    probs[sp.index(1.0, 0.8, 7)] = 0.25
+    k, p, q = sp.level_shares(probs)
+    assert k.tolist() == [0.0, 0.75, 0.25]
+    assert p.tolist() == [0.5, 0.25, 0.25]
+    assert q.tolist() == [0.0, 0.75, 0.25]
+    # the shares' mean usage is the usage of the mixture
+    usage = probs @ sp.nominal_usage()
+    assert float(k @ torch.tensor(sp.keep_values)) == pytest.approx(float(usage[0]))
+    assert float(p @ torch.tensor(sp.prune_values)) == pytest.approx(float(usage[1]))

@@ -109,6 +109,14 @@ def test_cli_end_to_end_appends_rows_with_one_header(ckpt_dir, tmp_path, capsys)
     rc, out, err = _run_cli(base + ["--do_emc_and_driftaware", "--tgt_quant_bits", 6], capsys)
     assert rc == 0, err
     assert any(line.startswith("emc") for line in out.splitlines())
+    # per-axis level shares: three axes, each summing to 1, and the policy's mean bits equal its realised ratio
+    levels = {ln.split()[0]: ln.split(" levels ", 1)[1] for ln in out.splitlines() if " levels " in ln}
+    assert set(levels) == {"policy", "fixed"}
+    axes = [[float(c.split(":")[1]) for c in part.split()[1:]] for part in levels["policy"].split("|")]
+    bits = [int(c.split(":")[0][1:]) for c in levels["policy"].split("|")[2].split()[1:]]
+    assert len(axes) == 3 and all(sum(ax) == pytest.approx(1.0, abs=2e-3) for ax in axes)
+    ratio = float(next(ln for ln in out.splitlines() if ln.startswith("policy ")).split("quant_ratio")[1].split()[0])
+    assert sum(s * b / 16 for s, b in zip(axes[2], bits)) == pytest.approx(ratio, abs=2e-3)
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 3 and lines[0] == ",".join(PPL_CSV_COLUMNS)
     rows = list(csv.DictReader(csv_path.open()))

@@ -79,6 +79,13 @@ class ActionSpace:
         _, n_p, n_q = self.axis_sizes()
         return (i_k * n_p + i_p) * n_q + i_q
 
+    def level_shares(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per axis (κ, ρ, bits), the share of steps at each of its levels (grid order), from per-action shares
+        `probs` [A]. Quality is concave in each axis, so a schedule that spreads one axis over three levels where
+        the fixed baseline takes one or two neighbours pays for it, whatever its mean usage."""
+        p = probs.reshape(self.axis_sizes())
+        return p.sum((1, 2)), p.sum((0, 2)), p.sum((0, 1))
+
     def nominal_usage(self) -> torch.Tensor:
         """[A, 3] each action's nominal usage (κ, ρ / P_MAX, bits / 16): the units of budgets and penalties."""
         return torch.stack([self.keep, self.prune / self.prune_max, self.bits.float() / DENSE_BITS], dim=-1)

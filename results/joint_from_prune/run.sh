@@ -9,9 +9,15 @@
 #   SEED=1234 results/joint_from_prune/run.sh                       # train (112 updates) + dev
 #   START=1 SEED=1234 results/joint_from_prune/run.sh               # the start: 1 update, knob table, dev (start/)
 #   START=1 MIDDLE=0 SEED=1234 results/joint_from_prune/run.sh      # the same without the middle bias (start_flat/)
+#   START=1 MIDDLE=2 SEED=1234 SETS="--set dtype=float32" POINTS="0.2,0.5,6 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" \
+#     results/joint_from_prune/run.sh                                # the start with middle bias 2 (start_mid2/), dev
+#                                                                    # at four points (0.65 / 0.8 / 10 added)
 #   START=1 INIT_FROM=none SEED=1234 results/joint_from_prune/run.sh # the control: a fresh network with the middle
 #                                                                    # bias, nothing transferred (start_fresh/)
 #   START=1 TRAIN=0 DEV=0 SCORE=1 results/joint_from_prune/run.sh   # score start/ on test, once (after the dev choice)
+#   START=1 DEV=0 SCORE=1 SEED=1235 SETS="--set dtype=float32" results/joint_from_prune/run.sh
+#                                    # the start from the prune policy of seed 1235 (1236 likewise), scored on test
+#                                    # directly: the recipe was chosen on seed 1234's dev, there is nothing to choose
 #   HEADS=1 SEED=1234 SETS="--set dtype=float32" results/joint_from_prune/run.sh
 #                                    # heads/: from the transfer, one epoch (56 updates)
 #                                    # at lr 3e-4 training only the κ and bits head rows on the frozen trunk
@@ -19,15 +25,17 @@
 #   HEADS=1 TRAIN=0 DEV=0 SCORE=1 SEED=1234 results/joint_from_prune/run.sh   # score heads/ on test, once
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed1234}
+SEED=${SEED:-1234}
+INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed$SEED}  # the prune policy of the same seed
 INIT="--set policy_middle_level_bias=${MIDDLE:-1.0}"
 [[ $INIT_FROM == none ]] || INIT="$INIT --set policy_init_from=$INIT_FROM"
 if [[ "${START:-0}" == 1 ]]; then
   START_D=results/joint_from_prune/start
   [[ "${MIDDLE:-1.0}" == 0 ]] && START_D=${START_D}_flat
+  [[ ${MIDDLE:-1.0} != 0 && ${MIDDLE:-1.0} != 1 && ${MIDDLE:-1.0} != 1.0 ]] && START_D=${START_D}_mid${MIDDLE}
   [[ $INIT_FROM == none ]] && START_D=${START_D}_fresh
   mkdir -p $START_D
-  SETS="$INIT --total_updates 1" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
+  SETS="$INIT --total_updates 1 ${SETS:-}" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
     exec results/joint_levels/run.sh
 fi
 if [[ "${HEADS:-0}" == 1 ]]; then
