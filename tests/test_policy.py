@@ -437,3 +437,62 @@ def test_scheduler_episode_logp_equals_the_full_forward(tmp_path) -> None:
         full = torch.log_softmax(pol(tr.h, tr.e, tr.scalars, tr.prev_actions, 1.3), -1)
     want = full.gather(-1, tr.actions[..., None])[..., 0]
     assert torch.allclose(tr.logp_old, want, atol=1e-5)
+
+
+def test_bracket_levels_allow_only_the_fixed_baselines_two_levels_per_axis() -> None:
+    # the allowed actions are exactly those whose every axis level is one of the two neighbours that
+    # utils.baselines.bracket (the fixed baseline's rule) gives for the request, on or off the grid
+    from utils.actions import ActionSpace
+    from utils.baselines import axis_levels, bracket
+    space = ActionSpace.build([0.1, 0.6, 1.0], ["s40", "s80", "s100"], ["q5", "q7", "q16"])
+    pol = SOLPolicy(H, E, len(space), d_model=32, n_heads=4, action_dim=8, max_len=16,
+                    action_usage=space.nominal_usage(), level_map=space.level_map(), bracket_levels=True).eval()
+    g = torch.Generator().manual_seed(3)
+    budgets = torch.cat([torch.rand(40, 3, generator=g, dtype=torch.float64), torch.tensor(
+        [[0.6, 0.8, 7 / 16], [0.05, 1.0, 1.0], [0.2, 0.5, 6 / 16], [0.65, 0.8, 10 / 16]], dtype=torch.float64)])
+    term = pol.bracket_term(budgets.float())
+    assert term.shape == (len(budgets), len(space))
+    lv = space.level_indices()
+    for n, b in enumerate(budgets):
+        ok = torch.ones(len(space), dtype=torch.bool)
+        for ax, (levels, pos) in enumerate(axis_levels(space)):
+            lo, hi, _ = bracket(levels, b[ax:ax + 1])
+            ok &= (lv[:, ax] == pos[lo]) | (lv[:, ax] == pos[hi])
+        assert torch.equal(term[n] == 0, ok), n
+        assert bool((term[n][~ok] <= -1e4).all())
+    # a request on a level allows that level only: 0.65 / 0.8 / 10 bits -> κ {0.6, 1} x s80 x {7, 16}
+    allowed = [space.tags[a] for a in (term[-1] == 0).nonzero().flatten().tolist()]
+    assert allowed == ["k060-s080-q7", "k060-s080-q16", "k100-s080-q7", "k100-s080-q16"]
+    # greedy steps never leave the bracket, whatever the network prefers; off, the logits are unchanged
+    h, e = torch.randn(T, 2, H, generator=g), torch.randn(T, 2, E, generator=g)
+    s = torch.rand(T, 2, N_SCALARS, generator=g)
+    s[..., 2:5] = budgets[-2:].float()  # StepScalars.BUDGETS
+    with torch.no_grad():
+        pol.pi.bias.normal_(generator=g)
+        prev = torch.full((T, 2), len(space))
+        masked = pol(h, e, s, prev)
+        pol.bracket_levels = False
+        free = pol(h, e, s, prev)
+    chosen = masked.argmax(-1)
+    assert bool((term[-2:].gather(1, chosen.T) == 0).all())
+    torch.testing.assert_close(masked, free + term[-2:], atol=1e-3, rtol=0)
+    assert bool((free.argmax(-1) != chosen).any())  # the mask did bind somewhere
+
+
+def test_bracket_levels_from_config_and_cli_override() -> None:
+    import argparse
+
+    from utils.actions import ActionSpace
+    from utils.cli import add_checkpoint_flags, checkpoint_overrides
+    cfg = Config()
+    cfg.policy_d_model, cfg.policy_n_heads, cfg.policy_bracket_levels = 32, 4, True
+    space = ActionSpace.build([0.5, 1.0], ["s40", "s100"], ["q16"])
+    assert SOLPolicy.from_config(cfg, H, E, space).bracket_levels
+    with pytest.raises(ValueError, match="bracket_levels"):
+        SOLPolicy(H, E, A, d_model=32, n_heads=4, bracket_levels=True)  # no action usage to bracket
+    p = argparse.ArgumentParser()
+    add_checkpoint_flags(p)
+    for flag, want in ((["--policy_bracket_levels", "on"], True), (["--policy_bracket_levels", "off"], False),
+                       ([], None)):
+        a = p.parse_args(["--ckpt_dir", "x", *flag])
+        assert checkpoint_overrides(a)["policy_bracket_levels"] is want

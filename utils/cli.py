@@ -30,7 +30,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     """--ckpt_dir, --mode, --trust_checkpoint, --dtype, --budget_feedback_gain, --policy_logit_bound,
-    --knob_calibration: which policy an evaluator loads, and how (the same on every CLI;
+    --policy_bracket_levels, --knob_calibration: which policy an evaluator loads, and how (the same on every CLI;
     `checkpoint_overrides` reads them)."""
     p.add_argument("--ckpt_dir", required=True, help="a training run directory (policy_<mode>.pt inside) or an "
                    "exported policy (policy.safetensors, e.g. results/ckpt_prune_bc_cal)")
@@ -45,6 +45,10 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy_logit_bound", type=float,
                    help="bound of the policy network's logits before the feedback (default: the checkpoint "
                    "config's; 0 = unbounded)")
+    p.add_argument("--policy_bracket_levels", choices=("on", "off"),
+                   help="on: the policy takes, on each axis, only the two levels that bracket the request there "
+                   "(the fixed baseline's levels); off: any level (default: the checkpoint config's "
+                   "policy_bracket_levels, off)")
     p.add_argument("--knob_calibration", metavar="JSON|auto|none", default="auto",
                    help="a knob offset table fitted on the train split by `python -m utils.knob_calibration` "
                    "(or by training with knob_calibration_blocks > 0); it sets the feedback gain to the one it was "
@@ -63,7 +67,9 @@ def checkpoint_overrides(a: argparse.Namespace, error: type[Exception] = UsageEr
     if cal not in (None, "auto", "none") and not os.path.isfile(cal):
         raise error(f"--knob_calibration: file not found: {cal}")
     return {"dtype": a.dtype, "budget_feedback_gain": a.budget_feedback_gain,
-            "policy_logit_bound": a.policy_logit_bound, "knob_calibration": cal}
+            "policy_logit_bound": a.policy_logit_bound, "knob_calibration": cal,
+            "policy_bracket_levels": None if getattr(a, "policy_bracket_levels", None) is None
+            else a.policy_bracket_levels == "on"}
 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:

@@ -125,6 +125,13 @@ class Config:
                                            "budget feedback (gain 0), which is then added at inference only (dev "
                                            "checks, evaluators, generation), so the sampled rollouts keep their "
                                            "contrast; the checkpoint keeps budget_feedback_gain for inference")
+    policy_bracket_levels: bool = _f(False, "ours: the policy may take, on each axis, only the two levels that bracket "
+                                      "the requested budget on that axis (the fixed baseline's two levels; the one "
+                                      "level when the request is on it): the others get a -1e4 logit. Quality is "
+                                      "concave in each axis, so a three-level spread at matched usage loses to "
+                                      "fixed's two neighbours (results/joint_from_prune); with it the policy only "
+                                      "places which steps take the upper level. No effect on a two-level axis; "
+                                      "evaluators override it with --policy_bracket_levels on|off")
     policy_logit_bound: float = _f(0.0, "ours: bound the network's logits to [-c, c] with c*tanh(logits/c) before the "
                                    "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
                                    "greedy row takes no dense step while its usage surplus exceeds 2c / (g * level gap): the network "

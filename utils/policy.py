@@ -151,6 +151,7 @@ class SOLPolicy(nn.Module):
         head_init_scale: float = 1.0,
         level_map: Optional[Tensor] = None,
         level_bias: Optional[Tensor] = None,
+        bracket_levels: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= scalar_dim <= N_SCALARS:
@@ -204,6 +205,9 @@ class SOLPolicy(nn.Module):
             raise ValueError(f"action_usage must be [{n_actions}, 3], got {tuple(action_usage.shape)}")
         # not a parameter and not in the state dict: it follows from the action grid of the config
         self.register_buffer("action_usage", action_usage.detach().float().clone(), persistent=False)
+        self.bracket_levels = bool(bracket_levels)
+        if self.bracket_levels and not bool(self.action_usage.abs().sum() > 0):
+            raise ValueError("bracket_levels needs the actions' nominal usage (action_usage [A, 3])")
         # the knob table (set_knob_table): not in the state dict either, it is fitted after training
         self.register_buffer("knob_grid", None, persistent=False)
         self.register_buffer("knob_offsets", None, persistent=False)
@@ -232,6 +236,7 @@ class SOLPolicy(nn.Module):
             scalar_dim=cfg.policy_scalar_dim, dropout=cfg.policy_dropout,
             use_hidden=cfg.policy_use_hidden, use_token=cfg.policy_use_token,
             head_init_scale=getattr(cfg, "policy_head_init_scale", 1.0), level_map=level_map, level_bias=level_bias,
+            bracket_levels=getattr(cfg, "policy_bracket_levels", False),
         )
 
     # ---- shared pieces -----------------------------------------------------------------------------
@@ -293,11 +298,32 @@ class SOLPolicy(nn.Module):
         c = (f0 + w * (f1 - f0)).T  # [N, 3]
         return -(c @ self.action_usage.T).reshape(*budgets.shape[:-1], -1)
 
+    def bracket_term(self, budgets: Tensor) -> Tensor:
+        """−1e4 on every action that leaves, on some axis, the two levels bracketing the request on that axis (the
+        levels the fixed baseline dithers between; one level when the request is on it, the nearest end level
+        when it is off the grid), 0 elsewhere: budgets [..., 3] -> [..., A]; zero without `bracket_levels`.
+
+        Quality is concave in each axis, so spreading an axis over three levels where fixed takes its two
+        neighbours costs more than a content placement gains (results/joint_from_prune); with the term the
+        policy only chooses *which* steps take the upper level, as fixed does by rotation."""
+        if not self.bracket_levels:
+            return torch.zeros((), dtype=budgets.dtype, device=budgets.device)
+        u = self.action_usage  # [A, 3]
+        b = budgets.float().unsqueeze(-2)  # [..., 1, 3]
+        eps = 1e-6
+        inf = torch.tensor(float("inf"), device=u.device)
+        lo = torch.where(u <= b + eps, u, -inf).amax(-2)  # [..., 3]: the highest level at or below the request
+        hi = torch.where(u >= b - eps, u, inf).amin(-2)  # the lowest level at or above it
+        lo = torch.where(torch.isinf(lo), u.amin(0), lo)  # below the grid: its lowest level only
+        hi = torch.where(torch.isinf(hi), u.amax(0), hi)  # above it: its highest
+        on = ((u - lo.unsqueeze(-2)).abs() <= eps) | ((u - hi.unsqueeze(-2)).abs() <= eps)  # [..., A, 3]
+        return torch.where(on.all(-1), 0.0, -1e4)
+
     def budget_terms(self, budgets: Tensor) -> tuple[Tensor, Tensor]:
         """The two logit terms that depend on the requested budgets [..., 3] alone: the budget head's output
-        (before the bound) and the knob offsets' term. Constant over an episode, so a decode loop computes
-        them once (`step(..., budget_terms=...)`) instead of at every step."""
-        return self.budget_head(budgets.to(self.pi.weight.dtype)), self.knob_term(budgets)
+        (before the bound), and the knob offsets' term plus the bracket mask (`bracket_term`). Constant over an
+        episode, so a decode loop computes them once (`step(..., budget_terms=...)`) instead of at every step."""
+        return self.budget_head(budgets.to(self.pi.weight.dtype)), self.knob_term(budgets) + self.bracket_term(budgets)
 
     def _head(self, x: Tensor, scalars: Tensor, n_eff: Tensor, temperature: float,
               budget_terms: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
