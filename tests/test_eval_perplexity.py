@@ -155,6 +155,23 @@ def test_cli_stochastic_policy_is_seeded_and_differs_from_argmax(ckpt_dir, capsy
     assert policy_line([]) != sampled
 
 
+def test_cli_bracket_levels_hold_a_request_on_the_grid_exactly(ckpt_dir, capsys):
+    # on the tiny grid (κ {0.25, 1}, s50 / s100, q4 / q16) a request on a level brackets that level alone:
+    # with --policy_bracket_levels on the policy takes it on every step, whatever its logits prefer
+    base = ["--ckpt_dir", ckpt_dir, "--eval_batches", 1, "--batch_size", 2, "--device", "cpu", "--no_progress",
+            "--num_trials", 0, "--tgt_keep", 0.25, "--tgt_prune_keep", 1.0, "--tgt_quant_bits", 4]
+
+    def levels(extra):
+        rc, out, err = _run_cli(base + extra, capsys)
+        assert rc == 0, err
+        return next(ln for ln in out.splitlines() if ln.startswith("policy levels"))
+
+    on = levels(["--policy_bracket_levels", "on"])
+    assert "0.25:1.000" in on and "s100:1.000" in on and "q4:1.000" in on, on
+    off = levels(["--policy_bracket_levels", "off"])
+    assert off == levels([]) and off != on  # off is the checkpoint's default, and the mask did bind
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--tgt_keep", "1.5"], "--tgt_keep must be in [0, 1]"),
     (["--tgt_prune_keep", "-0.1"], "--tgt_prune_keep must be in [0, 1]"),
