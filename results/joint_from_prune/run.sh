@@ -12,6 +12,8 @@
 #   START=1 MIDDLE=2 SEED=1234 SETS="--set dtype=float32" POINTS="0.2,0.5,6 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" \
 #     results/joint_from_prune/run.sh                                # the start with middle bias 2 (start_mid2/), dev
 #                                                                    # at four points (0.65 / 0.8 / 10 added)
+#   BRACKET=1 SEED=1234 results/joint_from_prune/run.sh               # start/ with --policy_bracket_levels on, dev
+#   BRACKET=1 DEV=0 SCORE=1 SEED=1234 results/joint_from_prune/run.sh # the same on test, once (after the dev rule)
 #   START=1 INIT_FROM=none SEED=1234 results/joint_from_prune/run.sh # the control: a fresh network with the middle
 #                                                                    # bias, nothing transferred (start_fresh/)
 #   START=1 TRAIN=0 DEV=0 SCORE=1 results/joint_from_prune/run.sh   # score start/ on test, once (after the dev choice)
@@ -29,6 +31,12 @@ SEED=${SEED:-1234}
 INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed$SEED}  # the prune policy of the same seed
 INIT="--set policy_middle_level_bias=${MIDDLE:-1.0}"
 [[ $INIT_FROM == none ]] || INIT="$INIT --set policy_init_from=$INIT_FROM"
+if [[ "${BRACKET:-0}" == 1 ]]; then  # start/ (seed $SEED) with --policy_bracket_levels on: dev at four points,
+  # or with DEV=0 SCORE=1 the test split; files *_bracket_seed$SEED beside start/'s own
+  POINTS=${POINTS:-"0.2,0.5,6 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12"} TRAIN=0 SUFFIX=_bracket \
+    EVAL_FLAGS="--policy_bracket_levels on" CONFIG=official_configs/cpu_smollm2_joint_axis.yml \
+    D=results/joint_from_prune/start exec results/joint_levels/run.sh
+fi
 if [[ "${START:-0}" == 1 ]]; then
   START_D=results/joint_from_prune/start
   [[ "${MIDDLE:-1.0}" == 0 ]] && START_D=${START_D}_flat
