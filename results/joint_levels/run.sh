@@ -12,7 +12,8 @@
 #   TRAIN=0 MODE=55 results/joint_levels/run.sh           # another update of the run: export it to ckpt_u55_seed$SEED,
 #                                                           # fit its knob table (train blocks), then the dev check
 # Other joint recipes reuse this script with their own CONFIG and D (e.g. results/joint_factorised/run.sh), and SETS
-# for extra training arguments (e.g. SETS="--set lr=3e-4", results/joint_axis_lr3e4/run.sh).
+# for extra training arguments (e.g. SETS="--set lr=3e-4", results/joint_axis_lr3e4/run.sh); EVAL_FLAGS for
+# extra evaluator flags, with SUFFIX naming their files (e.g. results/joint_from_prune/run.sh BRACKET=1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
@@ -38,7 +39,7 @@ if [[ "${DEV:-1}" == 1 ]]; then
   for P in ${POINTS:-0.2,0.5,6 0.5,0.7,8 0.8,0.9,12}; do
     IFS=, read -r K R Q <<< "$P"
     python eval_perplexity.py --ckpt_dir $CKPT --split dev --eval_batches 3 --batch_size 32 \
-      --tgt_keep $K --tgt_prune_keep $R --tgt_quant_bits $Q --num_trials 4 --no_progress --dtype float32 \
+      --tgt_keep $K --tgt_prune_keep $R --tgt_quant_bits $Q --num_trials 4 --no_progress --dtype float32 ${EVAL_FLAGS:-} \
       --csv_path $D/dev_ppl${TAG}_seed$SEED.csv 2>/dev/null | grep -E "^(policy|fixed|random |delta)" \
       | sed "s/^/$NAME$TAG $P: /" | tee -a $D/dev${TAG}_seed$SEED.txt
   done
@@ -47,5 +48,5 @@ if [[ "${SCORE:-0}" == 1 ]]; then
   rm -f $D/test_ppl${TAG}_seed$SEED.csv
   CKPT_DIR=$CKPT CSV_PATH=$D/test_ppl${TAG}_seed$SEED.csv SPLIT=test EVAL_BATCHES=8 BATCH_SIZE=32 NUM_TRIALS=2 \
     EMC_DAC=0 POINTS="0.2,0.5,6 0.35,0.6,7 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" \
-    EXTRA="--keep_prefill_mb 4096 --no_progress --dtype float32" ./eval_perplexity.sh 2>&1 | tee $D/test${TAG}_seed$SEED.log
+    EXTRA="--keep_prefill_mb 4096 --no_progress --dtype float32 ${EVAL_FLAGS:-}" ./eval_perplexity.sh 2>&1 | tee $D/test${TAG}_seed$SEED.log
 fi
