@@ -130,8 +130,10 @@ class Config:
                                       "level when the request is on it): the others get a -1e4 logit. Quality is "
                                       "concave in each axis, so a three-level spread at matched usage loses to "
                                       "fixed's two neighbours (results/joint_from_prune); with it the policy only "
-                                      "places which steps take the upper level. No effect on a two-level axis; "
-                                      "evaluators override it with --policy_bracket_levels on|off")
+                                      "places which steps take the upper level. A request on a level (or beyond the "
+                                      "grid) pins that level, on any axis. Evaluators override it with "
+                                      "--policy_bracket_levels on|off; a knob table does not record it, so fit "
+                                      "one with the setting it will be used with")
     policy_logit_bound: float = _f(0.0, "ours: bound the network's logits to [-c, c] with c*tanh(logits/c) before the "
                                    "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
                                    "greedy row takes no dense step while its usage surplus exceeds 2c / (g * level gap): the network "

@@ -28,7 +28,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${SEED:-1234}
-INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed$SEED}  # the prune policy of the same seed
+# the prune policy of the same seed (every mode: a seed other than 1234 also changes the source of train / HEADS)
+INIT_FROM=${INIT_FROM:-results/prune_price_k16/ckpt_seed$SEED}
 INIT="--set policy_middle_level_bias=${MIDDLE:-1.0}"
 [[ $INIT_FROM == none ]] || INIT="$INIT --set policy_init_from=$INIT_FROM"
 if [[ "${BRACKET:-0}" == 1 ]]; then  # start/ (seed $SEED) with --policy_bracket_levels on: dev at four points,
@@ -39,8 +40,8 @@ if [[ "${BRACKET:-0}" == 1 ]]; then  # start/ (seed $SEED) with --policy_bracket
 fi
 if [[ "${START:-0}" == 1 ]]; then
   START_D=results/joint_from_prune/start
-  [[ "${MIDDLE:-1.0}" == 0 ]] && START_D=${START_D}_flat
-  [[ ${MIDDLE:-1.0} != 0 && ${MIDDLE:-1.0} != 1 && ${MIDDLE:-1.0} != 1.0 ]] && START_D=${START_D}_mid${MIDDLE}
+  python -c "import sys; sys.exit(float('${MIDDLE:-1}') != 0.0)" && START_D=${START_D}_flat
+  python -c "import sys; sys.exit(float('${MIDDLE:-1}') in (0.0, 1.0))" && START_D=${START_D}_mid${MIDDLE}
   [[ $INIT_FROM == none ]] && START_D=${START_D}_fresh
   mkdir -p $START_D
   SETS="$INIT --total_updates 1 ${SETS:-}" CONFIG=official_configs/cpu_smollm2_joint_axis.yml D=$START_D \
