@@ -12,6 +12,9 @@
 #   START=1 MIDDLE=2 SEED=1234 SETS="--set dtype=float32" POINTS="0.2,0.5,6 0.5,0.7,8 0.65,0.8,10 0.8,0.9,12" \
 #     results/joint_from_prune/run.sh                                # the start with middle bias 2 (start_mid2/), dev
 #                                                                    # at four points (0.65 / 0.8 / 10 added)
+#   TRAIN=0 SEED=1234 D=results/joint_from_prune/start POINTS="0.65,0.8,10" SUFFIX=_p065 \
+#     CONFIG=official_configs/cpu_smollm2_joint_axis.yml results/joint_levels/run.sh
+#                                    # start/ on dev at the fourth point, for the rules of start_mid2/ and BRACKET
 #   BRACKET=1 SEED=1234 results/joint_from_prune/run.sh               # start/ with --policy_bracket_levels on, dev
 #   BRACKET=1 DEV=0 SCORE=1 SEED=1234 results/joint_from_prune/run.sh # the same on test, once (after the dev rule)
 #   START=1 INIT_FROM=none SEED=1234 results/joint_from_prune/run.sh # the control: a fresh network with the middle
