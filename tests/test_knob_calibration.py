@@ -158,6 +158,35 @@ def test_cli_writes_a_table_that_the_loader_installs_with_its_gain(tmp_path, cap
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
 
 
+def test_a_table_records_the_bracket_mask_and_the_loader_notes_a_mismatch(tmp_path, capsys):
+    """The mask changes what an offset realises, so a table says whether it was fitted with it, and loading it
+    for a policy run the other way prints a note (and still installs it)."""
+    from utils.checkpoint import load_policy_eval, save_checkpoint
+    from utils.config import config_to_dict
+    from utils.knob_calibration import main
+    from utils.model import load_lm
+
+    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8"])
+    model, _ = load_lm(cfg.model_name, cfg.dtype, "cpu")
+    torch.manual_seed(0)
+    pol = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, ActionSpace.from_config(cfg))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_checkpoint({"policy_state_dict": pol.state_dict(), "cfg": config_to_dict(cfg)}, ckpt / "policy_latest.pt")
+    args = ["--ckpt_dir", str(ckpt), "--blocks", "2", "--points", "3", "--iters", "2", "--no_progress"]
+    masked, plain = tmp_path / "masked.json", tmp_path / "plain.json"
+    assert main(args + ["--out", str(masked), "--policy_bracket_levels", "on"]) == 0
+    assert main(args + ["--out", str(plain)]) == 0
+    assert json.loads(masked.read_text())["policy_bracket_levels"] is True
+    assert json.loads(plain.read_text())["policy_bracket_levels"] is False
+    capsys.readouterr()
+    for table, on, noted in ((masked, True, False), (masked, False, True), (plain, True, True), (plain, False, False)):
+        _, _, loaded = load_policy_eval(str(ckpt), overrides={"knob_calibration": str(table),
+                                                               "policy_bracket_levels": on})
+        assert loaded.bracket_levels is on and loaded.knob_grid is not None
+        assert ("fitted with the bracket mask" in capsys.readouterr().err) is noted
+
+
 def test_training_writes_a_table_that_evaluators_and_export_pick_up(tmp_path, capsys):
     """`knob_calibration_blocks` > 0: the run ends by fitting its final weights' table beside them. Every
     evaluator's loader then installs it by default (with a note), `none` leaves it out, and a table that does

@@ -209,6 +209,11 @@ def load_policy_eval(ckpt_dir: str, mode: str = "latest", overrides: Mapping[str
     if execution == "gathered":
         _layout_policy(policy)
     if table is not None:
+        fitted_masked = bool(table[3].get("policy_bracket_levels", False))  # tables before the flag: fitted without it
+        if fitted_masked != policy.bracket_levels:
+            _note(f"the knob calibration was fitted with the bracket mask {'on' if fitted_masked else 'off'} and the "
+                  f"policy runs with it {'on' if policy.bracket_levels else 'off'}: the realised budget may differ "
+                  "from the table's (refit it with the same --policy_bracket_levels)")
         try:
             policy.set_knob_table(table[0], table[1])
         except ValueError as e:

@@ -132,8 +132,8 @@ class Config:
                                       "fixed's two neighbours (results/joint_from_prune); with it the policy only "
                                       "places which steps take the upper level. A request on a level (or beyond the "
                                       "grid) pins that level, on any axis. Evaluators override it with "
-                                      "--policy_bracket_levels on|off; a knob table does not record it, so fit "
-                                      "one with the setting it will be used with")
+                                      "--policy_bracket_levels on|off; a knob table records the setting it was "
+                                      "fitted with, and loading it the other way prints a note")
     policy_logit_bound: float = _f(0.0, "ours: bound the network's logits to [-c, c] with c*tanh(logits/c) before the "
                                    "budget feedback is added (0 = unbounded, the reference). With feedback gain g a "
                                    "greedy row takes no dense step while its usage surplus exceeds 2c / (g * level gap): the network "

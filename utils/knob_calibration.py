@@ -154,12 +154,14 @@ def calibrate_policy(lm, policy, blocks: torch.Tensor, context_len: int, gain: f
 
 
 def write_calibration(path: str, grid: torch.Tensor, offsets: torch.Tensor, realised: torch.Tensor,
-                      gain: float, meta: dict) -> None:
-    """Write the table as JSON (atomically): what `load_calibration` and `--knob_calibration` read."""
+                      gain: float, bracket_levels: bool, meta: dict) -> None:
+    """Write the table as JSON (atomically): what `load_calibration` and `--knob_calibration` read.
+    `bracket_levels`: whether the policy's bracket mask was on during the fit (`load_policy_eval` notes a
+    mismatch: the mask changes what a given offset realises)."""
     from utils.io import atomic_write
 
-    doc = {"format": FORMAT, "budget_feedback_gain": float(gain), "grid": grid.tolist(),
-           "offsets": offsets.tolist(), "realised": realised.tolist(), **meta}
+    doc = {"format": FORMAT, "budget_feedback_gain": float(gain), "policy_bracket_levels": bool(bracket_levels),
+           "grid": grid.tolist(), "offsets": offsets.tolist(), "realised": realised.tolist(), **meta}
     atomic_write(path, lambda fh: json.dump(doc, fh, indent=1))
 
 
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         grid, offsets, realised, axes = calibrate_policy(lm, policy, blocks, cfg.context_len, gain, a.points, a.iters,
                                                          a.max_offset, a.gap_logits, a.batch_size,
                                                          progress=not a.no_progress)
-        write_calibration(a.out, grid, offsets, realised, gain, {
+        write_calibration(a.out, grid, offsets, realised, gain, policy.bracket_levels, {
             "weights_sha1": weights_fingerprint(policy.state_dict()), "ckpt_dir": a.ckpt_dir, "mode": a.mode,
             "split": a.split, "blocks": len(blocks), "skip_blocks": a.skip_blocks, "axes": axes, "iters": a.iters,
             "max_offset": offset_bounds(lm.actions, a.max_offset, a.gap_logits).tolist()})

@@ -555,7 +555,8 @@ class GRPOTrainer:
                                                                  cfg.knob_calibration_gain, progress=True)
             finally:
                 policy.set_knob_table(None, None)
-            write_calibration(str(path), grid, offsets, realised, cfg.knob_calibration_gain, {
+            write_calibration(str(path), grid, offsets, realised, cfg.knob_calibration_gain,
+                              policy.bracket_levels, {
                 "weights_sha1": weights_fingerprint(policy.state_dict()), "ckpt_dir": str(self.run_dir),
                 "mode": str(self.updater.num_updates), "split": "train", "blocks": n, "skip_blocks": 0,
                 "axes": axes, "iters": 10, "max_offset": offset_bounds(self.lm.actions).tolist()})
