@@ -117,23 +117,31 @@ def test_bisection_meets_the_request_as_closely_as_one_step_allows(tiny):
     assert usage[0] == 1.0 and usage[2] == 0.5 and usage[0] >= usage[1] >= usage[2]
 
 
-def test_cli_writes_a_table_that_the_loader_installs_with_its_gain(tmp_path, capsys):
-    """`python -m utils.knob_calibration` writes the table; `load_policy_eval` with `knob_calibration`
-    installs it and takes the gain it was fitted at; another explicit gain or a malformed file is a one-line
-    error."""
-    from utils.checkpoint import CheckpointError, load_policy_eval, save_checkpoint
-    from utils.cli import UsageError
+def _tiny_checkpoint(tmp_path, sets: list[str]):
+    """A checkpoint directory holding a freshly initialised policy for the tiny model (config tiny.yml + `sets`)."""
+    from utils.checkpoint import save_checkpoint
     from utils.config import config_to_dict
-    from utils.knob_calibration import main
     from utils.model import load_lm
 
-    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", "budget_feedback_gain=3"])
+    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8", *sets])
     model, _ = load_lm(cfg.model_name, cfg.dtype, "cpu")
     torch.manual_seed(0)
     pol = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, ActionSpace.from_config(cfg))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     save_checkpoint({"policy_state_dict": pol.state_dict(), "cfg": config_to_dict(cfg)}, ckpt / "policy_latest.pt")
+    return ckpt
+
+
+def test_cli_writes_a_table_that_the_loader_installs_with_its_gain(tmp_path, capsys):
+    """`python -m utils.knob_calibration` writes the table; `load_policy_eval` with `knob_calibration`
+    installs it and takes the gain it was fitted at; another explicit gain or a malformed file is a one-line
+    error."""
+    from utils.checkpoint import CheckpointError, load_policy_eval
+    from utils.cli import UsageError
+    from utils.knob_calibration import main
+
+    ckpt = _tiny_checkpoint(tmp_path, ["budget_feedback_gain=3"])
     out = tmp_path / "knob.json"
     args = ["--ckpt_dir", str(ckpt), "--out", str(out), "--blocks", "2", "--points", "3", "--iters", "2", "--no_progress"]
     assert main(args + ["--budget_feedback_gain", "2"]) == 0
@@ -161,18 +169,10 @@ def test_cli_writes_a_table_that_the_loader_installs_with_its_gain(tmp_path, cap
 def test_a_table_records_the_bracket_mask_and_the_loader_notes_a_mismatch(tmp_path, capsys):
     """The mask changes what an offset realises, so a table says whether it was fitted with it, and loading it
     for a policy run the other way prints a note (and still installs it)."""
-    from utils.checkpoint import load_policy_eval, save_checkpoint
-    from utils.config import config_to_dict
+    from utils.checkpoint import load_policy_eval
     from utils.knob_calibration import main
-    from utils.model import load_lm
 
-    cfg = load_config("official_configs/tiny.yml", ["device=cpu", "max_blocks=8"])
-    model, _ = load_lm(cfg.model_name, cfg.dtype, "cpu")
-    torch.manual_seed(0)
-    pol = SOLPolicy.from_config(cfg, model.config.hidden_size, model.config.hidden_size, ActionSpace.from_config(cfg))
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    save_checkpoint({"policy_state_dict": pol.state_dict(), "cfg": config_to_dict(cfg)}, ckpt / "policy_latest.pt")
+    ckpt = _tiny_checkpoint(tmp_path, [])
     args = ["--ckpt_dir", str(ckpt), "--blocks", "2", "--points", "3", "--iters", "2", "--no_progress"]
     masked, plain = tmp_path / "masked.json", tmp_path / "plain.json"
     assert main(args + ["--out", str(masked), "--policy_bracket_levels", "on"]) == 0
