@@ -137,6 +137,7 @@ def test_cli_writes_a_loadable_run_or_nothing(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a tensor file")
     assert imitation.main([*base, "--teacher", str(junk), "--output_dir", str(bad)]) == 2
+    assert imitation.main([*args, "--set", "policy_bracket_levels=true", "--output_dir", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 6 and "calibration" in err and "cannot read damage map" in err and "already holds" in err and "not found" in err and "rollout_len" in err
+    assert err.count("error:") == 7 and "swamp the cloning loss" in err and "calibration" in err and "cannot read damage map" in err and "already holds" in err and "not found" in err and "rollout_len" in err
     assert not bad.exists()

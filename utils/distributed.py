@@ -66,6 +66,15 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+def drain(info: DistInfo) -> None:
+    """Wait until every rank's queued collectives have run (a barrier). The checkpoint gather is asynchronous on
+    gloo: if the process exits while the group's worker thread still holds that gather's work, the group's
+    destructor (run at interpreter exit, holding the GIL) and the worker (freeing the work's tensors, wanting the
+    GIL) deadlock; seen as a torchrun rank that never exits."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -182,6 +182,9 @@ def _run(a: argparse.Namespace) -> dict:
     need(not (out / "policy_latest.pt").exists(), f"{out} already holds a policy; pick another --output_dir")
     fit_map, meta = load_damage_map(a.teacher)
     cfg = load_config(a.config, a.set)
+    need(not cfg.policy_bracket_levels, "policy_bracket_levels is on: a teacher action outside the two levels that "
+         "bracket its budget would get a -1e4 logit and swamp the cloning loss; clone with it off (evaluators can "
+         "turn it on with --policy_bracket_levels on)")
 
     def blocks_for(rows_per_block: int) -> int:  # blocks per batched episode
         return a.batch_blocks or max(1, cfg.rollout_rows_per_forward // rows_per_block)

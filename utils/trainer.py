@@ -27,7 +27,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, load_policy_weigh
 from utils.config import (AXIS_NAMES, Config, ConfigError, config_to_dict, default_device, resolved_alphas,
                           save_config)
 from utils.data import BlockSampler, load_blocks
-from utils.distributed import DistInfo, broadcast_object, cleanup, gather_objects, init_distributed
+from utils.distributed import DistInfo, broadcast_object, cleanup, drain, gather_objects, init_distributed
 from utils.ema import WeightEMA
 from utils.engine import Episode, run_episode
 from utils.grpo import (GRPOUpdater, RolloutBatch, TrainingDivergedError, axis_levels, budget_gaps, budget_penalty,
@@ -602,6 +602,7 @@ class GRPOTrainer:
             if last_saved != self.updater.num_updates:
                 self.save()
                 saved_any, last_saved = True, self.updater.num_updates
+            drain(self.dist)  # before rank 0's knob fit, so no rank waits at a barrier for minutes
             if cfg.knob_calibration_blocks > 0 and is_main:
                 self.fit_knob_calibration()
         except BaseException as e:
