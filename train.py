@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML/JSON config file (official_configs/*.yml); defaults apply to missing keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, repeatable (e.g. --set lr=3e-4 --set keep_fracs=[0.1,1.0])")
-    p.add_argument("--total_updates", type=int, help="stop after N optimizer updates; checkpoint every N/10")
+    p.add_argument("--total_updates", type=int, help="stop after N optimizer updates, at the end of the rollout pool "
+                   "that reaches N (a pool's ppo_epochs x minibatches / grad_accum_steps steps are taken together); "
+                   "checkpoint every N/10")
     p.add_argument("--output_dir", help="run directory (default: {output_dir field}/{run_name}-{timestamp})")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from policy_latest.pt (weights, optimizer, "
                    "counters, RNG and data position); uses the run's saved config")

@@ -61,6 +61,16 @@ def run_main(out: Path | None, block_cache: str, *extra: str, updates: int = 2, 
     return out
 
 
+def test_total_updates_stops_at_the_pool_that_reaches_it_and_says_so(tmp_path, block_cache, capsys):
+    """tiny.yml with a 128-entry pool of 32-entry minibatches: each pool takes 128 / 32 = 4 optimizer steps at once,
+    so --total_updates 3 ends at 4 with a note, and 4 ends at 4 without one."""
+    sets = ("ppo_target_batch_size=128", "ppo_minibatch_size=32", "ppo_epochs=1", "grad_accum_steps=1")
+    for n, noted in ((3, True), (4, False)):
+        out = run_main(tmp_path / f"n{n}", block_cache, updates=n, sets=sets)
+        assert load_ckpt(out / "policy_latest.pt")["update_step"] == 4
+        assert ("stopped at update 4, past --total_updates 3" in capsys.readouterr().err) is noted
+
+
 def resume_main(run_dir: Path, updates: int) -> None:
     assert train.main(["--resume", str(run_dir), "--total_updates", str(updates)]) == 0
 

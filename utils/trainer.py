@@ -602,6 +602,10 @@ class GRPOTrainer:
             if last_saved != self.updater.num_updates:
                 self.save()
                 saved_any, last_saved = True, self.updater.num_updates
+            if is_main and self.updater.num_updates > self.total_updates:
+                print(f"note: stopped at update {self.updater.num_updates}, past --total_updates {self.total_updates}: "
+                      "the optimizer steps of one rollout pool (ppo_epochs x minibatches / grad_accum_steps) are "
+                      "taken together", file=sys.stderr)
             drain(self.dist)  # before rank 0's knob fit, so no rank waits at a barrier for minutes
             if cfg.knob_calibration_blocks > 0 and is_main:
                 self.fit_knob_calibration()
